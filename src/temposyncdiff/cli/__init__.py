@@ -1,0 +1,1 @@
+"""Thin Hydra entry points (tsd-train, tsd-data, tsd-bench, tsd-pipeline, ...)."""

@@ -1,0 +1,1 @@
+"""Corpora, manifests, visemes, audio features, synthetic corpus, cache and the data module."""

@@ -1,0 +1,192 @@
+"""The one video reader and the one writer (PyAV): probe, decode to constant fps, encode H.264 + AAC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from temposyncdiff.utils.io import atomic_path
+
+
+class MediaError(ValueError):
+    """A media file is missing, unreadable or lacks a required stream."""
+
+
+@dataclass
+class VideoInfo:
+    """What a probe finds in a media file."""
+
+    num_frames: int
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+    audio_sample_rate: int | None  # None when there is no audio track
+    audio_channels: int | None
+    video_codec: str
+    audio_codec: str | None
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: empty file")
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as err:
+        raise MediaError(f"{path}: unreadable media ({err.__class__.__name__}: {err})") from err
+
+
+def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
+    """Probe a video file; counts frames by demuxing packets when asked (exact, no decoding)."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        vs = container.streams.video[0]
+        aus = container.streams.audio[0] if container.streams.audio else None
+        fps = float(vs.average_rate or vs.guessed_rate or 0)
+        duration = float(vs.duration * vs.time_base) if vs.duration else float(container.duration or 0) / av.time_base
+        num = vs.frames
+        if count_frames or not num:
+            try:
+                num = sum(1 for p in container.demux(vs) if p.size > 0)
+            except av.error.FFmpegError as err:
+                raise MediaError(f"{path}: corrupt video stream ({err})") from err
+        if num <= 0:
+            raise MediaError(f"{path}: video stream has no frames")
+        if fps <= 0:
+            fps = num / duration if duration > 0 else 0.0
+        return VideoInfo(
+            num_frames=int(num),
+            fps=round(fps, 4),
+            duration_s=round(duration or num / fps, 4),
+            width=vs.codec_context.width,
+            height=vs.codec_context.height,
+            audio_sample_rate=aus.codec_context.sample_rate if aus else None,
+            audio_channels=aus.codec_context.channels if aus else None,
+            video_codec=vs.codec_context.name,
+            audio_codec=aus.codec_context.name if aus else None,
+        )
+
+
+def read_frames(path: str | os.PathLike, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode all frames as uint8 ``[N,H,W,3]`` RGB; with ``fps``, resample by timestamp to constant rate.
+
+    Resampling picks, for each output time k/fps, the last decoded frame whose timestamp is <= it,
+    so variable-frame-rate input becomes constant-rate output of the same duration.
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        frames, times = [], []
+        try:
+            for frame in container.decode(vs):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.pts * vs.time_base) if frame.pts is not None else len(times))
+        except av.error.FFmpegError as err:
+            if not frames:
+                raise MediaError(f"{path}: corrupt video stream ({err})") from err
+        if not frames:
+            raise MediaError(f"{path}: video stream has no frames")
+        src_fps = float(vs.average_rate or 0) or (len(frames) / max(times[-1] - times[0], 1e-6))
+    video = np.stack(frames)
+    if fps is None or abs(fps - src_fps) < 1e-3 and _is_regular(times, src_fps):
+        return video, (fps or src_fps)
+    t = np.asarray(times) - times[0]
+    duration = t[-1] + 1.0 / src_fps
+    n_out = max(1, int(round(duration * fps)))
+    idx = np.searchsorted(t, np.arange(n_out) / fps + 1e-6, side="right") - 1
+    return video[np.clip(idx, 0, len(video) - 1)], fps
+
+
+def _is_regular(times: list[float], fps: float) -> bool:
+    return len(times) < 2 or float(np.max(np.abs(np.diff(times) - 1.0 / fps))) < 0.25 / fps
+
+
+def read_audio_track(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream as float32 ``[C, S]`` at its own rate (resampling is audio.py's job)."""
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                arr = frame.to_ndarray()
+                if arr.dtype.kind in "iu":
+                    arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+                if frame.format.is_planar:
+                    chunks.append(arr.astype(np.float32))
+                else:  # packed: [1, S*C] interleaved
+                    chunks.append(arr.reshape(-1, len(frame.layout.channels)).T.astype(np.float32))
+        except av.error.FFmpegError as err:
+            if not chunks:
+                raise MediaError(f"{path}: corrupt audio stream ({err})") from err
+        rate = stream.codec_context.sample_rate
+    if not chunks:
+        raise MediaError(f"{path}: audio stream has no samples")
+    return np.concatenate(chunks, axis=1), rate
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: Iterable[np.ndarray],
+    fps: float = 25.0,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+    crf: int = 18,
+    audio_bitrate: int = 64000,
+    encoder_threads: int = 0,
+) -> Path:
+    """Encode uint8 RGB frames (iterable, so long videos stream) as H.264 yuv420p + AAC mono, atomically.
+
+    The audio is trimmed or zero-padded to the video's duration so both streams end together.
+    ``encoder_threads=1`` makes the output byte-identical across machines (0 = x264's choice).
+    """
+    path = Path(path)
+    rate = Fraction(fps).limit_denominator(1001)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as out:
+            vs = out.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "veryfast", "threads": str(encoder_threads)})
+            vs.pix_fmt = "yuv420p"
+            aus = None
+            if audio is not None:
+                aus = out.add_stream("aac", rate=sample_rate, layout="mono")
+                aus.bit_rate = audio_bitrate
+            n = 0
+            for frame in frames:
+                if n == 0:
+                    vs.height, vs.width = frame.shape[:2]
+                    if vs.height % 2 or vs.width % 2:
+                        raise ValueError(f"{path}: frame size {frame.shape[1]}x{frame.shape[0]} must be even for yuv420p")
+                out.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+                n += 1
+            if n == 0:
+                raise ValueError(f"{path}: no frames to write")
+            out.mux(vs.encode())
+            if aus is not None:
+                _encode_audio(out, aus, audio, sample_rate, int(round(n / fps * sample_rate)))
+    return path
+
+
+def _encode_audio(out, stream, audio: np.ndarray, sample_rate: int, num_samples: int) -> None:
+    mono = np.asarray(audio, dtype=np.float32).reshape(-1)[:num_samples]
+    mono = np.pad(mono, (0, num_samples - len(mono)))
+    block = 1024
+    for start in range(0, num_samples, block):
+        chunk = np.clip(mono[start : start + block], -1, 1)[None, :]
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
