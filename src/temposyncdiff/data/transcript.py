@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import write_text
 
 
-class TranscriptError(ValueError):
+class TranscriptError(UserError, ValueError):
     """A transcript file cannot be parsed."""
 
 

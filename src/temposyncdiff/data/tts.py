@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from temposyncdiff.errors import UserError
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INIT_PHONEME_EVENTS = 0x0001
 _POS_CHARACTER = 1
@@ -18,7 +20,7 @@ _PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE = 1, 3, 4
 INSTALL_HINT = "install it with 'apt-get install espeak-ng' (Debian/Ubuntu) or your system's package manager"
 
 
-class EspeakUnavailableError(RuntimeError):
+class EspeakUnavailableError(UserError, RuntimeError):
     """espeak-ng's shared library is not installed or cannot be loaded."""
 
 
@@ -85,7 +87,9 @@ class Espeak:
             i += 1
         return 0
 
-    def synthesize(self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50, pitch_range: int = 50) -> Speech:
+    def synthesize(
+        self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50, pitch_range: int = 50
+    ) -> Speech:
         """Speak ``text``; words are timed from the phonemes espeak-ng attributes to them."""
         lib = Espeak._lib
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:

@@ -11,10 +11,11 @@ from pathlib import Path
 import av
 import numpy as np
 
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_path
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A media file is missing, unreadable or lacks a required stream."""
 
 
@@ -155,27 +156,30 @@ def write_video(
     """
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as out:
-            vs = out.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "veryfast", "threads": str(encoder_threads)})
-            vs.pix_fmt = "yuv420p"
-            aus = None
-            if audio is not None:
-                aus = out.add_stream("aac", rate=sample_rate, layout="mono")
-                aus.bit_rate = audio_bitrate
-            n = 0
-            for frame in frames:
-                if n == 0:
-                    vs.height, vs.width = frame.shape[:2]
-                    if vs.height % 2 or vs.width % 2:
-                        raise ValueError(f"{path}: frame size {frame.shape[1]}x{frame.shape[0]} must be even for yuv420p")
-                out.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-                n += 1
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as out:
+        vs = out.add_stream(
+            "libx264", rate=rate, options={"crf": str(crf), "preset": "veryfast", "threads": str(encoder_threads)}
+        )
+        vs.pix_fmt = "yuv420p"
+        aus = None
+        if audio is not None:
+            aus = out.add_stream("aac", rate=sample_rate, layout="mono")
+            aus.bit_rate = audio_bitrate
+        n = 0
+        for frame in frames:
             if n == 0:
-                raise ValueError(f"{path}: no frames to write")
-            out.mux(vs.encode())
-            if aus is not None:
-                _encode_audio(out, aus, audio, sample_rate, int(round(n / fps * sample_rate)))
+                vs.height, vs.width = frame.shape[:2]
+                if vs.height % 2 or vs.width % 2:
+                    raise ValueError(
+                        f"{path}: frame size {frame.shape[1]}x{frame.shape[0]} must be even for yuv420p"
+                    )
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            n += 1
+        if n == 0:
+            raise ValueError(f"{path}: no frames to write")
+        out.mux(vs.encode())
+        if aus is not None:
+            _encode_audio(out, aus, audio, sample_rate, int(round(n / fps * sample_rate)))
     return path
 
 

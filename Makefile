@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev,faces,sweep,export,wandb,scale
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-all lint format clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+# espeak-ng (speech for the synthetic corpus) is a system library: apt-get it when we are root.
+system-deps:
+	@if ldconfig -p 2>/dev/null | grep -q libespeak-ng.so; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing espeak-ng with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) \
+		|| { echo "error: apt-get install espeak-ng failed"; exit 1; }; \
+	else \
+		echo "error: espeak-ng is missing. Install it (Debian/Ubuntu: sudo apt-get install espeak-ng;" \
+		     "macOS: brew install espeak-ng), then run make again."; exit 1; \
+	fi
+
+demo: setup
+	$(BIN)/tsd-pipeline experiment=quickstart
+
+test: setup
+	$(BIN)/pytest -q -m "not slow and not gpu" --timeout=900 $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/pytest -q --timeout=3600 $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: setup
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
