@@ -35,7 +35,9 @@ def test_transcript_format_and_speech_inside_word_spans(synth_corpus):
     for mp4 in sorted(synth_corpus.glob("*/*.mp4")):
         txt = mp4.with_suffix(".txt")
         lines = txt.read_text().splitlines()
-        assert lines[0].startswith("Text:  ") and lines[1].startswith("Conf:  ") and lines[3] == "WORD START END ASDSCORE"
+        assert (
+            lines[0].startswith("Text:  ") and lines[1].startswith("Conf:  ") and lines[3] == "WORD START END ASDSCORE"
+        )
         tr = read_transcript(txt)
         assert tr.text == " ".join(w for w, _, _ in tr.words) and tr.text.isupper()
         starts = [s for _, s, _ in tr.words]

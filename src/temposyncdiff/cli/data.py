@@ -10,26 +10,63 @@ from omegaconf import DictConfig
 from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
 from temposyncdiff.utils.task import log, task
 
-COMMANDS = ("synth", "manifest")
+COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache")
+
+
+def synth(cfg: DictConfig) -> dict:
+    from temposyncdiff.data.synth import SynthConfig, synthesize_corpus
+
+    settings = SynthConfig(**{k: cfg[k] for k in SynthConfig.__dataclass_fields__})
+    return synthesize_corpus(settings, overwrite=cfg.overwrite, log=log.info)
+
+
+def manifest(cfg: DictConfig) -> dict:
+    from temposyncdiff.data.manifest import build_manifest
+
+    return build_manifest(
+        cfg.root, cfg.out_dir, name=cfg.name, layout=cfg.layout, viseme_root=cfg.viseme_root,
+        val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio, seed=cfg.seed, split_by=cfg.split_by,
+        workers=cfg.workers, log=log.info,
+    )  # fmt: skip
+
+
+def prepare(cfg: DictConfig) -> dict:
+    from temposyncdiff.data.prepare import prepare_videos
+
+    keys = ("image_size", "fps", "sample_rate", "max_utterance_s", "min_utterance_s", "detect_every",
+            "smooth_window", "margin", "min_face_ratio")  # fmt: skip
+    return prepare_videos(cfg.inputs, cfg.out, log=log.info, **{k: cfg[k] for k in keys})
+
+
+def visemes(cfg: DictConfig) -> dict:
+    from temposyncdiff.data.transcript_visemes import write_viseme_files
+
+    return write_viseme_files(cfg.root, cfg.viseme_root, fps=cfg.fps, overwrite=cfg.overwrite, log=log.info)
+
+
+def cache(cfg: DictConfig) -> dict:
+    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents."""
+    from temposyncdiff.data.cache import add_latents
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    splits = [s for s in ("train", "val", "test") if datamodule.cache_path(s).is_dir()]
+    if cfg.vae:
+        from temposyncdiff.utils.weights import load_net
+
+        vae, meta = load_net(cfg.vae, "vae")
+        encoder = f"vae:{meta.get('sha256', cfg.vae)}"
+        for split in splits:
+            add_latents(
+                datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder, log=log.info
+            )
+    return {"splits": splits, "cache_dir": str(datamodule.hparams.cache_dir), "latents": bool(cfg.vae)}
 
 
 @task
 def run(cfg: DictConfig) -> dict:
     """Run one corpus command and return its summary."""
-    if cfg.command == "synth":
-        from temposyncdiff.data.synth import SynthConfig, synthesize_corpus
-
-        keys = SynthConfig.__dataclass_fields__
-        return synthesize_corpus(SynthConfig(**{k: cfg[k] for k in keys}), overwrite=cfg.overwrite, log=log.info)
-    if cfg.command == "manifest":
-        from temposyncdiff.data.manifest import build_manifest
-
-        return build_manifest(
-            cfg.root, cfg.out_dir, name=cfg.name, layout=cfg.layout, viseme_root=cfg.viseme_root,
-            val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio, seed=cfg.seed, split_by=cfg.split_by,
-            workers=cfg.workers, log=log.info,
-        )  # fmt: skip
-    raise ValueError(f"unknown command {cfg.command!r}")
+    return globals()[cfg.command](cfg)
 
 
 def main() -> None:

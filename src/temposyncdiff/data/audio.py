@@ -22,7 +22,9 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     """Band-limited resampling of a float32 ``[..., S]`` array."""
     if orig_sr == new_sr:
         return np.asarray(wave, dtype=np.float32)
-    out = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_sr, new_sr)
+    out = torchaudio.functional.resample(
+        torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_sr, new_sr
+    )
     return out.numpy()
 
 

@@ -154,7 +154,10 @@ class FaceRenderer:
         if idn.hair_style in (0, 1, 3):
             h = 1.25 if idn.hair_style == 3 else 1.0
             poly(_ellipse(0, -ry * 0.35, rx * 1.05, ry * 0.75 * h, math.pi, 2 * math.pi), idn.hair)
-            poly([(-rx * 1.05, -ry * 0.35), (rx * 1.05, -ry * 0.35), (rx * 0.9, -ry * 0.2), (-rx * 0.9, -ry * 0.2)], idn.hair)
+            poly(
+                [(-rx * 1.05, -ry * 0.35), (rx * 1.05, -ry * 0.35), (rx * 0.9, -ry * 0.2), (-rx * 0.9, -ry * 0.2)],
+                idn.hair,
+            )
         else:
             for side in (-1, 1):
                 poly(_ellipse(side * rx * 0.92, -0.05, 0.05, 0.1), idn.hair)
@@ -180,11 +183,22 @@ class FaceRenderer:
                 poly(_ellipse(cx, ey - 0.03 * s + lid, 0.05 * s, lid + 0.004, math.pi, 2 * math.pi) * [1, 1], idn.skin)
             tilt = side * idn.brow_tilt
             by = ey - 0.055 * s
-            poly([(cx - 0.05, by + tilt), (cx + 0.05, by - tilt), (cx + 0.05, by - tilt - 0.014), (cx - 0.05, by + tilt - 0.014)], idn.hair)
+            poly(
+                [
+                    (cx - 0.05, by + tilt),
+                    (cx + 0.05, by - tilt),
+                    (cx + 0.05, by - tilt - 0.014),
+                    (cx - 0.05, by + tilt - 0.014),
+                ],
+                idn.hair,
+            )
             if idn.glasses:
                 poly(_ellipse(cx, ey, 0.07, 0.05), outline=(30, 30, 30))
         if idn.glasses:
-            poly([(-ex + 0.07, ey - 0.005), (ex - 0.07, ey - 0.005), (ex - 0.07, ey + 0.003), (-ex + 0.07, ey + 0.003)], (30, 30, 30))
+            poly(
+                [(-ex + 0.07, ey - 0.005), (ex - 0.07, ey - 0.005), (ex - 0.07, ey + 0.003), (-ex + 0.07, ey + 0.003)],
+                (30, 30, 30),
+            )
 
     def _mouth(self, poly, mouth: np.ndarray) -> None:
         opening, width, rounding, teeth, tongue = (float(v) for v in mouth)
@@ -198,12 +212,17 @@ class FaceRenderer:
         cavity_rx = half_w * (0.85 - 0.25 * rounding)
         cavity_ry = gap / 2
         if opening < 0.05:  # closed lips: a dark line between them
-            poly([(-half_w, my - 0.002), (half_w, my - 0.002), (half_w, my + 0.002), (-half_w, my + 0.002)], (90, 30, 35))
+            poly(
+                [(-half_w, my - 0.002), (half_w, my - 0.002), (half_w, my + 0.002), (-half_w, my + 0.002)], (90, 30, 35)
+            )
             return
         poly(_ellipse(0, my, cavity_rx, cavity_ry), (45, 12, 18))
         if teeth > 0.05:  # upper teeth: the part of the cavity above a chord
             c = min(-cavity_ry + 0.012 * teeth + 0.004, cavity_ry)
             s = c / cavity_ry
-            poly(_ellipse(0, my, cavity_rx, cavity_ry, math.pi - math.asin(s), 2 * math.pi + math.asin(s), 24), (240, 238, 230))
+            poly(
+                _ellipse(0, my, cavity_rx, cavity_ry, math.pi - math.asin(s), 2 * math.pi + math.asin(s), 24),
+                (240, 238, 230),
+            )
         if tongue > 0.05:
             poly(_ellipse(0, my + cavity_ry * 0.45, cavity_rx * 0.6, cavity_ry * 0.5 * tongue), (205, 90, 100))

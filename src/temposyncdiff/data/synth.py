@@ -48,7 +48,11 @@ class SynthConfig:
 
 
 def make_sentence(rng: np.random.Generator) -> str:
-    parts = [SUBJECTS[rng.integers(len(SUBJECTS))], VERBS[rng.integers(len(VERBS))], OBJECTS[rng.integers(len(OBJECTS))]]
+    parts = [
+        SUBJECTS[rng.integers(len(SUBJECTS))],
+        VERBS[rng.integers(len(VERBS))],
+        OBJECTS[rng.integers(len(OBJECTS))],
+    ]
     tail = TAILS[rng.integers(len(TAILS))]
     text = " ".join(parts + ([tail] if tail else []))
     return text[0].upper() + text[1:] + "."
@@ -156,7 +160,9 @@ def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> d
         old = json.loads(meta_path.read_text())["settings"]
         if old != settings:
             if not overwrite:
-                raise FileExistsError(f"{out} holds a corpus made with other settings {old}; pass overwrite=true or another out=")
+                raise FileExistsError(
+                    f"{out} holds a corpus made with other settings {old}; pass overwrite=true or another out="
+                )
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(asdict(cfg), i, u) for i in range(cfg.identities) for u in range(cfg.utterances)]
@@ -175,7 +181,9 @@ def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> d
     summary = {"settings": settings, "utterances": len(jobs), "made_now": int(made), "frames_made_now": int(frames),
                "seconds": round(elapsed, 1), "bytes": size}  # fmt: skip
     write_json(meta_path, summary)
-    log(f"synthetic corpus: {len(jobs)} utterances ({made} made now, {frames} frames) in {elapsed:.1f} s, {size / 1e6:.1f} MB at {out}")
+    log(
+        f"synthetic corpus: {len(jobs)} utterances ({made} made now, {frames} frames) in {elapsed:.1f} s, {size / 1e6:.1f} MB at {out}"
+    )
     return summary
 
 
@@ -188,4 +196,3 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)
-

@@ -49,8 +49,11 @@ ESPEAK: dict[str, tuple[str, ...]] = {
 
 
 def arpabet_visemes(phone: str) -> tuple[str, ...]:
-    """Visemes for one ARPAbet phone (stress digit allowed); unknown phones map to ``EH``."""
-    return ARPABET.get(phone.rstrip("012").upper(), ("EH",))
+    """Visemes for one ARPAbet phone (stress digit allowed); unknown phones map to ``EH``, schwa (AH0) too."""
+    phone = phone.upper()
+    if phone == "AH0":
+        return ("EH",)
+    return ARPABET.get(phone.rstrip("012"), ("EH",))
 
 
 def espeak_visemes(phoneme: str) -> tuple[str, ...]:
@@ -74,9 +77,7 @@ def expand_segments(
     return out
 
 
-def frame_visemes(
-    segments: Sequence[tuple[str, float, float]], num_frames: int, fps: float
-) -> np.ndarray:
+def frame_visemes(segments: Sequence[tuple[str, float, float]], num_frames: int, fps: float) -> np.ndarray:
     """Per-frame viseme ids (int64) from timed (viseme, start_s, end_s) segments.
 
     Frame k stands for time k/fps (its timestamp) and takes the viseme covering that time;

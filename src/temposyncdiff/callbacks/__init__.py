@@ -1,0 +1,1 @@
+"""Lightning callbacks: EMA of the trainable net, weights export, sample videos, latency."""

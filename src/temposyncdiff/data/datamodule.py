@@ -1,0 +1,138 @@
+"""The one LightningDataModule: manifests -> (cache) -> ClipDataset -> DataLoaders of Batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.data.batch import collate
+from temposyncdiff.data.cache import build_cache, cache_key, open_cache
+from temposyncdiff.data.dataset import ClipDataset, EpochSampler
+from temposyncdiff.errors import UserError
+
+SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class DataConfigError(UserError, ValueError):
+    """A missing or empty manifest split, or data settings that do not fit together."""
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy in each DataLoader worker from torch's per-worker seed."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    from temposyncdiff.data.manifest import read_manifest  # imported late: manifests are another module's job
+
+    return read_manifest(path)
+
+
+class TalkingHeadDataModule(L.LightningDataModule):
+    """Clips of ``<manifest_dir>/<name>_{train,val,test}.jsonl``, read from per-split caches when ``use_cache``."""
+
+    def __init__(
+        self,
+        manifest_dir: str,
+        name: str = "lrs3",
+        cache_dir: str | None = None,
+        use_cache: bool = True,
+        image_size: int = 128,
+        clip_len: int = 16,
+        stride: int | None = None,
+        audio: dict | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        reference: str = "other_clip",
+        val_max_items: int | None = None,
+        fps: float = 25.0,
+        cache_workers: int = 1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if use_cache and not cache_dir:
+            raise DataConfigError("data.use_cache=true needs data.cache_dir (or set use_cache=false)")
+        audio = dict(audio or {})
+        if abs(audio.setdefault("fps", fps) - fps) > 1e-6:
+            raise DataConfigError(f"data.audio.fps={audio['fps']} differs from data.fps={fps}")
+        self.audio = AudioFeatures(**audio)
+        self.datasets: dict[str, Dataset] = {}
+
+    def manifest_path(self, split: str) -> Path:
+        return Path(self.hparams.manifest_dir) / f"{self.hparams.name}_{split}.jsonl"
+
+    def cache_path(self, split: str) -> Path:
+        return Path(self.hparams.cache_dir) / f"{self.hparams.name}_{split}"
+
+    def rows(self, split: str) -> list[dict]:
+        """Rows of one split; a clear error when its manifest is missing or empty."""
+        path = self.manifest_path(split)
+        if not path.is_file():
+            raise DataConfigError(f"{path}: manifest for split {split!r} not found (run tsd-data manifest)")
+        rows = _read_manifest(path)
+        if not rows:
+            raise DataConfigError(f"{path}: manifest for split {split!r} is empty")
+        return rows
+
+    def prepare_data(self) -> None:
+        """Build (or reuse) the cache of every split that has a non-empty manifest (Lightning runs it on rank 0)."""
+        if not self.hparams.use_cache:
+            return
+        hp = self.hparams
+        for split in SPLITS:
+            path = self.manifest_path(split)
+            rows = _read_manifest(path) if path.is_file() else []
+            if rows:  # a missing or empty split is reported by setup() when a stage needs it
+                build_cache(rows, self.cache_path(split), hp.image_size, self.audio, hp.fps, log=rank_zero_info,
+                            workers=hp.cache_workers)  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        for split in STAGE_SPLITS.get(stage, SPLITS):
+            rows = self.rows(split)
+            if hp.use_cache:
+                source = open_cache(self.cache_path(split), cache_key(rows, hp.image_size, self.audio, hp.fps))
+            else:
+                source = rows
+            ds = ClipDataset(source, hp.clip_len, hp.stride, self.audio, train=split == "train", seed=hp.seed,
+                             reference=hp.reference, image_size=hp.image_size, fps=hp.fps)  # fmt: skip
+            if split == "val" and hp.val_max_items and len(ds) > hp.val_max_items:  # evenly spaced subset
+                ds = Subset(ds, np.linspace(0, len(ds) - 1, hp.val_max_items).round().astype(int).tolist())
+            self.datasets[split] = ds
+
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        if split not in self.datasets:
+            raise DataConfigError(f"split {split!r} is not set up; call setup() with the right stage first")
+        ds = self.datasets[split]
+        sampler = EpochSampler(len(ds), shuffle=True, seed=hp.seed) if split == "train" else None  # None: in order
+        return DataLoader(
+            ds,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=worker_init_fn,
+            generator=torch.Generator().manual_seed(hp.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

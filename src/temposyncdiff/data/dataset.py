@@ -1,0 +1,248 @@
+"""Fixed-length clips with mel windows, visemes and a reference frame, read from a cache or decoded from mp4s."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.data.cache import CacheError, CacheReader, Utterance, build_cache, decode_utterance, open_cache
+from temposyncdiff.data.video import MediaError
+from temposyncdiff.data.visemes import SILENCE
+
+REFERENCES = ("other_clip", "first_frame")
+
+
+def clip_mel_windows(audio: AudioFeatures, mel: np.ndarray, start: int, length: int) -> torch.Tensor:
+    """``[length, n_mels, W]`` windows of frames ``start..start+length-1`` from an utterance's ``[M, n_mels]`` log-mel.
+
+    Equal to ``audio.frame_windows(mel.T, start + length)[start:]`` but reads only a slice around the clip:
+    the slice begins at a frame whose mel index is an even integer (so centre rounding is unchanged) and
+    early enough that every window sees real mel frames, not the padding.
+    """
+    mpf = audio.mel_per_frame
+    s0 = max(0, start - int(np.ceil(audio.window_frames / mpf)) - 1)
+    while s0 > 0 and not (abs(s0 * mpf - round(s0 * mpf)) < 1e-6 and round(s0 * mpf) % 2 == 0):
+        s0 -= 1
+    m0, m1 = round(s0 * mpf), round((start + length) * mpf) + audio.window_frames
+    sub = torch.from_numpy(np.array(mel[m0:m1], dtype=np.float32)).T
+    return audio.frame_windows(sub, start - s0 + length)[start - s0 :]
+
+
+class _CacheSource:
+    """Clips sliced from a cache's memmaps."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader, self.ids, self.talk_ids = reader, reader.ids, reader.talk_ids
+        self.num_frames = [int(n) for n in reader.num_frames]
+
+    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        r = self.reader
+        off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
+        lo, hi = off + a, min(off + b, end)
+        mel = r.mel[int(r.mel_offsets[u]) : int(r.mel_offsets[u] + r.mel_lens[u])]
+        latents = r.latents
+        return r.frames[lo:hi], mel, r.visemes[lo:hi], None if latents is None else latents[lo:hi]
+
+    def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        k = int(self.reader.offsets[u]) + j
+        latents = self.reader.latents
+        return self.reader.frames[k], None if latents is None else latents[k]
+
+
+class _RowSource:
+    """Clips decoded from the manifest rows' mp4s on every access (keeps the last two utterances)."""
+
+    def __init__(self, rows: list[dict], image_size: int, audio: AudioFeatures, fps: float):
+        self.rows, self.image_size, self.audio, self.fps = rows, image_size, audio, fps
+        self.ids, self.talk_ids = [r["id"] for r in rows], [r["talk_id"] for r in rows]
+        self.num_frames = [max(1, round(r["num_frames"] * fps / (r.get("fps") or fps))) for r in rows]
+        self._memo: dict[int, Utterance] = {}
+
+    def _load(self, u: int) -> Utterance:
+        if u not in self._memo:
+            if len(self._memo) >= 2:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[u] = decode_utterance(self.rows[u], self.image_size, self.audio, self.fps)
+        return self._memo[u]
+
+    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+        utt = self._load(u)
+        if a >= len(utt.frames):
+            raise MediaError(
+                f"{self.rows[u]['video_mp4']}: {len(utt.frames)} frames decoded, manifest says {self.num_frames[u]}"
+            )
+        return utt.frames[a:b], utt.mel, utt.visemes[a:b], None
+
+    def frame(self, u: int, j: int) -> tuple[np.ndarray, None]:
+        frames = self._load(u).frames
+        return frames[min(j, len(frames) - 1)], None
+
+
+def _pad(x: np.ndarray, length: int) -> np.ndarray:
+    """Copy of ``x`` padded along axis 0 to ``length`` by repeating its last row."""
+    return np.concatenate([x, np.repeat(x[-1:], length - len(x), axis=0)]) if len(x) < length else np.array(x)
+
+
+def _image(x: np.ndarray) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], in numpy (single-threaded: no OpenMP overhead per item)."""
+    out = np.array(x, dtype=np.float32)
+    out /= 127.5
+    out -= 1.0
+    return torch.from_numpy(out)
+
+
+class ClipDataset(Dataset):
+    """Windows of ``clip_len`` frames every ``stride`` frames over each utterance (a shorter one gives one padded item).
+
+    ``source`` is a ``CacheReader`` or a list of manifest rows (decoded on the fly, resized to ``image_size``).
+    An item is a dict of the ``Batch`` fields (``id`` for ``ids``); the index may be ``(index, epoch)``, as
+    ``EpochSampler`` yields it, so workers know the epoch without a shared ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        source: CacheReader | list[dict],
+        clip_len: int = 16,
+        stride: int | None = None,
+        audio: AudioFeatures | None = None,
+        train: bool = False,
+        seed: int = 0,
+        reference: str = "other_clip",
+        image_size: int | None = None,
+        fps: float = 25.0,
+    ):
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        if isinstance(source, CacheReader):
+            audio = audio or source.audio
+            if asdict(audio) != asdict(source.audio) or image_size not in (None, source.image_size):
+                raise CacheError(f"{source.root}: cache made with image_size={source.image_size}, audio={source.audio}")
+            self.src: _CacheSource | _RowSource = _CacheSource(source)
+        else:
+            if image_size is None:
+                raise ValueError("image_size is required when reading from manifest rows")
+            audio = audio or AudioFeatures(fps=fps)
+            self.src = _RowSource(list(source), image_size, audio, fps)
+        self.audio, self.clip_len, self.stride = audio, clip_len, stride or clip_len
+        self.train, self.seed, self.reference, self.epoch = train, seed, reference, 0
+        self.items = [
+            (u, s) for u, n in enumerate(self.src.num_frames) for s in range(0, max(n - clip_len, 0) + 1, self.stride)
+        ]
+        self.by_talk: dict[str, list[int]] = defaultdict(list)
+        for u, talk in enumerate(self.src.talk_ids):
+            self.by_talk[talk].append(u)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for items indexed by a plain int (training varies the reference frame per epoch)."""
+        self.epoch = epoch
+
+    def reference_frame(self, index: int, epoch: int = 0) -> tuple[int, int]:
+        """``(utterance, frame)`` of item ``index``'s reference: the same talk, outside the clip window if possible."""
+        u, start = self.items[index]
+        if self.reference == "first_frame":
+            return u, start
+        rng = np.random.default_rng([self.seed, index, epoch if self.train else 0])
+        others = [v for v in self.by_talk[self.src.talk_ids[u]] if v != u]
+        if others:
+            v = others[int(rng.integers(len(others)))]
+            return v, int(rng.integers(self.src.num_frames[v]))
+        n = self.src.num_frames[u]
+        outside = start + max(0, n - start - self.clip_len)
+        if outside:
+            k = int(rng.integers(outside))
+            return u, k if k < start else k + self.clip_len
+        return u, 0
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        u, start = self.items[index]
+        t = self.clip_len
+        frames, mel, visemes, latents = self.src.clip(u, start, start + t)
+        ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch))
+        n = len(frames)
+        vis = np.full(t, SILENCE, dtype=np.int64)
+        vis[:n] = visemes
+        item = {
+            "frames": _image(_pad(frames, t)),
+            "reference": _image(ref),
+            "mel": clip_mel_windows(self.audio, mel, start, t),
+            "visemes": torch.from_numpy(vis),
+            "mask": torch.arange(t) < n,
+            "id": self.src.ids[u],
+            "start": start,
+        }
+        if latents is not None:
+            item["latents"] = torch.from_numpy(_pad(latents, t).astype(np.float32))
+            item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))
+        return item
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)``; shuffles with a ``torch.Generator`` seeded by ``seed + epoch`` when asked.
+
+    Lightning calls ``set_epoch`` on the sampler each epoch (also through its distributed wrapper).
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = range(self.size)
+        return ((i, self.epoch) for i in order)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def benchmark_loading(
+    rows: list[dict],
+    cache_dir: str | os.PathLike,
+    image_size: int = 64,
+    clip_len: int = 16,
+    stride: int | None = None,
+    audio: AudioFeatures | None = None,
+    fps: float = 25.0,
+    max_items: int = 32,
+    seed: int = 0,
+    log: Callable[[str], Any] = print,
+) -> dict:
+    """Clips/s reading the same (shuffled) items from the cache and by decoding the mp4s; builds the cache if needed."""
+    audio = audio or AudioFeatures(fps=fps)
+    start = time.perf_counter()
+    build_cache(rows, cache_dir, image_size, audio, fps, log=log)
+    build_s = time.perf_counter() - start
+    cached = ClipDataset(open_cache(cache_dir), clip_len, stride, audio, seed=seed)
+    direct = ClipDataset(rows, clip_len, stride, audio, seed=seed, image_size=image_size, fps=fps)
+    order = [int(i) for i in np.random.default_rng(seed).permutation(min(len(cached), len(direct)))[:max_items]]
+
+    def rate(ds: ClipDataset) -> float:
+        ds[order[-1]]  # warm-up: open memmaps, build the mel transform
+        t = time.perf_counter()
+        for i in order:
+            ds[i]
+        return len(order) / (time.perf_counter() - t)
+
+    cache_rate, mp4_rate = rate(cached), rate(direct)
+    result = {"items": len(order), "clip_len": clip_len, "image_size": image_size, "cache_build_s": round(build_s, 3),
+              "cache_clips_per_s": round(cache_rate, 1), "mp4_clips_per_s": round(mp4_rate, 1),
+              "speedup": round(cache_rate / mp4_rate, 1)}  # fmt: skip
+    log(f"data loading: {result}")
+    return result

@@ -1,0 +1,1 @@
+"""One LightningModule per stage: vae, syncnet, teacher, student."""

@@ -1,0 +1,79 @@
+"""What every stage shares: optimiser/scheduler from config partials and the weights-only export."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from temposyncdiff.utils.weights import save_weights
+
+
+class StageModule(L.LightningModule):
+    """Base stage: ``self.net`` is the trained (and EMA-averaged) net; frozen helpers live elsewhere."""
+
+    kind: str = "stage"  # export format name, e.g. "vae"
+    export_names: dict[str, str] = {}  # which checkpoint ("best" / "last") goes to which file under checkpoints/
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return {"optimizer": opt}
+        sched = self.scheduler_factory(optimizer=opt)
+        if isinstance(
+            sched, torch.optim.lr_scheduler.OneCycleLR | torch.optim.lr_scheduler.CosineAnnealingLR
+        ) or getattr(sched, "step_per_batch", False):
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def export_meta(self) -> dict[str, Any]:
+        """Extra plain-typed facts stored beside the weights (stages add their own)."""
+        return {}
+
+    def before_export(self) -> None:
+        """Runs after the exported weights are loaded into ``self.net`` (e.g. to fit the VAE's latent scale)."""
+
+    def export(self, directory: str | Path, checkpoint: ModelCheckpoint | None) -> list[Path]:
+        """Write the seed's files (e.g. ``vae_pretrained.pt``) from the best/last checkpoints' (EMA) weights."""
+        written = []
+        sources = {
+            "best": checkpoint.best_model_path if checkpoint else "",
+            "last": checkpoint.last_model_path if checkpoint else "",
+        }
+        live = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        for which, filename in self.export_names.items():
+            path = sources.get(which) or sources["last"]
+            if path:
+                state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+                self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+            self.before_export()
+            meta = {
+                "stage": self.kind,
+                "source": which if path else "live",
+                "checkpoint": str(path),
+                **self.export_meta(),
+            }
+            meta["sha256"] = weights_digest(self.net)
+            written.append(save_weights(Path(directory) / filename, self.kind, self.net, meta))
+        self.net.load_state_dict(live)
+        return written
+
+
+def weights_digest(net: nn.Module) -> str:
+    """A short, stable hash of a net's weights (names and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

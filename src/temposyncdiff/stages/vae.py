@@ -1,0 +1,101 @@
+"""Stage 1: the frame VAE (L1/Charbonnier + KL), validated with PSNR/SSIM on the posterior mean."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from temposyncdiff.data.batch import Batch
+from temposyncdiff.nets.vae import TinyVAE, kl_divergence
+from temposyncdiff.stages.base import StageModule
+
+
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "l1", eps: float = 1e-3) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(x, y)
+    if kind == "charbonnier":
+        return torch.sqrt((x - y) ** 2 + eps**2).mean()
+    if kind == "mse":
+        return F.mse_loss(x, y)
+    raise ValueError(f"unknown reconstruction loss {kind!r} (l1 | charbonnier | mse)")
+
+
+def frames_of(batch: Batch) -> torch.Tensor:
+    """All valid frames of a batch as ``[N,3,H,W]``."""
+    return batch.frames[batch.mask]
+
+
+class VAEStage(StageModule):
+    kind = "vae"
+    export_names = {"best": "vae_pretrained.pt"}
+
+    def __init__(
+        self,
+        net: TinyVAE,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
+        recon_loss: str = "l1",
+        kl_weight: float = 1e-6,
+        scale_fit_batches: int = 20,
+        log_images: int = 8,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.val_psnr = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x = frames_of(batch)
+        recon, mean, logvar = self.net(x)
+        rec = reconstruction_loss(recon, x, self.hparams.recon_loss)
+        kl = kl_divergence(mean, logvar)
+        loss = rec + self.hparams.kl_weight * kl
+        self.log_dict({"train/loss": loss, "train/recon": rec, "train/kl": kl}, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x = frames_of(batch)
+        recon = self.net.decode(self.net.encode(x)[0]).clamp(-1, 1)
+        pred, target = (recon + 1) / 2, (x + 1) / 2
+        self.val_psnr(pred, target)
+        self.val_ssim(pred, target)
+        self.log("val/loss", reconstruction_loss(recon, x, self.hparams.recon_loss), batch_size=len(x))
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=len(x))
+        if batch_idx == 0 and self.hparams.log_images:
+            self._log_reconstructions(target[: self.hparams.log_images], pred[: self.hparams.log_images])
+
+    def _log_reconstructions(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        grid = torch.cat([torch.cat(list(target), dim=-1), torch.cat(list(pred), dim=-1)], dim=-2)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image("val/reconstructions", [grid], step=self.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+
+    @torch.no_grad()
+    def before_export(self) -> None:
+        """Fit the latent scale factor: 1 / std of posterior means over some training batches."""
+        loader = self.trainer.datamodule.train_dataloader()
+        was_training = self.net.training
+        self.net.eval()
+        means = []
+        for i, batch in enumerate(loader):
+            if i >= self.hparams.scale_fit_batches:
+                break
+            means.append(self.net.encode(frames_of(batch).to(self.device))[0].flatten())
+        std = torch.cat(means).std()
+        self.net.scale_factor.fill_(1.0 / float(std.clamp_min(1e-6)))
+        self.net.train(was_training)
+
+    def export_meta(self) -> dict[str, Any]:
+        return {"scale_factor": float(self.net.scale_factor), "downsample": self.net.downsample,
+                "latent_channels": self.net.latent_channels, "val_psnr": _float(self.trainer.callback_metrics.get("val/psnr"))}  # fmt: skip
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)

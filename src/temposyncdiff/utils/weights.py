@@ -1,0 +1,82 @@
+"""Weights-only export files (the seed's checkpoints/*.pt): tensors + plain-types config, no pickled objects.
+
+Layout: ``{"format": "temposyncdiff.<kind>", "version": 1, "target": "temposyncdiff.nets...Class",
+"config": {...}, "state_dict": {...}, "meta": {...}}``, loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from temposyncdiff.errors import UserError
+from temposyncdiff.utils.io import atomic_path
+
+FORMAT_VERSION = 1
+NET_PACKAGE = "temposyncdiff.nets."
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file that is corrupt, of another kind, or of a newer format."""
+
+
+def save_weights(path: str | os.PathLike, kind: str, net: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` (which must carry a plain ``config`` dict of its constructor arguments) atomically."""
+    target = f"{type(net).__module__}.{type(net).__qualname__}"
+    payload = {
+        "format": f"temposyncdiff.{kind}",
+        "version": FORMAT_VERSION,
+        "target": target,
+        "config": dict(net.config),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_payload(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """Read and check an export file of the given kind; clear errors for every way it can be wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable weights-only file ({str(err).splitlines()[0]})") from err
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise WeightsError(f"{path}: not a TempoSyncDiff export (a Lightning .ckpt? use ckpt_path= for those)")
+    if payload["format"] != f"temposyncdiff.{kind}":
+        raise WeightsError(f"{path}: holds a '{payload['format']}' export, expected 'temposyncdiff.{kind}'")
+    if payload.get("version", 0) > FORMAT_VERSION:
+        raise WeightsError(
+            f"{path}: format version {payload['version']} is newer than this code ({FORMAT_VERSION}); upgrade temposyncdiff"
+        )
+    return payload
+
+
+def build_net(target: str, config: dict[str, Any]) -> nn.Module:
+    """Instantiate a net class from our own ``nets`` package (never arbitrary import paths)."""
+    if not target.startswith(NET_PACKAGE):
+        raise WeightsError(f"refusing to build {target!r}: only {NET_PACKAGE}* classes can be loaded")
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**config)
+
+
+def load_net(path: str | os.PathLike, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the net stored in an export file; returns (net in eval mode, meta)."""
+    payload = load_payload(path, kind)
+    net = build_net(payload["target"], payload["config"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise WeightsError(f"{path}: weights do not fit {payload['target']} ({str(err).splitlines()[0]})") from err
+    return net.eval(), payload["meta"]
