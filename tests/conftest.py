@@ -17,3 +17,34 @@ def synth_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "lrs3"
     synthesize_corpus(SynthConfig(out=str(out), identities=3, utterances=3, image_size=64, seed=7, workers=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory, synth_corpus) -> Path:
+    """A project root whose data/ holds the fixture corpus, its visemes and synth_{train,val,test} manifests."""
+    from temposyncdiff.data.manifest import build_manifest
+    from temposyncdiff.data.transcript_visemes import write_viseme_files
+
+    root = tmp_path_factory.mktemp("project")
+    visemes = root / "data" / "visemes" / "synth"
+    write_viseme_files(synth_corpus, visemes, log=lambda *_: None)
+    build_manifest(synth_corpus, root / "data" / "manifests", name="synth", viseme_root=visemes,
+                   val_ratio=0.34, test_ratio=0.0, seed=0, log=lambda *_: None)  # fmt: skip
+    return root
+
+
+def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: Path):
+    """Compose an entry config as Hydra would for a run in ``run_dir`` (so ${hydra:...} resolves)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"paths.root_dir={root}", "extras.print_config=false", *overrides],
+                      return_hydra_config=True)  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg

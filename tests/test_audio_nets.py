@@ -12,7 +12,8 @@ from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.visemes import NUM_VISEMES
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.nets.audio_encoder import AudioEncoder
-from temposyncdiff.nets.syncnet import SILENCE, SyncNet, lower_face, mel_from_windows
+from temposyncdiff.nets.syncnet import SILENCE, SyncNet, lower_face, mel_context, mel_from_windows
+from temposyncdiff.utils.weights import load_net, save_weights
 
 
 def test_audio_encoder_shapes_and_context():
@@ -24,6 +25,14 @@ def test_audio_encoder_shapes_and_context():
     mel2[:, 0] += 1.0
     changed = (enc(mel2)[0] - emb).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [True] * 4 + [False] * 8  # receptive field +-(2**context - 1) frames
+    assert enc.visemes(mel).shape == (2, 12)
+
+
+def test_audio_encoder_export_round_trip(tmp_path):
+    enc = AudioEncoder(dim=16, context=1, width=16, window=12).eval()
+    loaded, meta = load_net(save_weights(tmp_path / "audio_encoder.pt", "audio", enc, {"k": 1}), "audio")
+    mel = torch.randn(1, 4, 80, 12)
+    assert loaded.config == enc.config and meta == {"k": 1} and torch.equal(loaded.visemes(mel), enc.visemes(mel))
 
 
 def test_syncnet_shapes_and_normalisation():
@@ -59,6 +68,9 @@ def test_mel_from_windows_inverts_frame_windows():
     mel = torch.randn(80, 4 * 9 + 1)
     windows = feats.frame_windows(mel, 9)
     assert torch.equal(mel_from_windows(windows.unsqueeze(0))[0], mel[:, : 4 * 9])
+    context = mel_context(windows.unsqueeze(0))[0]  # starts window_frames // 2 = 8 columns before frame 0
+    assert context.shape == (80, 16 + 4 * 8) and torch.equal(context[:, 8:45], mel)
+    assert (context[:, :8] == SILENCE).all() and (context[:, 45:] == SILENCE).all()  # outside the audio
 
 
 def toy_clips(n: int, t: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

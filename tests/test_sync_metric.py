@@ -8,7 +8,8 @@ import torch
 
 from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, audio_swap_control, embed_clip
-from temposyncdiff.nets.syncnet import ExpertFormatError, SyncNet, export_expert, load_expert
+from temposyncdiff.nets.syncnet import SyncNet, export_expert, load_expert
+from temposyncdiff.utils.weights import WeightsError, load_payload
 
 
 def shifted_pair(n: int, k: int, noise: float = 0.1, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +116,9 @@ def test_audio_swap_control_gap():
 
 def test_export_load_round_trip_and_bad_files(tmp_path):
     net = SyncNet(image_size=32, dim=16, width=8, crop_top=0.4).eval()
-    path = export_expert(net, tmp_path / "ck" / "syncnet.pt")
+    path = export_expert(net, tmp_path / "ck" / "syncnet.pt", meta={"val_acc": 0.9})
     assert [p.name for p in path.parent.iterdir()] == ["syncnet.pt"]  # no temp file left
+    assert load_payload(path, "syncnet")["meta"] == {"val_acc": 0.9}
     loaded = load_expert(path)
     video, mel = torch.randn(3, 5, 3, 19, 32), torch.randn(3, 80, 20)
     assert loaded.config == net.config and not loaded.training
@@ -125,18 +127,19 @@ def test_export_load_round_trip_and_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_expert(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
+    good = torch.load(path, weights_only=True)
     for payload, match in [
-        ({"format": "other", "version": 1}, "format 'other'"),
-        ({"format": "temposyncdiff.syncnet", "version": 2}, "version 2"),
-        ({"format": "temposyncdiff.syncnet", "version": 1, "config": {"dim": 8}}, "cannot rebuild"),
-        (torch.zeros(3), "format 'Tensor'"),
+        ({**good, "format": "temposyncdiff.vae"}, "'temposyncdiff.vae' export"),
+        ({**good, "version": 2}, "version 2"),
+        ({**good, "config": {**good["config"], "dim": 8}}, "do not fit"),
+        (torch.zeros(3), "not a TempoSyncDiff export"),
     ]:
         torch.save(payload, bad)
-        with pytest.raises(ExpertFormatError, match=match):
+        with pytest.raises(WeightsError, match=match):
             load_expert(bad)
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="bad.pt: not a readable"):
         load_expert(bad)
-    torch.save({"obj": ExpertFormatError("pickled class")}, bad)  # arbitrary objects are refused
-    with pytest.raises(ExpertFormatError, match="weights-only"):
+    torch.save({"obj": WeightsError("pickled class")}, bad)  # arbitrary objects are refused
+    with pytest.raises(WeightsError, match="weights-only"):
         load_expert(bad)

@@ -39,6 +39,7 @@ class AudioEncoder(nn.Module):
         width: int = 128,
     ) -> None:
         super().__init__()
+        self.config = dict(n_mels=n_mels, window=window, dim=dim, context=context, num_visemes=num_visemes, width=width)
         self.norm_in = nn.BatchNorm1d(n_mels)
         self.frame_net = nn.Sequential(
             nn.Conv1d(n_mels, width, 3, padding=1), nn.GELU(),
@@ -64,3 +65,7 @@ class AudioEncoder(nn.Module):
         """``[B,T,n_mels,W]`` -> (embeddings ``[B,T,dim]``, viseme logits ``[B,T,num_visemes]``)."""
         emb = self.embed(mel)
         return emb, self.viseme_logits(emb)
+
+    def visemes(self, mel: Tensor) -> Tensor:
+        """``[B,T,n_mels,W]`` -> ``[B,T]`` predicted viseme ids (audio-only viseme tokens for inference)."""
+        return self.forward(mel)[1].argmax(-1)

@@ -8,25 +8,18 @@ frame t + F//2 + o instead (o > 0: audio taken from later). Mel outside the audi
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from temposyncdiff.errors import UserError
-from temposyncdiff.utils.io import atomic_path
+from temposyncdiff.utils.weights import load_net, save_weights
 
-FORMAT = "temposyncdiff.syncnet"
-VERSION = 1
 SILENCE = math.log(1e-5)  # AudioFeatures' log-mel floor
-
-
-class ExpertFormatError(UserError):
-    """A lip-sync expert file that is not a readable ``temposyncdiff.syncnet`` export of a known version."""
 
 
 def lower_face(frames: Tensor, top: float = 0.5) -> Tensor:
@@ -41,6 +34,16 @@ def mel_from_windows(mel_windows: Tensor, mel_per_frame: int = 4) -> Tensor:
     """
     w = mel_windows.shape[-1]
     return mel_windows[..., w // 2 : w // 2 + mel_per_frame].transpose(-3, -2).flatten(-2)
+
+
+def mel_context(mel_windows: Tensor, mel_per_frame: int = 4) -> Tensor:
+    """Per-frame windows ``[..., T, n_mels, W]`` -> contiguous log-mel ``[..., n_mels, W + (T-1) * mel_per_frame]``.
+
+    Unlike ``mel_from_windows`` it keeps the context before the first and after the last frame: frame k's
+    centre is column ``W // 2 + k * mel_per_frame``.
+    """
+    tail = mel_windows[..., 1:, :, -mel_per_frame:].transpose(-3, -2).flatten(-2)
+    return torch.cat([mel_windows[..., 0, :, :], tail], dim=-1)
 
 
 def _conv2d(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -106,10 +109,13 @@ class SyncNet(nn.Module):
             raise ValueError(f"SyncNet audio input {tuple(mel.shape)}, expected [B,{self.n_mels},{self.mel_window}]")
         return F.normalize(self.audio_net(mel), dim=-1)
 
+    def score(self, video_emb: Tensor, audio_emb: Tensor) -> Tensor:
+        """Sync logits from paired embeddings: exp(logit_scale) * cos(video, audio) + logit_bias."""
+        return self.logit_scale.exp() * (video_emb * audio_emb).sum(-1) + self.logit_bias
+
     def forward(self, video: Tensor, mel: Tensor) -> Tensor:
-        """Sync logits ``[B]`` = exp(logit_scale) * cos(video, audio) + logit_bias."""
-        cos = (self.embed_video(video) * self.embed_audio(mel)).sum(-1)
-        return self.logit_scale.exp() * cos + self.logit_bias
+        """Sync logits ``[B]`` for video stacks and mel windows (see ``score``)."""
+        return self.score(self.embed_video(video), self.embed_audio(mel))
 
     def video_windows(self, frames: Tensor) -> Tensor:
         """Face-centred frames ``[..., T,3,H,W]`` -> lower-face stacks ``[..., T-F+1, F,3,h,w]`` (empty if T < F)."""
@@ -148,40 +154,11 @@ class SyncNet(nn.Module):
         return v.narrow(-5, start if n else 0, n), a.narrow(-3, start + offset if n else 0, n)
 
 
-def export_expert(model: SyncNet, path: str | os.PathLike) -> Path:
-    """Write ``{"state_dict", "config", "format", "version"}`` atomically for ``load_expert``."""
-    payload = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": dict(model.config),
-        "format": FORMAT,
-        "version": VERSION,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+def export_expert(model: SyncNet, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write the expert as a weights-only ``syncnet`` export (``utils.weights.save_weights``)."""
+    return save_weights(path, "syncnet", model, meta)
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
-def load_expert(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SyncNet:
-    """Rebuild a SyncNet (eval mode) from an ``export_expert`` file, unpickling tensors and plain types only."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "lip-sync expert file not found", str(path))
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ExpertFormatError(f"{path}: not a readable weights-only checkpoint ({_first_line(e)})") from e
-    fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-    if fmt != FORMAT:
-        raise ExpertFormatError(f"{path}: format {fmt!r}, expected {FORMAT!r} (write it with export_expert)")
-    if obj.get("version") != VERSION:
-        raise ExpertFormatError(f"{path}: {FORMAT} version {obj.get('version')!r}, this code reads version {VERSION}")
-    try:
-        model = SyncNet(**obj["config"])
-        model.load_state_dict(obj["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ExpertFormatError(f"{path}: cannot rebuild SyncNet ({_first_line(e)})") from e
-    return model.eval()
+def load_expert(path: str | os.PathLike) -> SyncNet:
+    """Rebuild a SyncNet (eval mode) from a ``syncnet`` export; bad files raise ``WeightsError``."""
+    return load_net(path, "syncnet")[0]

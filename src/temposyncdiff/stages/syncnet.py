@@ -1,0 +1,184 @@
+"""Lip-sync expert stage: SyncNet trained with BCE on in-sync vs shifted / other-utterance pairs, LSE on whole utterances.
+
+Each clip gives every 5-frame video window (frames t..t+F-1) three audio windows cut from the clip's mel
+context (``mel_context``): in sync (centred on frame t + F//2), shifted by o frames (``min_shift`` <= |o| <=
+``max_shift``) and another utterance's audio at the same centre (another batch item with a different id).
+Validation scores the same pairs (``val/acc`` = balanced in-sync vs off-sync accuracy) and, on up to
+``lse_max_utterances`` whole utterances of the split (clips are too short for a +-15 frame offset search),
+LSE-C / LSE-D, the offset-0 fraction and the audio-swap control.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from torchmetrics import MeanMetric
+
+from temposyncdiff.data.batch import Batch
+from temposyncdiff.errors import UserError
+from temposyncdiff.metrics.sync import audio_swap_control, embed_clip
+from temposyncdiff.nets.syncnet import SyncNet, mel_context
+from temposyncdiff.stages.base import StageModule
+
+
+def sample_pairs(
+    mask: Tensor,
+    ids: list[str],
+    frames: int,
+    centres: tuple[int, int],
+    min_shift: int,
+    max_shift: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Index tensors over every valid video window of a batch (CPU ``mask [B,T]``).
+
+    ``item``, ``window`` (first frame t), ``centre`` (t + frames//2: the in-sync audio centre), ``shift``
+    (offset of the shifted negative, 0 where none fits) and ``other`` (batch item of another utterance, -1
+    where none). Audio centres must lie in ``centres`` (inclusive) and on real frames of their item.
+    """
+    n_valid = mask.sum(1)
+    top = n_valid.clamp(max=centres[1] + 1)[:, None] - 1  # last usable audio centre per item
+    start = torch.arange(mask.shape[1] - frames + 1)[None]
+    mid = start + frames // 2
+    ok = (start + frames <= n_valid[:, None]) & (mid >= centres[0]) & (mid <= top)
+    item, window = ok.nonzero(as_tuple=True)
+    centre = window + frames // 2
+    offsets = torch.arange(-max_shift, max_shift + 1)
+    cand = centre[:, None] + offsets
+    shift_ok = (offsets.abs() >= min_shift) & (cand >= centres[0]) & (cand <= top[item])
+    shift = torch.where(shift_ok.any(1), offsets[_pick(shift_ok, generator)], 0)
+    diff_id = torch.tensor([[a != c for c in ids] for a in ids], dtype=torch.bool)
+    other_ok = diff_id[item] & (centre[:, None] <= top.T)
+    other = torch.where(other_ok.any(1), _pick(other_ok, generator), -1)
+    return {"item": item, "window": window, "centre": centre, "shift": shift, "other": other}
+
+
+def _pick(allowed: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A uniformly random True column of each row of ``allowed [N,K]`` (any column where a row has none)."""
+    return torch.rand(allowed.shape, generator=generator).masked_fill(~allowed, -1.0).argmax(1)
+
+
+def utterances(dataset: Dataset, max_items: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Whole utterances behind a ``ClipDataset`` (or a ``Subset`` of one): (frames ``[T,3,H,W]`` in [-1,1], mel ``[n_mels,M]``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    src = dataset.src
+    n = len(src.num_frames)
+    for u in sorted(set(np.linspace(0, n - 1, min(n, max_items)).round().astype(int).tolist())):
+        frames, mel, _, _ = src.clip(u, 0, src.num_frames[u])
+        video = torch.from_numpy(np.asarray(frames, dtype=np.float32)) / 127.5 - 1.0
+        yield video, torch.from_numpy(np.asarray(mel, dtype=np.float32)).T
+
+
+class SyncNetStage(StageModule):
+    kind = "syncnet"
+    export_names = {"best": "syncnet.pt"}
+
+    def __init__(
+        self,
+        net: SyncNet,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
+        min_shift: int = 3,
+        max_shift: int = 10,
+        lse_vshift: int = 15,
+        lse_min_overlap: int = 5,
+        lse_max_utterances: int = 16,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        if not 1 <= min_shift <= max_shift:
+            raise UserError(f"model.min_shift={min_shift}, max_shift={max_shift}: need 1 <= min_shift <= max_shift")
+        if net.mel_per_frame != int(net.mel_per_frame):
+            raise UserError(f"SyncNet mel_per_frame={net.mel_per_frame}: the stage needs a whole number")
+        self.net = net
+        self.acc = torch.nn.ModuleDict({k: MeanMetric() for k in ("pos", "neg", "shift", "other")})
+
+    def setup(self, stage: str) -> None:
+        audio = getattr(getattr(self.trainer, "datamodule", None), "audio", None)
+        if audio is not None and abs(audio.mel_per_frame - self.net.mel_per_frame) > 1e-6:
+            raise UserError(
+                f"model.net.mel_per_frame={self.net.mel_per_frame} but the data gives {audio.mel_per_frame} mel frames per video frame"
+            )
+
+    def pair_logits(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Sync logits of the batch's in-sync (``pos``), shifted (``shift``) and other-utterance (``other``) pairs."""
+        net, hp = self.net, self.hparams
+        mpf, w, mw = int(net.mel_per_frame), batch.mel.shape[-1], net.mel_window
+        t = batch.mel.shape[1]
+        lo = max(0, math.ceil((mw // 2 - w // 2) / mpf))
+        hi = min(t - 1, (w - mw + mw // 2 - w // 2) // mpf + t - 1)
+        p = sample_pairs(batch.mask.cpu(), batch.ids, net.frames, (lo, hi), hp.min_shift, hp.max_shift, generator)
+        p = {k: v.to(self.device) for k, v in p.items()}
+        s, o = p["shift"] != 0, p["other"] >= 0
+        items = torch.cat([p["item"], p["item"][s], p["other"][o]])
+        centres = torch.cat([p["centre"], p["centre"][s] + p["shift"][s], p["centre"][o]])
+        idx = w // 2 + centres[:, None] * mpf - mw // 2 + torch.arange(mw, device=self.device)
+        audio = mel_context(batch.mel, mpf)[items[:, None], :, idx].transpose(1, 2)  # [N, n_mels, mel_window]
+        ev = net.embed_video(net.video_windows(batch.frames)[p["item"], p["window"]])
+        logits = net.score(torch.cat([ev, ev[s], ev[o]]), net.embed_audio(audio))
+        return dict(zip(("pos", "shift", "other"), logits.split([len(ev), int(s.sum()), int(o.sum())])))
+
+    def _loss(self, logits: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        pos, neg = logits["pos"], torch.cat([logits["shift"], logits["other"]])
+        loss = 0.5 * (
+            F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+        )
+        hits = {"pos": pos > 0, "neg": neg < 0, "shift": logits["shift"] < 0, "other": logits["other"] < 0}
+        return loss, {k: v.float() for k, v in hits.items()}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, hits = self._loss(self.pair_logits(batch))
+        acc = 0.5 * (hits["pos"].mean() + hits["neg"].mean())
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        split = "test" if self.trainer.testing else "val"
+        loss, hits = self._loss(self.pair_logits(batch, torch.Generator().manual_seed(batch_idx)))
+        self.log(f"{split}/loss", loss, batch_size=len(batch))
+        for k, v in hits.items():
+            if len(v):
+                self.acc[k].update(v)
+
+    test_step = validation_step
+
+    def on_validation_epoch_start(self) -> None:
+        # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
+        if not self.trainer.sanity_checking:
+            self._log_lse("val", self.trainer.val_dataloaders.dataset)
+
+    def on_test_epoch_start(self) -> None:
+        self._log_lse("test", self.trainer.test_dataloaders.dataset)
+
+    def on_validation_epoch_end(self) -> None:
+        split = "test" if self.trainer.testing else "val"
+        acc = {k: m.compute() for k, m in self.acc.items()}
+        for m in self.acc.values():
+            m.reset()
+        self.log_dict({f"{split}/acc": 0.5 * (acc["pos"] + acc["neg"]), f"{split}/acc_pos": acc["pos"],
+                       f"{split}/acc_shift": acc["shift"], f"{split}/acc_other": acc["other"]}, prog_bar=False)  # fmt: skip
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    @torch.no_grad()
+    def _log_lse(self, split: str, dataset: Dataset) -> None:
+        """LSE-C / LSE-D and offset-0 fraction with own audio, and LSE-C with another utterance's audio."""
+        hp = self.hparams
+        emb = [embed_clip(self.net, f.to(self.device), m.to(self.device)) for f, m in utterances(dataset, hp.lse_max_utterances)]  # fmt: skip
+        if len(emb) < 2:
+            warnings.warn(f"{split}: LSE needs at least 2 utterances, got {len(emb)}", stacklevel=2)
+            return
+        out = audio_swap_control(lambda c, s: (c[0], s[1]), emb, vshift=hp.lse_vshift, min_overlap=hp.lse_min_overlap)
+        own, swap = out["own"], out["swapped"]
+        self.log_dict({f"{split}/lse_c": own["lse_c"], f"{split}/lse_d": own["lse_d"],
+                       f"{split}/offset0": own["offset_zero_frac"], f"{split}/lse_c_swap": swap["lse_c"],
+                       f"{split}/lse_c_gap": own["lse_c"] - swap["lse_c"]}, prog_bar=True)  # fmt: skip
