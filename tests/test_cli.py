@@ -10,7 +10,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / cmd[0]), *cmd[1:], "extras.print_config=false"], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / cmd[0]), *cmd[1:], "extras.print_config=false"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_tsd_data_usage(tmp_path):
@@ -33,7 +35,9 @@ def test_train_without_stage_is_a_clear_error(tmp_path):
 
 
 def test_synth_then_manifest(tmp_path):
-    out = run(["tsd-data", "synth", "out=data/s", "identities=2", "utterances=2", "image_size=32", "workers=1"], tmp_path)
+    out = run(
+        ["tsd-data", "synth", "out=data/s", "identities=2", "utterances=2", "image_size=32", "workers=1"], tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "data" / "s").glob("*/*.mp4"))) == 4
     out = run(["tsd-data", "manifest", "root=data/s", "name=s", "val_ratio=0.5", "test_ratio=0"], tmp_path)

@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
-EXPERIMENTS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix() for p in (CONF / "experiment").rglob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.relative_to(CONF / "experiment").with_suffix("").as_posix() for p in (CONF / "experiment").rglob("*.yaml")
+)
 
 
 def _compose(name: str, overrides: list[str]):
@@ -24,7 +26,9 @@ def test_there_are_experiments():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = _compose("train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}", "paths.output_dir=" + str(tmp_path)])
+    cfg = _compose(
+        "train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}", "paths.output_dir=" + str(tmp_path)]
+    )
     assert cfg.stage == cfg.model.stage and cfg.monitor.metric.startswith("val/")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage")
@@ -40,7 +44,9 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
                                     "logger=tensorboard", "logger=wandb", "logger=none", "logger=many", "debug=fdr",
                                     "debug=overfit", "debug=limit", "callbacks=none"])  # fmt: skip
 def test_groups_compose(option, tmp_path):
-    cfg = _compose("train", ["experiment=quickstart/vae", option, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    cfg = _compose(
+        "train", ["experiment=quickstart/vae", option, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+    )
     OmegaConf.to_container(cfg, resolve=True)
 
 

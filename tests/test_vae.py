@@ -71,14 +71,26 @@ def test_ema_is_used_for_validation_and_checkpoints(data_root, tmp_path):
     live_at_val, slot_at_val = probe.seen[-1]
     assert not torch.allclose(live_at_val, slot_at_val)  # validation ran on other (EMA) weights than training
     state = torch.load(ckpt.last_model_path, weights_only=False)
-    saved = torch.cat([v.flatten() for k, v in state["state_dict"].items() if k.startswith("net.") and "scale_factor" not in k])
-    raw = torch.cat([v.flatten() for k, v in state["current_model_state"].items() if k.startswith("net.") and "scale_factor" not in k])
+    saved = torch.cat(
+        [v.flatten() for k, v in state["state_dict"].items() if k.startswith("net.") and "scale_factor" not in k]
+    )
+    raw = torch.cat(
+        [
+            v.flatten()
+            for k, v in state["current_model_state"].items()
+            if k.startswith("net.") and "scale_factor" not in k
+        ]
+    )
     assert torch.allclose(saved, live_at_val) and torch.allclose(raw, slot_at_val)
     assert not any(k.startswith("module.") for k in state["averaging_state"])
 
 
 def test_train_export_and_resume(data_root, tmp_path):
-    full = train(_cfg(data_root, tmp_path / "a", "trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.ema.decay=0.9"))
+    full = train(
+        _cfg(
+            data_root, tmp_path / "a", "trainer.max_steps=6", "trainer.val_check_interval=3", "callbacks.ema.decay=0.9"
+        )
+    )
     assert full is not None
     exported = data_root / "checkpoints" / "vae_pretrained.pt"
     payload = torch.load(exported, weights_only=True)

@@ -48,7 +48,9 @@ def cache(cfg: DictConfig) -> dict:
     """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents."""
     from temposyncdiff.data.cache import add_latents
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")  # plain types: checkpoints stay weights-only loadable
+    datamodule = hydra.utils.instantiate(
+        cfg.data, _convert_="all"
+    )  # plain types: checkpoints stay weights-only loadable
     datamodule.prepare_data()
     splits = [s for s in ("train", "val", "test") if datamodule.cache_path(s).is_dir()]
     if cfg.vae:

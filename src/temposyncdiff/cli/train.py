@@ -41,7 +41,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("model") is None:
         raise UserError("no stage chosen: pass experiment=<corpus>/<stage>, e.g. experiment=quickstart/vae")
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")  # plain types: checkpoints stay weights-only loadable
+    datamodule = hydra.utils.instantiate(
+        cfg.data, _convert_="all"
+    )  # plain types: checkpoints stay weights-only loadable
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage", None)  # a label for logs and resume, not a constructor argument
     model = hydra.utils.instantiate(model_cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,13 +36,15 @@ def sample_pairs(
     centres: tuple[int, int],
     min_shift: int,
     max_shift: int,
+    same_talk: bool = True,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Index tensors over every valid video window of a batch (CPU ``mask [B,T]``).
 
     ``item``, ``window`` (first frame t), ``centre`` (t + frames//2: the in-sync audio centre), ``shift``
     (offset of the shifted negative, 0 where none fits) and ``other`` (batch item of another utterance, -1
-    where none). Audio centres must lie in ``centres`` (inclusive) and on real frames of their item.
+    where none; with ``same_talk`` one of the same talk, ``talk_id/utt`` ids, when the batch has one, so
+    voice and face identity cannot tell the pairs apart). Audio centres lie in ``centres`` and on real frames.
     """
     n_valid = mask.sum(1)
     top = n_valid.clamp(max=centres[1] + 1)[:, None] - 1  # last usable audio centre per item
@@ -54,8 +57,12 @@ def sample_pairs(
     cand = centre[:, None] + offsets
     shift_ok = (offsets.abs() >= min_shift) & (cand >= centres[0]) & (cand <= top[item])
     shift = torch.where(shift_ok.any(1), offsets[_pick(shift_ok, generator)], 0)
+    talks = [i.rpartition("/")[0] for i in ids]
     diff_id = torch.tensor([[a != c for c in ids] for a in ids], dtype=torch.bool)
     other_ok = diff_id[item] & (centre[:, None] <= top.T)
+    if same_talk:
+        same = other_ok & torch.tensor([[a == c for c in talks] for a in talks], dtype=torch.bool)[item]
+        other_ok = torch.where(same.any(1, keepdim=True), same, other_ok)
     other = torch.where(other_ok.any(1), _pick(other_ok, generator), -1)
     return {"item": item, "window": window, "centre": centre, "shift": shift, "other": other}
 
@@ -63,6 +70,48 @@ def sample_pairs(
 def _pick(allowed: Tensor, generator: torch.Generator | None) -> Tensor:
     """A uniformly random True column of each row of ``allowed [N,K]`` (any column where a row has none)."""
     return torch.rand(allowed.shape, generator=generator).masked_fill(~allowed, -1.0).argmax(1)
+
+
+def augment_clips(
+    frames: Tensor,
+    flip: float = 0.5,
+    color: float = 0.0,
+    shuffle: bool = False,
+    translate: float = 0.0,
+    scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Appearance jitter of ``[B,T,3,H,W]`` frames, one draw per clip: horizontal flip (probability ``flip``),
+    channel gain and offset (+-``color``), channel shuffle, shift (+-``translate`` of the half-size) and zoom (+-``scale``).
+    """
+    b, t, c, h, w = frames.shape
+
+    def u(*shape: int) -> Tensor:  # uniform in [-1, 1]
+        return (2 * torch.rand(*shape, generator=generator) - 1).to(frames.device)
+
+    x = torch.where(u(b, 1, 1, 1, 1) < 2 * flip - 1, frames.flip(-1), frames)
+    x = (x * (1 + color * u(b, 1, c, 1, 1)) + color * u(b, 1, c, 1, 1)).clamp(-1, 1)
+    if shuffle:
+        perm = torch.rand(b, c, generator=generator).argsort(1).to(frames.device)
+        x = x.gather(2, perm[:, None, :, None, None].expand_as(x))
+    if translate or scale:
+        theta = torch.zeros(b, 2, 3, device=frames.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 + scale * u(b)
+        theta[:, :, 2] = translate * u(b, 2)
+        grid = F.affine_grid(theta, [b, t * c, h, w], align_corners=False)
+        x = F.grid_sample(x.flatten(1, 2), grid, padding_mode="border", align_corners=False).view_as(x)
+    return x
+
+
+def audio_at(mel_windows: Tensor, items: Tensor, centres: Tensor, width: int, mel_per_frame: int) -> Tensor:
+    """``[N,n_mels,width]`` mel windows centred on frame ``centres[i]`` of clip ``items[i]`` of per-frame windows ``[B,T,n_mels,W]``.
+
+    Same alignment as ``SyncNet.audio_windows`` on the whole utterance; the centres must keep the window inside
+    the clip's mel context (``mel_context``).
+    """
+    w = mel_windows.shape[-1]
+    idx = w // 2 + centres[:, None] * mel_per_frame - width // 2 + torch.arange(width, device=centres.device)
+    return mel_context(mel_windows, mel_per_frame)[items[:, None], :, idx].transpose(1, 2)
 
 
 def utterances(dataset: Dataset, max_items: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -91,6 +140,8 @@ class SyncNetStage(StageModule):
         lse_vshift: int = 15,
         lse_min_overlap: int = 5,
         lse_max_utterances: int = 16,
+        same_talk: bool = True,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
@@ -115,14 +166,16 @@ class SyncNetStage(StageModule):
         t = batch.mel.shape[1]
         lo = max(0, math.ceil((mw // 2 - w // 2) / mpf))
         hi = min(t - 1, (w - mw + mw // 2 - w // 2) // mpf + t - 1)
-        p = sample_pairs(batch.mask.cpu(), batch.ids, net.frames, (lo, hi), hp.min_shift, hp.max_shift, generator)
+        p = sample_pairs(
+            batch.mask.cpu(), batch.ids, net.frames, (lo, hi), hp.min_shift, hp.max_shift, hp.same_talk, generator
+        )
         p = {k: v.to(self.device) for k, v in p.items()}
         s, o = p["shift"] != 0, p["other"] >= 0
         items = torch.cat([p["item"], p["item"][s], p["other"][o]])
         centres = torch.cat([p["centre"], p["centre"][s] + p["shift"][s], p["centre"][o]])
-        idx = w // 2 + centres[:, None] * mpf - mw // 2 + torch.arange(mw, device=self.device)
-        audio = mel_context(batch.mel, mpf)[items[:, None], :, idx].transpose(1, 2)  # [N, n_mels, mel_window]
-        ev = net.embed_video(net.video_windows(batch.frames)[p["item"], p["window"]])
+        audio = audio_at(batch.mel, items, centres, mw, mpf)
+        frames = augment_clips(batch.frames, **hp.augment) if self.training and hp.augment else batch.frames
+        ev = net.embed_video(net.video_windows(frames)[p["item"], p["window"]])
         logits = net.score(torch.cat([ev, ev[s], ev[o]]), net.embed_audio(audio))
         return dict(zip(("pos", "shift", "other"), logits.split([len(ev), int(s.sum()), int(o.sum())])))
 
@@ -161,11 +214,12 @@ class SyncNetStage(StageModule):
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        acc = {k: m.compute() for k, m in self.acc.items()}
+        acc = {k: m.compute() for k, m in self.acc.items() if m.update_called}
         for m in self.acc.values():
             m.reset()
-        self.log_dict({f"{split}/acc": 0.5 * (acc["pos"] + acc["neg"]), f"{split}/acc_pos": acc["pos"],
-                       f"{split}/acc_shift": acc["shift"], f"{split}/acc_other": acc["other"]}, prog_bar=False)  # fmt: skip
+        if "pos" in acc and "neg" in acc:
+            self.log(f"{split}/acc", 0.5 * (acc["pos"] + acc["neg"]), prog_bar=True)
+        self.log_dict({f"{split}/acc_{k}": v for k, v in acc.items() if k != "neg"})
 
     on_test_epoch_end = on_validation_epoch_end
 

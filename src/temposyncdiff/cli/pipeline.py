@@ -1,0 +1,100 @@
+"""tsd-pipeline experiment=<name>: run a recipe's steps (each a tsd-* command), skipping current ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.errors import UserError
+from temposyncdiff.utils.io import write_json
+from temposyncdiff.utils.task import log, task
+
+
+def fingerprint(step: DictConfig) -> str:
+    """Hash of the step's command and the size/mtime of its inputs: a change in either reruns it."""
+    h = hashlib.sha256(json.dumps(list(step.cmd)).encode())
+    for name in step.get("inputs", []):
+        path = Path(name)
+        stats = (
+            [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()]
+            if path.is_dir()
+            else ([(name, path.stat().st_size, path.stat().st_mtime_ns)] if path.exists() else [(name, None)])
+        )
+        h.update(json.dumps(stats).encode())
+    return h.hexdigest()
+
+
+def is_current(step: DictConfig, stamp: Path) -> bool:
+    return (
+        stamp.is_file()
+        and all(Path(o).exists() for o in step.outputs)
+        and json.loads(stamp.read_text())["fingerprint"] == fingerprint(step)
+    )
+
+
+def run_step(step: DictConfig, root: Path) -> float:
+    """Run one step's command with this environment's console scripts; raise with its log path on failure."""
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / step.cmd[0]), *map(str, step.cmd[1:]), f"paths.root_dir={root}", "extras.print_config=false"]
+    log_path = Path(root) / "logs" / "pipeline" / f"{step.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if code != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise UserError(f"step '{step.name}' failed (exit {code}); full log: {log_path}\n{tail}")
+    return time.perf_counter() - start
+
+
+@task
+def pipeline(cfg: DictConfig) -> dict:
+    """Run the recipe's steps in order and print a summary of what was done and where the results are."""
+    names = [s.name for s in cfg.steps]
+    for name in list(cfg.only or []) + list(cfg.force):
+        if name not in names:
+            raise UserError(f"unknown step {name!r}; this recipe has: {', '.join(names)}")
+    root, stamps = Path(cfg.paths.root_dir), Path(cfg.stamp_dir)
+    summary, total = [], time.perf_counter()
+    for step in cfg.steps:
+        if cfg.only and step.name not in cfg.only:
+            continue
+        stamp = stamps / f"{step.name}.json"
+        if step.name not in cfg.force and is_current(step, stamp):
+            log.info("[%s] current, skipped -> %s", step.name, ", ".join(step.outputs))
+            summary.append({"step": step.name, "status": "skipped (current)", "outputs": list(step.outputs)})
+            continue
+        log.info("[%s] running: %s", step.name, " ".join(map(str, step.cmd)))
+        seconds = run_step(step, root)
+        write_json(
+            stamp, {"fingerprint": fingerprint(step), "seconds": round(seconds, 1), "cmd": list(map(str, step.cmd))}
+        )
+        log.info("[%s] done in %.1f s -> %s", step.name, seconds, ", ".join(step.outputs))
+        summary.append({"step": step.name, "status": f"ran in {seconds:.1f} s", "outputs": list(step.outputs)})
+    elapsed = time.perf_counter() - total
+    lines = [f"pipeline '{cfg.experiment}' finished in {elapsed:.1f} s:"] + [
+        f"  {s['step']:<9} {s['status']:<20} {', '.join(s['outputs'])}" for s in summary
+    ]
+    log.info("\n".join(lines))
+    report = {"experiment": cfg.experiment, "seconds": round(elapsed, 1), "steps": summary}
+    write_json(stamps / "summary.json", report)
+    return report
+
+
+def main() -> None:
+    """``experiment=<name>`` picks the recipe conf/pipeline/<name>.yaml."""
+    sys.argv = [a.replace("experiment=", "pipeline=", 1) if a.startswith("experiment=") else a for a in sys.argv]
+    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name="pipeline")(pipeline)()
+
+
+if __name__ == "__main__":
+    main()
