@@ -50,6 +50,13 @@ def test_groups_compose(option, tmp_path):
     OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_hparams_search_composes(search, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=quickstart/vae", f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params and cfg.optimized_metric.startswith("val/")
+
+
 @pytest.mark.parametrize("command", ["synth", "manifest", "prepare", "visemes", "cache"])
 def test_data_commands_compose(command, tmp_path):
     cfg = _compose("data", [f"data_command={command}", f"paths.root_dir={tmp_path}"])

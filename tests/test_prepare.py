@@ -170,3 +170,13 @@ def test_face_detector_and_crop():
     crop = crop_resize(frame, (-5, -5, 75, 75), 40)
     assert crop.shape == (40, 40, 3) and np.abs(crop[0, 0].astype(int) - frame[0, 0]).max() <= 4  # edge padded
     assert np.abs(crop[-1, -1].astype(int) - frame[74, 74]).max() <= 6
+
+
+def test_manifest_over_prepared_videos(prepared, tmp_path):
+    """The seed's manifest command works on a folder prepared from real (photo-based) videos."""
+    from temposyncdiff.data.manifest import build_manifest, read_manifest
+
+    _, out, _, _ = prepared
+    meta = build_manifest(out, tmp_path / "manifests", name="own", val_ratio=0.0, test_ratio=0.0, seed=123, log=lambda *_: None)
+    rows = read_manifest(tmp_path / "manifests" / "own_train.jsonl")
+    assert meta["counts"]["train"] == len(rows) == 3 and all(r["fps"] == 25.0 and r["width"] == 128 for r in rows)
