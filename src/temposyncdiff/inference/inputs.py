@@ -1,0 +1,241 @@
+"""User inputs for inference: reference image -> face crop (and paste-back), speech audio, optional visemes.
+
+Documented behaviours:
+
+- Images: any format PIL reads; EXIF orientation is applied; transparent pixels are composited on white;
+  16-bit and 32-bit integer grayscale is taken as 16-bit and scaled to 8 bit (not clipped), float
+  grayscale as 0..1 when its maximum is <= 1, else 0..255; images over ``max_pixels`` (50 MP) are
+  downscaled (JPEGs decoded at reduced scale); images over PIL's decompression-bomb limit (~179 MP) are refused.
+- Faces: ``detector="auto"`` uses dlib when installed, else a centre crop; when dlib finds no face it
+  also falls back to the centre crop, with a warning. ``detector="dlib"`` raises when dlib is missing or
+  finds no face. The centre crop is the largest square, centred horizontally, a third of the spare
+  height from the top (faces in portraits sit above the middle).
+- Audio: any file PyAV decodes (wav, flac, mp3, m4a, mp4, ...), any rate and channel count, mixed to mono
+  and resampled. Shorter than ``min_seconds`` (0.2 s = 5 frames at 25 fps) is an error; all-silent audio
+  is allowed with a warning (it drives a closed mouth); no length limit unless ``max_seconds`` is set.
+- Visemes: a ``.npy`` file wins over a transcript; its length is trimmed or padded with silence to the
+  video's frame count; with neither, the pipeline uses the audio encoder's viseme head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from temposyncdiff.data.audio import load_audio
+from temposyncdiff.data.faces import Box, FaceDetector, crop_resize, square_crop_box
+from temposyncdiff.data.transcript import read_transcript
+from temposyncdiff.data.transcript_visemes import transcript_to_frames
+from temposyncdiff.data.visemes import NUM_VISEMES, SILENCE
+from temposyncdiff.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000
+SILENT_PEAK = 1e-3  # -60 dBFS: quieter than this everywhere counts as silence
+
+
+class InputError(UserError, ValueError):
+    """A user input (image, audio, viseme or transcript file) cannot be used."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """An input file does not exist."""
+
+
+def _require_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: file not found")
+    return path
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Any image file as upright uint8 ``[H,W,3]`` RGB, downscaled to at most ``max_pixels``."""
+    path = _require_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big images are downscaled below
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:
+                    scale = (max_pixels / (img.width * img.height)) ** 0.5
+                    size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+                    img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+                    img = img.resize(size, Image.Resampling.LANCZOS)
+                return _to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: image too large to decode safely ({err})") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image, or a format PIL cannot read") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data, unconvertible mode
+        raise InputError(f"{path}: unreadable image ({err})") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """uint8 RGB: alpha composited on white, 16-bit / float grayscale scaled to 8 bit."""
+    if img.mode == "F" or img.mode.startswith("I"):
+        gray = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        gray = (gray * 255 if gray.max() <= 1 else gray) if img.mode == "F" else gray / 257
+        return np.repeat(np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if img.has_transparency_data:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return np.array(img.convert("RGB"))
+
+
+@dataclass
+class ReferenceFace:
+    """A reference image and its face crop, framed like the training data."""
+
+    crop: np.ndarray  # uint8 [size, size, 3]
+    box: Box  # (x0, y0, x1, y1) of the crop in ``image``; may reach past its edges
+    method: str  # "dlib" or "center"
+    image: np.ndarray  # the whole upright uint8 RGB image, for paste-back
+
+
+def center_box(width: int, height: int) -> Box:
+    """Largest square in the image, centred horizontally, a third of the spare height from the top."""
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 3
+    return x0, y0, x0 + side, y0 + side
+
+
+def prepare_reference(
+    image: str | os.PathLike | np.ndarray,
+    size: int,
+    detector: str = "auto",
+    margin: float = 0.5,
+    lift: float = 0.1,
+) -> ReferenceFace:
+    """Crop the face of ``image`` (path or uint8 RGB array) to ``size`` px, framed as ``data.prepare`` frames videos
+    (same ``margin`` and ``lift`` defaults).
+
+    ``detector``: "auto" (dlib when installed and a face is found, else centre crop), "dlib" or "center".
+    """
+    if detector not in ("auto", "dlib", "center"):
+        raise InputError(f"detector={detector!r}: choose auto, dlib or center")
+    name = str(image) if isinstance(image, (str, os.PathLike)) else "the reference image"
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    h, w = image.shape[:2]
+    face = None if detector == "center" else _detect(image, name, required=detector == "dlib")
+    box = center_box(w, h) if face is None else square_crop_box(face, w, h, margin, lift)
+    return ReferenceFace(crop_resize(image, box, size), box, "center" if face is None else "dlib", image)
+
+
+def _detect(image: np.ndarray, name: str, required: bool) -> Box | None:
+    """dlib's face box, or None (with a log line) where the centre crop should be used instead."""
+    try:
+        detector = FaceDetector()
+    except ImportError as err:
+        if required:
+            raise InputError(f"detector=dlib: {err}") from None
+        log.info("dlib is not installed; using a centre crop of %s", name)
+        return None
+    face = detector.detect(image)
+    if face is None and required:
+        raise InputError(f"no face found in {name}; pass detector=center to use a centre crop")
+    if face is None:
+        log.warning("no face found in %s; using a centre crop", name)
+    return face
+
+
+def paste_back(original: np.ndarray, box: Box, generated: np.ndarray, feather: float = 0.1) -> np.ndarray:
+    """Blend a generated uint8 square face into a copy of ``original`` at its crop ``box``, with soft edges.
+
+    ``feather``: width of the edge ramp as a fraction of the box side (0 = hard edge). Parts of the box
+    outside the image are dropped; pixels outside the box are left untouched.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = original.shape[:2]
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    out = original.copy()
+    if cx0 >= cx1 or cy0 >= cy1:
+        return out
+    face = Image.fromarray(np.ascontiguousarray(generated)).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    inside = np.s_[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+    mask = np.outer(_ramp(y1 - y0, feather), _ramp(x1 - x0, feather))[inside][..., None]
+    region = out[cy0:cy1, cx0:cx1].astype(np.float32)
+    blended = region + mask * (np.asarray(face, dtype=np.float32)[inside] - region)
+    out[cy0:cy1, cx0:cx1] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return out
+
+
+def _ramp(n: int, feather: float) -> np.ndarray:
+    """1 in the middle, falling smoothly to 0 over ``feather * n`` pixels at both ends."""
+    width = feather * n
+    if width <= 0:
+        return np.ones(n, dtype=np.float32)
+    i = np.arange(n, dtype=np.float32)
+    t = np.clip(np.minimum(i + 0.5, n - 0.5 - i) / width, 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def load_speech(
+    path: str | os.PathLike, sample_rate: int = 16000, min_seconds: float = 0.2, max_seconds: float | None = None
+) -> np.ndarray:
+    """Speech from any audio or video file as float32 mono at ``sample_rate``.
+
+    Empty, shorter than ``min_seconds`` or (when set) longer than ``max_seconds`` is an InputError;
+    unreadable files raise MediaError; all-silent audio is returned with a warning.
+    """
+    path = _require_file(path)
+    wave = load_audio(path, sample_rate)
+    seconds = len(wave) / sample_rate
+    if not len(wave):
+        raise InputError(f"{path}: audio is empty")
+    if seconds < min_seconds:
+        raise InputError(f"{path}: audio is {seconds:.2f} s long; at least {min_seconds:g} s is needed")
+    if max_seconds is not None and seconds > max_seconds:
+        raise InputError(f"{path}: audio is {seconds:.1f} s long; the limit is max_seconds={max_seconds:g}")
+    if np.abs(wave).max() < SILENT_PEAK:
+        log.warning("%s: audio is silent; the mouth will stay closed", path)
+    return wave
+
+
+def load_visemes_for(
+    num_frames: int,
+    fps: float = 25.0,
+    transcript: str | os.PathLike | None = None,
+    viseme_file: str | os.PathLike | None = None,
+) -> np.ndarray | None:
+    """Per-frame viseme ids (int64 ``[num_frames]``) from a viseme ``.npy`` or an LRS3 transcript with timings.
+
+    The ``.npy`` wins when both are given. None when neither is: the pipeline then uses the audio
+    encoder's viseme head.
+    """
+    if viseme_file is not None:
+        return _read_viseme_file(_require_file(viseme_file), num_frames)
+    if transcript is None:
+        return None
+    path = _require_file(transcript)
+    parsed = read_transcript(path)
+    if not parsed.words:
+        raise InputError(
+            f"{path}: transcript has no word timings (WORD START END table); pass one with timings or none"
+        )
+    return transcript_to_frames(parsed, num_frames, fps)
+
+
+def _read_viseme_file(path: Path, num_frames: int) -> np.ndarray:
+    """1-D integer ids in 0..NUM_VISEMES-1, trimmed or padded with silence to ``num_frames``."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise InputError(f"{path}: not a .npy array ({err})") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        got = f"{ids.dtype} of shape {ids.shape}" if isinstance(ids, np.ndarray) else "an .npz archive"
+        raise InputError(f"{path}: expected a 1-D integer array of viseme ids, got {got}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= NUM_VISEMES):
+        raise InputError(f"{path}: viseme ids must lie in 0..{NUM_VISEMES - 1}, found {ids.min()}..{ids.max()}")
+    if abs(len(ids) - num_frames) > 1:
+        log.warning("%s: %d visemes for %d frames; trimmed or padded with silence", path, len(ids), num_frames)
+    out = np.full(num_frames, SILENCE, dtype=np.int64)
+    out[: min(num_frames, len(ids))] = ids[:num_frames]
+    return out
