@@ -1,0 +1,228 @@
+"""Reference image + speech -> talking-head frames, offline or streaming, with per-component timings.
+
+Generation runs window by window (``window`` frames, the last ``overlap`` frames of the previous window
+given as motion frames), so memory stays bounded for any audio length. Audio features for a window are
+computed from the samples around it with a margin wider than every receptive field (mel window, STFT,
+the audio encoder's temporal context), so a window's conditions do not depend on how much audio lies
+beyond the margin: streaming, which waits for that margin before generating a window, yields exactly
+the frames offline generation does (same noise, same windows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.diffusion.sampling import make_sampler, sample
+from temposyncdiff.inference.inputs import ReferenceFace, prepare_reference
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.utils.weights import load_net
+
+MARGIN_FRAMES = 8  # > mel half-window (2) + STFT half-window (0.4) + audio-encoder context (3) frames
+
+
+@dataclass
+class Timings:
+    """Wall time per component (seconds) and frame count; ``report()`` gives ms per frame."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    frames: int = 0
+    first_frame_s: float | None = None
+
+    def add(self, name: str, start: float) -> None:
+        self.seconds[name] += time.perf_counter() - start
+
+    def report(self, audio_seconds: float) -> dict[str, Any]:
+        total = sum(self.seconds.values())
+        per = {k: 1e3 * v / max(self.frames, 1) for k, v in self.seconds.items()}
+        return {"frames": self.frames, "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+                "ms_per_frame": {k: round(v, 3) for k, v in per.items()} | {"total": round(1e3 * total / max(self.frames, 1), 3)},
+                "fps": round(self.frames / max(total, 1e-9), 2), "real_time_factor": round(total / max(audio_seconds, 1e-9), 4),
+                "first_frame_ms": None if self.first_frame_s is None else round(1e3 * self.first_frame_s, 2)}  # fmt: skip
+
+
+class TalkingHeadPipeline:
+    """A denoiser (student or teacher) + the VAE decoder + the denoiser's own audio encoder."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        vae: TinyVAE,
+        schedule: dict,
+        sampler: str = "ddim",
+        steps: int = 2,
+        guidance_scale: float = 1.0,
+        overlap: int = 2,
+        image_size: int = 64,
+        audio: AudioFeatures | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        detector: str = "auto",
+    ) -> None:
+        if denoiser.audio is None:
+            raise ValueError("the denoiser has no audio encoder")
+        self.device = torch.device(device)
+        self.net, self.vae = denoiser.eval().to(self.device), vae.eval().to(self.device)
+        self.schedule, self.sampler, self.steps = dict(schedule), sampler, steps
+        self.guidance_scale, self.overlap, self.window = guidance_scale, overlap, denoiser.window
+        self.image_size, self.seed, self.detector = image_size, seed, detector
+        enc = denoiser.audio.config
+        self.audio = audio or AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
+        if overlap >= self.window:
+            raise ValueError(f"overlap {overlap} must be smaller than the window {self.window}")
+        self.hop = int(round(self.audio.sample_rate / self.audio.fps))
+        size = image_size // vae.downsample
+        self.latent_shape = (vae.latent_channels, size, size)
+
+    @classmethod
+    def from_checkpoints(
+        cls, denoiser: str | Path, vae: str | Path | None = None, kind: str = "student", **overrides: Any
+    ) -> TalkingHeadPipeline:
+        """Load exports (``student_best.pt`` or ``teacher_best.pt`` + ``vae_pretrained.pt``); meta gives defaults."""
+        net, meta = load_net(denoiser, kind)
+        vae_path = vae or meta.get("vae_weights") or Path(denoiser).with_name("vae_pretrained.pt")
+        vae_net, vae_meta = load_net(vae_path, "vae")
+        settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "steps": meta.get("steps", 2),
+                    "guidance_scale": meta.get("guidance_scale", 1.0), "overlap": meta.get("overlap", 2),
+                    "image_size": meta.get("image_size") or vae_meta.get("image_size", 64)}  # fmt: skip
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(net, vae_net, **settings)
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def reference(self, image: str | Path | np.ndarray) -> tuple[ReferenceFace, torch.Tensor]:
+        face = prepare_reference(image, self.image_size, detector=self.detector)
+        x = (
+            torch.from_numpy(np.ascontiguousarray(face.crop).copy())
+            .permute(2, 0, 1)
+            .float()
+            .div(127.5)
+            .sub(1)
+            .to(self.device)
+        )
+        with torch.inference_mode():
+            return face, self.vae.to_latent(x[None])
+
+    def conditions(
+        self, wave: np.ndarray, f0: int, f1: int, total: int | None, timings: Timings
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio embeddings and viseme tokens for frames [f0, f1) from the samples around them.
+
+        ``total`` is the utterance length in samples when known; frames past the audio see silence.
+        """
+        start = time.perf_counter()
+        s0 = max(0, f0 - MARGIN_FRAMES)
+        b = min((f1 + MARGIN_FRAMES) * self.hop, total if total is not None else len(wave))
+        mel = self.audio.log_mel(wave[s0 * self.hop : b])
+        windows = self.audio.frame_windows(mel, f1 + MARGIN_FRAMES - s0)[None].to(self.device)
+        timings.add("audio_features", start)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            emb, logits = self.net.embed_audio(windows)
+        timings.add("audio_encoder", start)
+        return emb[:, f0 - s0 : f1 - s0], logits[:, f0 - s0 : f1 - s0].argmax(-1)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def frames(
+        self,
+        ref_latent: torch.Tensor,
+        wave_source: Iterable[np.ndarray] | np.ndarray,
+        visemes: np.ndarray | None = None,
+        timings: Timings | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield uint8 ``[H,W,3]`` frames; ``wave_source`` is the whole 16 kHz waveform or an iterable of chunks.
+
+        Windows are placed as ``diffusion.sampling.window_plan`` places them: each starts ``overlap`` frames
+        before the end of what exists, the last one is moved back to end on the last frame; the frames it
+        overlaps are given as motion frames. Only the last ``window`` latents are kept.
+        """
+        timings = timings or Timings()
+        clock = time.perf_counter()
+        chunks = iter([wave_source]) if isinstance(wave_source, np.ndarray) else iter(wave_source)
+        wave, ended, end = np.zeros(0, np.float32), False, 0
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        history = torch.zeros(1, 0, *self.latent_shape, device=self.device)  # latents of frames [end - len, end)
+        while True:
+            num_frames = num_output_frames(len(wave), self.audio.sample_rate, self.audio.fps) if ended else None
+            if ended and end >= num_frames:
+                return
+            start = (
+                0
+                if end == 0
+                else end - self.overlap
+                if num_frames is None
+                else min(end - self.overlap, num_frames - self.window)
+            )
+            stop = start + self.window
+            if not ended and len(wave) < (stop + MARGIN_FRAMES) * self.hop:  # wait for more audio
+                try:
+                    wave = np.concatenate([wave, np.asarray(next(chunks), np.float32).reshape(-1)])
+                except StopIteration:
+                    ended = True
+                continue
+            emb, tokens = self.conditions(wave, start, stop, len(wave) if ended else None, timings)
+            if visemes is not None:
+                tokens = torch.from_numpy(_fit(visemes, start, stop))[None].to(self.device)
+            known = end - start
+            motion = torch.zeros(1, self.window, *self.latent_shape, device=self.device)
+            if known:
+                motion[:, :known] = history[:, -known:]
+            latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings)
+            new_end = min(stop, num_frames) if ended else stop
+            fresh = latents[:, known : new_end - start]
+            history = torch.cat([history, fresh], dim=1)[:, -self.window :]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                images = self.vae.from_latent(fresh.flatten(0, 1))
+            out = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+            timings.add("decoder", t0)
+            for frame in out:
+                timings.frames += 1
+                if timings.first_frame_s is None:
+                    timings.first_frame_s = time.perf_counter() - clock
+                yield frame
+            end = new_end
+
+    def _denoise(self, ref, emb, tokens, motion, known, generator, timings) -> torch.Tensor:
+        start = time.perf_counter()
+        mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
+        mask[:, :known] = True
+        cond = {"ref_latent": ref, "audio_emb": emb, "visemes": tokens, "motion": motion, "motion_mask": mask}
+        scheduler = make_sampler(self.sampler, self.schedule)
+        with torch.inference_mode():
+            x = sample(self.net, (1, self.window, *self.latent_shape), cond, scheduler, self.steps, self.guidance_scale,
+                       generator, self.device)  # fmt: skip
+        timings.add("denoiser", start)
+        return x
+
+    def generate(
+        self, image: str | Path | np.ndarray, wave: np.ndarray, visemes: np.ndarray | None = None
+    ) -> tuple[list[np.ndarray], dict]:
+        """Offline: all frames (uint8) for the whole waveform, plus the timing report."""
+        timings = Timings()
+        face, ref = self.reference(image)
+        frames = list(self.frames(ref, wave, visemes, timings))
+        return frames, timings.report(len(wave) / self.audio.sample_rate) | {
+            "face_box": list(face.box),
+            "face_method": face.method,
+        }
+
+
+def _fit(visemes: np.ndarray, a: int, b: int) -> np.ndarray:
+    """visemes[a:b], padded with silence (0) past the end."""
+    out = np.zeros(b - a, np.int64)
+    part = visemes[a:b]
+    out[: len(part)] = part
+    return out
+
+
+def num_output_frames(num_samples: int, sample_rate: int = 16000, fps: float = 25.0) -> int:
+    return max(1, int(round(num_samples * fps / sample_rate)))
