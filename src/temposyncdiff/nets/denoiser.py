@@ -1,0 +1,257 @@
+"""Latent denoiser over a window of T frames (teacher and student): a per-frame conv UNet with temporal layers.
+
+Conditioning: the reference latent (identity anchor) and the motion frames (clean latents of frames already
+generated, with a known-mask channel) are concatenated to the noisy latents as input channels; the timestep,
+the per-frame audio embedding and the viseme token form one vector per frame that modulates every residual
+block (FiLM on the group norm); at ``cross_attention_levels`` each frame's pixels also attend to the window's
+audio/viseme tokens (with a learned relative-frame embedding). Temporal attention (or a temporal conv) mixes
+the T frames at every pixel at ``temporal_levels``. Null audio / viseme tokens serve classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from temposyncdiff.nets.audio_encoder import AudioEncoder
+
+
+def _groups(ch: int, max_groups: int = 32) -> int:
+    return math.gcd(ch, max_groups)
+
+
+def sinusoidal(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """``[N]`` positions or timesteps -> ``[N, dim]`` sinusoidal features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class _Ctx(NamedTuple):
+    film: Tensor  # [B*T, cond_dim] per-frame conditioning vector (after SiLU)
+    tokens: Tensor  # [B*T, T, cond_dim] audio/viseme tokens each frame attends to
+    frames: int  # T
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the per-frame condition as scale/shift on the second norm."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * cout)
+        self.norm2, self.drop = nn.GroupNorm(_groups(cout), cout), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, film: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(film)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(self.drop(F.silu(h)))
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head attention over tokens ``[N,L,dim]`` (self, or to a context ``[N,S,context_dim]``)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(context_dim) if context_dim else None
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(context_dim or dim, 2 * dim)
+        self.out = _zero(nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.norm(x)
+        ctx = h if self.norm_ctx is None else self.norm_ctx(context)
+        q, (k, v) = self.q(h), self.kv(ctx).chunk(2, dim=-1)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + self.out(y)
+
+
+class TemporalConv(nn.Module):
+    """Residual conv along T (kernel 3) at every pixel."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.conv = nn.LayerNorm(dim), _zero(nn.Conv1d(dim, dim, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:  # [N,T,dim]
+        return x + self.conv(F.silu(self.norm(x)).transpose(1, 2)).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """ResBlock, then optional spatial self-attention, cross-attention to audio tokens and a temporal layer."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, heads: int, spatial: bool, cross: bool,
+                 temporal: str | None, dropout: float) -> None:  # fmt: skip
+        super().__init__()
+        self.res = ResBlock(cin, cout, cond_dim, dropout)
+        self.spatial = Attention(cout, heads) if spatial else None
+        self.cross = Attention(cout, heads, cond_dim) if cross else None
+        self.temporal = {"attention": lambda: Attention(cout, heads), "conv": lambda: TemporalConv(cout)}.get(
+            temporal or "", lambda: None
+        )()
+
+    def forward(self, x: Tensor, ctx: _Ctx) -> Tensor:  # x [B*T, C, h, w]
+        x = self.res(x, ctx.film)
+        n, c, h, w = x.shape
+        if self.spatial is not None or self.cross is not None:
+            tok = x.flatten(2).transpose(1, 2)
+            if self.spatial is not None:
+                tok = self.spatial(tok)
+            if self.cross is not None:
+                tok = self.cross(tok, ctx.tokens)
+            x = tok.transpose(1, 2).reshape(n, c, h, w)
+        if self.temporal is not None:
+            t = ctx.frames
+            tok = x.view(n // t, t, c, h * w).permute(0, 3, 1, 2).reshape(-1, t, c)  # [B*h*w, T, C]
+            if isinstance(self.temporal, Attention):
+                tok = tok + sinusoidal(torch.arange(t, device=x.device), c).to(tok.dtype)
+            tok = self.temporal(tok)
+            x = tok.view(n // t, h * w, t, c).permute(0, 2, 3, 1).reshape(n, c, h, w)
+        return x
+
+
+class Denoiser(nn.Module):
+    """``forward(x_t [B,T,C,h,w], t [B], ref_latent [B,C,h,w], audio_emb [B,T,D] | None, visemes [B,T] | None)``.
+
+    Returns the prediction (epsilon, v or x0, as trained) ``[B,T,C,h,w]``. ``motion [B,T,C,h,w]`` with
+    ``motion_mask [B,T]`` gives frames already known (long-audio continuation); ``drop_cond [B]`` replaces the
+    audio and viseme condition of those samples by the null tokens (None audio/visemes: null for all).
+    ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        channels: tuple[int, ...] = (64, 128, 192),
+        num_res_blocks: int = 1,
+        attention_levels: tuple[int, ...] = (2,),
+        cross_attention_levels: tuple[int, ...] = (1, 2),
+        temporal: str | None = "attention",
+        temporal_levels: tuple[int, ...] = (0, 1, 2),
+        heads: int = 4,
+        cond_dim: int = 256,
+        audio_dim: int = 128,
+        num_visemes: int = 15,
+        window: int = 8,
+        motion_frames: bool = True,
+        dropout: float = 0.0,
+        audio_encoder: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if temporal not in (None, "none", "attention", "conv"):
+            raise ValueError(f"temporal must be attention | conv | none, got {temporal!r}")
+        channels = tuple(channels)
+        self.config = dict(latent_channels=latent_channels, channels=list(channels), num_res_blocks=num_res_blocks,
+                           attention_levels=list(attention_levels), cross_attention_levels=list(cross_attention_levels),
+                           temporal=temporal, temporal_levels=list(temporal_levels), heads=heads, cond_dim=cond_dim,
+                           audio_dim=audio_dim, num_visemes=num_visemes, window=window, motion_frames=motion_frames,
+                           dropout=dropout, audio_encoder=None if audio_encoder is None else dict(audio_encoder))  # fmt: skip
+        self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
+        self.motion_frames = motion_frames
+        self.audio = AudioEncoder(**audio_encoder) if audio_encoder is not None else None
+        if self.audio is not None and self.audio.config["dim"] != audio_dim:
+            raise ValueError(f"audio_encoder dim {self.audio.config['dim']} != audio_dim {audio_dim}")
+        self.cond_dim = cond_dim
+        self.time_mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.audio_proj = nn.Sequential(nn.Linear(audio_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.null_audio = nn.Parameter(torch.randn(cond_dim) * 0.02)
+        self.viseme_emb = nn.Embedding(num_visemes + 1, cond_dim)  # last row: null token
+        self.rel_frame = nn.Parameter(torch.randn(2 * window - 1, cond_dim) * 0.02)
+
+        def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
+            return Block(cin, cout, cond_dim, heads, level in attention_levels if spatial is None else spatial,
+                         level in cross_attention_levels, temporal if level in temporal_levels else None, dropout)  # fmt: skip
+
+        in_ch = latent_channels * (3 if motion_frames else 2) + int(motion_frames)
+        self.stem = nn.Conv2d(in_ch, channels[0], 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [channels[0]], channels[0]
+        for i, c in enumerate(channels):
+            for _ in range(num_res_blocks):
+                self.down.append(block(ch, c, i))
+                ch = c
+                skips.append(ch)
+            if i < len(channels) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skips.append(ch)
+        last = len(channels) - 1
+        self.mid = nn.ModuleList([block(ch, ch, last, spatial=bool(attention_levels)), block(ch, ch, last, False)])
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(channels))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), channels[i], i))
+                ch = channels[i]
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), _zero(nn.Conv2d(ch, latent_channels, 3, padding=1)))
+
+    def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+        """Mel windows ``[B,T,n_mels,W]`` -> (audio embeddings ``[B,T,D]``, viseme logits) with the own encoder."""
+        if self.audio is None:
+            raise RuntimeError("this Denoiser was built without an audio_encoder")
+        return self.audio(mel)
+
+    def condition(self, t: Tensor, audio_emb: Tensor | None, visemes: Tensor | None, shape: tuple[int, int],
+                  drop_cond: Tensor | None = None) -> _Ctx:  # fmt: skip
+        """Per-frame FiLM vectors and cross-attention tokens from timestep, audio and visemes."""
+        b, n = shape
+        if n > self.window:
+            raise ValueError(f"window of {n} frames exceeds the net's window={self.window}")
+        temb = self.time_mlp(sinusoidal(t.expand(b) if t.ndim == 0 else t, self.cond_dim))
+        null_a = self.null_audio.expand(b, n, -1)
+        null_v = self.viseme_emb.weight[-1].expand(b, n, -1)
+        a = null_a if audio_emb is None else self.audio_proj(audio_emb)
+        v = null_v if visemes is None else self.viseme_emb(visemes)
+        if drop_cond is not None:
+            a, v = torch.where(drop_cond[:, None, None], null_a, a), torch.where(drop_cond[:, None, None], null_v, v)
+        tokens = a + v  # [B,T,cd]
+        film = F.silu(temb[:, None] + tokens).flatten(0, 1)
+        idx = torch.arange(n, device=t.device)
+        rel = self.rel_frame[idx[None, :] - idx[:, None] + self.window - 1]  # [T(query), T(key), cd]
+        return _Ctx(film, (tokens[:, None] + rel[None]).flatten(0, 1), n)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        ref_latent: Tensor,
+        audio_emb: Tensor | None = None,
+        visemes: Tensor | None = None,
+        motion: Tensor | None = None,
+        motion_mask: Tensor | None = None,
+        drop_cond: Tensor | None = None,
+    ) -> Tensor:
+        b, n, c, h, w = x_t.shape
+        ctx = self.condition(t, audio_emb, visemes, (b, n), drop_cond)
+        inputs = [x_t, ref_latent[:, None].expand(-1, n, -1, -1, -1)]
+        if self.motion_frames:
+            mask = x_t.new_zeros(b, n) if motion_mask is None else motion_mask.to(x_t.dtype)
+            m = mask[..., None, None, None]
+            known = x_t.new_zeros(x_t.shape) if motion is None else motion * m
+            # known frames: the net sees their clean latents only (their noisy input differs between training and sampling)
+            inputs = [x_t * (1 - m), inputs[1], known, m.expand(-1, -1, 1, h, w)]
+        x = self.stem(torch.cat(inputs, dim=2).flatten(0, 1))
+        skips = [x]
+        for layer in self.down:
+            x = layer(x, ctx) if isinstance(layer, Block) else layer(x)
+            skips.append(x)
+        for layer in self.mid:
+            x = layer(x, ctx)
+        for layer in self.up:
+            x = layer(torch.cat([x, skips.pop()], dim=1), ctx) if isinstance(layer, Block) else layer(x)
+        return self.out(x).view(b, n, c, h, w)

@@ -1,0 +1,348 @@
+"""Stage 2: the latent-diffusion teacher, trained on cached VAE latents and validated end to end on whole utterances.
+
+``self.net`` is a ``Denoiser`` that owns its audio encoder (``net.audio``), so the audio path is trained jointly
+(diffusion loss + a viseme-classification loss), averaged by EMA and exported with the denoiser in
+``teacher_{best,last}.pt``. The frozen VAE (``vae_weights``) and the optional lip-sync expert
+(``syncnet_weights``) are plain attributes, not sub-modules: they are neither optimised, averaged nor saved in
+Lightning checkpoints. Training: random timesteps, condition dropout for classifier-free guidance (audio and
+visemes together), and, with probability ``motion_prob``, the first k frames of a clip given as motion frames
+(so the net learns to continue earlier windows). Validation samples ``val_utterances`` held-out utterances
+with their own and with another utterance's audio (``generate_long``), decodes them and logs PSNR/SSIM, mouth
+and upper-face PSNR, the seam ratio, LSE-C/D when the expert is there, and mp4s (ground truth | own | swapped).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.batch import Batch
+from temposyncdiff.data.dataset import clip_mel_windows
+from temposyncdiff.data.video import write_video
+from temposyncdiff.data.visemes import SILENCE
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.errors import UserError
+from temposyncdiff.metrics.sync import LipSyncError, embed_clip
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.stages.base import StageModule
+from temposyncdiff.utils.weights import load_net
+
+DEFAULT_REGIONS = {"mouth": (0.58, 0.82, 0.3, 0.7), "upper": (0.0, 0.5, 0.0, 1.0)}
+
+
+def crop(x: Tensor, box: tuple[float, float, float, float]) -> Tensor:
+    """Region ``(top, bottom, left, right)`` (fractions of the side) of images ``[..., H, W]``."""
+    h, w = x.shape[-2:]
+    return x[..., round(box[0] * h) : round(box[1] * h), round(box[2] * w) : round(box[3] * w)]
+
+
+def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tuple[int, int]) -> dict[str, float]:
+    """Parameter counts and forward FLOPs per frame of one denoiser call and of the audio encoder."""
+    t, dev = net.window, next(net.parameters()).device
+    x, ref = torch.zeros(1, t, *latent_shape, device=dev), torch.zeros(1, *latent_shape, device=dev)
+    audio = torch.zeros(1, t, net.config["audio_dim"], device=dev)
+    stats = {"params_denoiser": sum(p.numel() for n, p in net.named_parameters() if not n.startswith("audio."))}
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(x, torch.tensor([500], device=dev), ref, audio, torch.zeros(1, t, dtype=torch.long, device=dev))
+    stats["flops_per_frame"] = fc.get_total_flops() / t
+    if net.audio is not None:
+        stats["params_audio"] = sum(p.numel() for p in net.audio.parameters())
+        was = net.audio.training
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            net.audio.eval()(torch.zeros(1, t, *mel_shape, device=dev))
+        net.audio.train(was)
+        stats["audio_flops_per_frame"] = fc.get_total_flops() / t
+    return stats
+
+
+def _base(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
+    """Up to ``count`` evenly spaced whole utterances of a ``ClipDataset``: frames, mel, visemes, latents, reference.
+
+    The reference is the one the dataset gives the utterance's first clip (deterministic outside training).
+    """
+    ds = _base(dataset)
+    src, n = ds.src, len(ds.src.num_frames)
+    first = {}
+    for i, (u, _) in enumerate(ds.items):
+        first.setdefault(u, i)
+    out = []
+    for u in sorted(set(np.linspace(0, n - 1, min(n, count)).round().astype(int).tolist())):
+        frames, mel, visemes, latents = src.clip(u, 0, src.num_frames[u])
+        ref, ref_latent = src.frame(*ds.reference_frame(first[u]))
+        out.append({
+            "id": src.ids[u],
+            "frames": torch.from_numpy(np.array(frames, dtype=np.float32)) / 127.5 - 1.0,
+            "mel": np.array(mel, dtype=np.float32),
+            "visemes": torch.from_numpy(np.array(visemes, dtype=np.int64)),
+            "latents": None if latents is None else torch.from_numpy(np.array(latents, dtype=np.float32)),
+            "reference": torch.from_numpy(np.array(ref, dtype=np.float32)) / 127.5 - 1.0,
+            "ref_latent": None if ref_latent is None else torch.from_numpy(np.array(ref_latent, dtype=np.float32)),
+        })  # fmt: skip
+    return out
+
+
+def _frozen(path: str, kind: str) -> nn.Module:
+    net, _ = load_net(path, kind)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+class TeacherStage(StageModule):
+    kind = "teacher"
+    export_names = {"best": "teacher_best.pt", "last": "teacher_last.pt"}
+
+    def __init__(
+        self,
+        net: Denoiser,
+        schedule: NoiseSchedule,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
+        vae_weights: str = "checkpoints/vae_pretrained.pt",
+        syncnet_weights: str | None = None,
+        audio_weights: str | None = None,
+        cond_drop: float = 0.1,
+        motion_prob: float = 0.5,
+        audio_visemes_prob: float = 0.2,
+        viseme_weight: float = 0.1,
+        identity_weight: float = 0.0,
+        temporal_weight: float = 0.0,
+        sync_weight: float = 0.0,
+        regions: dict[str, list[float]] | None = None,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 2.0,
+        overlap: int = 2,
+        eval_visemes: str = "audio",
+        val_utterances: int = 4,
+        sample_videos: int = 2,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "scheduler"], logger=False)
+        if net.audio is None:
+            raise UserError("model.net.audio_encoder is required: the teacher trains its audio encoder jointly")
+        if eval_visemes not in ("audio", "data"):
+            raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
+        self.net, self.schedule = net, schedule
+        self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
+        self._frozen: dict[str, nn.Module] = {}  # VAE, lip-sync expert: outside net, optimiser, EMA and checkpoints
+
+    # ---- frozen helpers -------------------------------------------------------------------------------------
+    def frozen(self, name: str) -> nn.Module | None:
+        m = self._frozen.get(name)
+        return None if m is None else m.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if "vae" not in self._frozen:
+            self._frozen["vae"] = _frozen(hp.vae_weights, "vae")
+        vae = self._frozen["vae"]
+        if vae.latent_channels != self.net.latent_channels:
+            raise UserError(f"{hp.vae_weights}: {vae.latent_channels} latent channels, model.net has {self.net.latent_channels}")
+        if hp.syncnet_weights and os.path.isfile(hp.syncnet_weights) and "syncnet" not in self._frozen:
+            self._frozen["syncnet"] = _frozen(hp.syncnet_weights, "syncnet")
+        elif hp.sync_weight > 0 and "syncnet" not in self._frozen:
+            raise UserError(f"model.sync_weight > 0 needs the lip-sync expert; {hp.syncnet_weights} not found")
+        if stage == "fit" and hp.audio_weights:
+            audio, _ = load_net(hp.audio_weights, "audio")
+            self.net.audio.load_state_dict(audio.state_dict())
+            rank_zero_info(f"teacher: audio encoder initialised from {hp.audio_weights}")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and dm is not None:
+            size = dm.hparams.image_size // vae.downsample
+            s = model_stats(self.net, (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames))
+            rank_zero_info(
+                f"teacher: denoiser {s['params_denoiser'] / 1e6:.2f} M params, {s['flops_per_frame'] / 1e6:.1f} MFLOP "
+                f"per frame per step; audio encoder {s['params_audio'] / 1e6:.2f} M params, "
+                f"{s['audio_flops_per_frame'] / 1e6:.1f} MFLOP per frame"
+            )
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def latents(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Clip and reference latents: from the cache, else encoded on the fly by the frozen VAE."""
+        if batch.latents is not None and batch.ref_latent is not None:
+            return batch.latents, batch.ref_latent
+        vae = self.frozen("vae")
+        with torch.no_grad():
+            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(batch.reference)
+
+    def diffusion_step(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """All training losses of one batch (random draws from ``generator`` when given)."""
+        hp, sch = self.hparams, self.schedule
+        x0, ref = self.latents(batch)
+        b, t = x0.shape[:2]
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(shape, generator=generator).to(self.device)
+
+        emb, logits = self.net.embed_audio(batch.mel)
+        mask = batch.mask
+        viseme_ce = F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0
+        visemes = torch.where(rand(b)[:, None] < hp.audio_visemes_prob, logits.detach().argmax(-1), batch.visemes)
+        known_n = torch.where(rand(b) < hp.motion_prob, (rand(b) * (t - 1)).long() + 1, 0)
+        known = torch.arange(t, device=self.device)[None] < known_n[:, None]
+        ts = sch.sample_timesteps(b, generator=generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        x_t = sch.add_noise(x0, noise, ts)
+        pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop)
+        target_mask = mask & ~known
+        out = {"diffusion": diffusion_loss(pred, sch.target(x0, noise, ts), target_mask, sch.loss_weight(ts)),
+               "viseme_ce": viseme_ce}  # fmt: skip
+        if hp.identity_weight or hp.temporal_weight or hp.sync_weight:
+            x0_hat = sch.to_x0(x_t, pred, ts)
+            ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
+            if hp.identity_weight:
+                out["identity"] = identity_loss(x0_hat, ref, target_mask, self.regions["upper"][:2], ab)
+            if hp.temporal_weight:
+                out["temporal"] = temporal_loss(x0_hat, x0, mask, ab)
+            if hp.sync_weight:
+                frames = self.frozen("vae").from_latent(x0_hat.flatten(0, 1)).unflatten(0, (b, t))
+                out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
+        weights = {"diffusion": 1.0, "viseme_ce": hp.viseme_weight, "identity": hp.identity_weight,
+                   "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        out = self.diffusion_step(batch)
+        loss = out["loss"]
+        self.log("train/loss", out.pop("loss"), prog_bar=True, batch_size=len(batch))
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        split = "test" if self.trainer.testing else "val"
+        out = self.diffusion_step(batch, torch.Generator().manual_seed(batch_idx))
+        self.log_dict({f"{split}/{k}": v for k, v in out.items()}, batch_size=len(batch))
+
+    test_step = validation_step
+
+    # ---- end-to-end sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None) -> Tensor:  # fmt: skip
+        """Latents ``[B,N,C,h,w]`` for references ``[B,C,h,w]`` and whole-utterance mel windows ``[B,N,n_mels,W]``.
+
+        ``visemes`` None: the audio encoder's own viseme tokens (as at inference without a transcript).
+        """
+        hp, net = self.hparams, self.net
+        emb, logits = net.embed_audio(mel_windows)
+        if visemes is None:
+            visemes = logits.argmax(-1)
+        return generate_long(
+            net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, hp.overlap, tuple(ref_latent.shape[1:]),
+            lambda: make_sampler(hp.sampler, self.schedule.scheduler.config), steps or hp.steps,
+            hp.guidance_scale if guidance_scale is None else guidance_scale, generator,
+        )  # fmt: skip
+
+    def decode(self, latents: Tensor, chunk: int = 64) -> Tensor:
+        """Latents ``[..., C, h, w]`` -> frames ``[..., 3, H, W]`` in [-1, 1] with the frozen VAE."""
+        vae, flat = self.frozen("vae"), latents.flatten(0, -4)
+        frames = torch.cat([vae.from_latent(z) for z in flat.split(chunk)])
+        return frames.unflatten(0, latents.shape[:-3])
+
+    @torch.no_grad()
+    def evaluate(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path | None = None,
+                 rows: dict[str, dict] | None = None) -> dict[str, float]:  # fmt: skip
+        """Each utterance with its own and with the next one's audio: quality, region PSNR, seams, LSE, videos."""
+        hp, dev = self.hparams, self.device
+        vae, expert = self.frozen("vae"), self.frozen("syncnet")
+        gen = torch.Generator(device="cpu").manual_seed(hp.eval_seed)
+        acc: dict[str, list[float]] = {}
+        lse = {"": LipSyncError(), "_swap": LipSyncError(), "_gt": LipSyncError()} if expert is not None else {}
+
+        def add(key: str, values: Tensor | float) -> None:
+            acc.setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
+
+        for i, utt in enumerate(utterances):
+            other = utterances[(i + 1) % len(utterances)]
+            n = len(utt["frames"])
+            mel_own = clip_mel_windows(audio, utt["mel"], 0, n)
+            mel_swap = clip_mel_windows(audio, other["mel"], 0, n)
+            vis_swap = torch.full((n,), SILENCE, dtype=torch.long)
+            vis_swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
+            visemes = torch.stack([utt["visemes"], vis_swap]).to(dev) if hp.eval_visemes == "data" else None
+            ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
+            z = self.generate(ref.to(dev)[None].expand(2, -1, -1, -1), torch.stack([mel_own, mel_swap]).to(dev),
+                              visemes, gen)  # fmt: skip
+            video = (self.decode(z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
+            gt = (utt["frames"] + 1) / 2
+            for suffix, v in (("", video[0]), ("_swap", video[1])):
+                add(f"psnr{suffix}", peak_signal_noise_ratio(v, gt, data_range=1.0, dim=(1, 2, 3), reduction="none"))
+                for region, box in self.regions.items():
+                    add(f"psnr_{region}{suffix}", peak_signal_noise_ratio(crop(v, box), crop(gt, box), data_range=1.0,
+                                                                          dim=(1, 2, 3), reduction="none"))  # fmt: skip
+            add("ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
+            borders = window_borders(window_plan(max(n, self.net.window), self.net.window, hp.overlap))
+            add("seam_ratio", seam_error(video[0], borders)["ratio"])
+            add("seam_ratio_gt", seam_error(gt, borders)["ratio"])
+            if expert is not None:
+                mel = torch.from_numpy(utt["mel"]).T.to(dev)
+                for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
+                    lse[key].update(*embed_clip(expert, frames.to(dev) * 2 - 1, mel))
+            if video_dir is not None and i < hp.sample_videos:
+                self._write_sample(video_dir / f"{utt['id'].replace('/', '_')}.mp4", gt, video, (rows or {}).get(utt["id"]), audio)
+        out = {k: float(np.nanmean(v)) for k, v in acc.items()}
+        out["psnr_mouth_gap"] = out["psnr_mouth"] - out["psnr_mouth_swap"]
+        for key, metric in lse.items():
+            r = metric.compute()
+            out[f"lse_c{key}"], out[f"lse_d{key}"] = float(r["lse_c"]), float(r["lse_d"])
+        if lse:
+            out["lse_c_gap"] = out["lse_c"] - out["lse_c_swap"]
+        return out
+
+    def _write_sample(self, path: Path, gt: Tensor, video: Tensor, row: dict | None, audio: AudioFeatures) -> None:
+        """mp4 of ground truth | own audio | swapped audio side by side, with the utterance's own audio track."""
+        frames = torch.cat([gt, video[0], video[1]], dim=-1).mul(255).round().clamp(0, 255).byte()
+        wave = None
+        if row is not None and os.path.isfile(row["video_mp4"]):
+            wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(gt) * audio.sample_rate / audio.fps)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
+        for logger in self.loggers:
+            if hasattr(logger, "log_video"):  # W&B
+                logger.log_video(f"val/sample_{path.stem}", [str(path)], step=self.global_step)
+
+    def on_validation_epoch_start(self) -> None:
+        # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
+        if self.trainer.sanity_checking or not self.hparams.val_utterances:
+            return
+        dm = self.trainer.datamodule
+        utts = held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
+        if len(utts) < 2:
+            return
+        rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
+        video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
+        metrics = self.evaluate(utts, dm.audio, video_dir, rows)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if math.isfinite(v)}, prog_bar=False)
+        rank_zero_info("teacher val: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
+
+    def export_meta(self) -> dict[str, Any]:
+        sch = self.schedule.scheduler.config
+        return {"schedule": {k: sch[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                                                 "prediction_type", "timestep_spacing")},
+                "sampler": self.hparams.sampler, "steps": self.hparams.steps,
+                "guidance_scale": self.hparams.guidance_scale, "overlap": self.hparams.overlap,
+                "vae_weights": str(self.hparams.vae_weights)}  # fmt: skip

@@ -1,0 +1,203 @@
+"""Diffusion core: schedule vs diffusers, conditioning, guidance, samplers, prediction types, long-audio windows, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.sampling import (
+    generate_long,
+    make_sampler,
+    sample,
+    seam_error,
+    window_borders,
+    window_plan,
+)
+from temposyncdiff.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.syncnet import SyncNet
+
+B, T, C, S = 2, 4, 4, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_net(temporal: str = "attention", **kw) -> Denoiser:
+    torch.manual_seed(0)
+    net = Denoiser(latent_channels=C, channels=(8, 16), attention_levels=(1,), cross_attention_levels=(1,),
+                   temporal=temporal, temporal_levels=(0, 1), heads=2, cond_dim=16, audio_dim=8, window=T, **kw)  # fmt: skip
+    with torch.no_grad():  # zero-initialised output layers would hide the conditioning from a fresh net
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return net.eval()
+
+
+def inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"ref_latent": torch.randn(B, C, S, S, generator=g), "audio_emb": torch.randn(B, T, 8, generator=g),
+            "visemes": torch.randint(0, 15, (B, T), generator=g)}  # fmt: skip
+
+
+def test_schedule_agrees_with_diffusers():
+    sch = NoiseSchedule(prediction_type="v_prediction", beta_schedule="scaled_linear")
+    ref = DDPMScheduler.from_config(sch.scheduler.config)
+    x0, noise, t = torch.randn(3, T, C, S, S), torch.randn(3, T, C, S, S), torch.tensor([0, 500, 999])
+    assert torch.allclose(sch.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-5)
+    assert torch.allclose(sch.target(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-5)
+    assert not ref.config.clip_sample  # latents are not bounded to [-1, 1]
+    for kind in PREDICTION_TYPES:
+        s = NoiseSchedule(prediction_type=kind, beta_schedule="scaled_linear")
+        x_t = s.add_noise(x0, noise, t)
+        assert torch.allclose(s.to_x0(x_t, s.target(x0, noise, t), t), x0, atol=1e-3)
+        assert (s.loss_weight(t) > 0).all()
+
+
+@pytest.mark.parametrize("temporal", ["attention", "conv"])
+def test_conditioning_changes_output(temporal):
+    net, cond = tiny_net(temporal), inputs()
+    sch = NoiseSchedule()
+
+    def run(**change) -> torch.Tensor:
+        sampler = make_sampler("ddim", sch.scheduler.config)
+        return sample(net, (B, T, C, S, S), {**cond, **change}, sampler, 3, generator=torch.Generator().manual_seed(1))
+
+    base = run()
+    assert base.shape == (B, T, C, S, S) and torch.isfinite(base).all()
+    for change in ({"audio_emb": torch.zeros_like(cond["audio_emb"])}, {"ref_latent": torch.zeros_like(cond["ref_latent"])},
+                   {"visemes": torch.zeros_like(cond["visemes"])}, {"audio_emb": None, "visemes": None}):  # fmt: skip
+        assert (run(**change) - base).abs().max() > 1e-4, change
+    # per-sample condition dropout equals the null condition for those samples only
+    x, t = torch.randn(B, T, C, S, S), torch.tensor([10, 900])
+    drop = net(x, t, **cond, drop_cond=torch.tensor([True, False]))
+    assert torch.allclose(drop[0], net(x, t, cond["ref_latent"])[0], atol=1e-5)
+    assert torch.allclose(drop[1], net(x, t, **cond)[1], atol=1e-5)
+
+
+class Counting:
+    """Wraps a net and counts calls (and calls without the audio condition)."""
+
+    def __init__(self, net):
+        self.net, self.calls, self.uncond = net, 0, 0
+
+    def __call__(self, x, t, **cond):
+        self.calls += 1
+        self.uncond += cond.get("audio_emb") is None
+        return self.net(x, t, **cond)
+
+
+def test_guidance_scale_one_is_no_guidance():
+    net, cond, sch = tiny_net(), inputs(), NoiseSchedule()
+    runs = {}
+    for scale in (1.0, 3.0):
+        fn = Counting(net)
+        runs[scale] = sample(fn, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, scale,
+                             torch.Generator().manual_seed(0))  # fmt: skip
+        assert (fn.calls, fn.uncond) == ((5, 0) if scale == 1.0 else (10, 5))
+    plain = sample(
+        net, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, 1.0, torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(runs[1.0], plain) and not torch.allclose(runs[1.0], runs[3.0])
+
+    def blind(x, t, **c):  # ignores the audio: guidance changes nothing
+        return net(x, t, c["ref_latent"])
+
+    a, b = (sample(blind, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, s,
+                   torch.Generator().manual_seed(0)) for s in (1.0, 4.0))  # fmt: skip
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpmpp"])
+def test_sampler_is_deterministic_under_a_seed(kind):
+    net, cond, sch = tiny_net(), inputs(), NoiseSchedule()
+
+    def run(seed: int) -> torch.Tensor:
+        return sample(net, (B, T, C, S, S), cond, make_sampler(kind, sch.scheduler.config), 4, 2.0,
+                      torch.Generator().manual_seed(seed))  # fmt: skip
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_each_prediction_type_trains_one_step(prediction_type):
+    net = tiny_net().train()
+    sch = NoiseSchedule(prediction_type=prediction_type, beta_schedule="scaled_linear")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    cond, x0 = inputs(), torch.randn(B, T, C, S, S)
+    t, noise = sch.sample_timesteps(B, generator=torch.Generator().manual_seed(0)), torch.randn_like(x0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    before = [p.detach().clone() for p in net.parameters()]
+    pred = net(sch.add_noise(x0, noise, t), t, **cond)
+    loss = diffusion_loss(pred, sch.target(x0, noise, t), mask, sch.loss_weight(t))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("window,overlap", [(8, 0), (8, 2), (8, 5), (4, 1)])
+def test_window_plan_covers_every_frame_once(window, overlap):
+    for n in [1, 3, window - 1, window, window + 1, 13, 2 * window, 2 * window + 3, 31, 100]:
+        plan = window_plan(max(n, window), window, overlap)
+        made = torch.zeros(max(n, window), dtype=torch.long)
+        for start, known in plan:
+            assert start >= 0 and start + window <= max(n, window) and known >= (overlap if start else 0)
+            assert (made[start : start + known] == 1).all()  # motion frames were generated before
+            made[start + known : start + window] += 1
+        assert (made == 1).all(), (n, plan)
+        assert window_borders(plan) == [s + k for s, k in plan[1:]] == sorted(set(window_borders(plan)))
+
+
+def test_generate_long_passes_motion_frames():
+    calls = []
+
+    def fake(x, t, ref_latent, audio_emb, visemes, motion, motion_mask):
+        calls.append((visemes[0].clone(), motion.clone(), motion_mask.clone()))
+        return torch.zeros_like(x)
+
+    sch, n, w = NoiseSchedule(prediction_type="sample"), 13, 4
+    vis = torch.arange(n)[None].expand(B, -1)  # frame index as the per-frame condition
+    out = generate_long(fake, torch.zeros(B, C, S, S), torch.zeros(B, n, 8), vis, n, w, 1, (C, S, S),
+                        lambda: make_sampler("ddim", sch.scheduler.config), 1)  # fmt: skip
+    assert out.shape == (B, n, C, S, S)
+    starts = [int(v[0]) for v, _, _ in calls]
+    assert starts == [s for s, _ in window_plan(n, w, 1)] and all(len(v) == w for v, _, _ in calls)
+    assert [int(m[0].sum()) for _, _, m in calls] == [k for _, k in window_plan(n, w, 1)]
+    short = generate_long(fake, torch.zeros(B, C, S, S), None, vis[:, :3], 3, w, 1, (C, S, S),
+                          lambda: make_sampler("ddim", sch.scheduler.config), 1)  # fmt: skip
+    assert short.shape == (B, 3, C, S, S) and calls[-1][0].tolist() == [0, 1, 2, 2]  # padded with the last frame
+
+
+def test_seam_error_on_a_synthetic_video():
+    n, borders = 24, [8, 16]
+    smooth = torch.linspace(0, 1, n)[:, None, None, None].expand(n, 3, 4, 4).clone()
+    assert abs(seam_error(smooth, borders)["ratio"] - 1) < 1e-4
+    jumpy = smooth.clone()
+    jumpy[8:] += 0.2
+    jumpy[16:] += 0.2
+    r = seam_error(jumpy, borders)
+    assert r["ratio"] > 5 and r["border"] > r["inside"]
+
+
+def test_aux_losses_have_gradients():
+    x0, ref = torch.randn(B, T, C, S, S), torch.randn(B, C, S, S)
+    x0_hat = (x0 + 0.1 * torch.randn_like(x0)).requires_grad_()
+    mask = torch.tensor([[True] * T, [True] * (T - 1) + [False]])
+    total = identity_loss(x0_hat, ref, mask) + temporal_loss(x0_hat, x0, mask)
+    total.backward()
+    assert torch.isfinite(total) and x0_hat.grad.abs().sum() > 0
+    assert temporal_loss(x0, x0, mask) == 0
+    expert = SyncNet(image_size=32, frames=3, mel_window=12, width=8, dim=16).eval()
+    frames = torch.rand(B, 6, 3, 32, 32, requires_grad=True)
+    loss = sync_loss(expert, frames, torch.randn(B, 6, 80, 16), torch.ones(B, 6, dtype=torch.bool))
+    loss.backward()
+    assert torch.isfinite(loss) and frames.grad.abs().sum() > 0
