@@ -14,7 +14,7 @@ from temposyncdiff.cli.train import train
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.dataset import clip_mel_windows
 from temposyncdiff.nets.syncnet import SyncNet, load_expert
-from temposyncdiff.stages.syncnet import audio_at, sample_pairs
+from temposyncdiff.stages.syncnet import audio_at, augment_clips, augment_mel, pair_masks
 from tests.conftest import compose_config
 
 TINY = ["experiment=quickstart/syncnet", "debug=fdr", "data.batch_size=4", "data.clip_len=12", "data.cache_workers=1",
@@ -31,23 +31,23 @@ def instantiate_stage(cfg: DictConfig) -> tuple[L.LightningDataModule, L.Lightni
     return dm, hydra.utils.instantiate(model_cfg)
 
 
-def test_sample_pairs_negatives():
-    mask = torch.ones(3, 12, dtype=torch.bool)
+def test_pair_masks_negatives():
+    mask = torch.ones(4, 12, dtype=torch.bool)
     mask[2, 9:] = False  # a clip past its utterance's end
-    ids = ["a/1", "a/1", "b/2"]
-    p = sample_pairs(
-        mask, ids, frames=5, centres=(1, 10), min_shift=3, max_shift=6, generator=torch.Generator().manual_seed(0)
-    )
-    assert p["item"].bincount().tolist() == [8, 8, 5]  # windows t with t + 5 <= valid frames
-    assert torch.equal(p["centre"], p["window"] + 2)
-    shifted = p["centre"] + p["shift"]
-    has = p["shift"] != 0
-    assert has.all() and (p["shift"].abs() >= 3).all() and (p["shift"].abs() <= 6).all()
-    assert (shifted >= 1).all() and (shifted <= torch.tensor([10, 10, 8])[p["item"]]).all()
-    item, other = p["item"].tolist(), p["other"].tolist()
-    assert all(o in (0, 1) for i, o in zip(item, other) if i == 2)  # another utterance's audio
-    assert [o for i, o in zip(item, other) if i < 2] == [2] * 7 + [-1] + [2] * 7 + [-1]  # centre 9 > item 2's last
-    assert (sample_pairs(mask[:2], ids[:2], 5, (1, 10), 3, 6)["other"] == -1).all()  # no other utterance in the batch
+    ids = ["a/1", "a/1", "b/2", "a/3"]
+    p = pair_masks(mask, ids, frames=5, centres=(1, 10), min_shift=3, max_shift=6)
+    item, centre = p["item"], p["centre"]
+    assert item.bincount().tolist() == [8, 8, 5, 8]  # windows t with t + 5 <= valid frames
+    assert torch.equal(centre, p["window"] + 2)
+    i, j = p["shift"].nonzero(as_tuple=True)
+    assert (item[i] == item[j]).all() and ((centre[i] - centre[j]).abs() >= 3).all()
+    assert ((centre[i] - centre[j]).abs() <= 6).all() and p["shift"][item != 2].any(1).all()
+    i, j = p["other"].nonzero(as_tuple=True)
+    assert all(ids[a] != ids[b] for a, b in zip(item[i].tolist(), item[j].tolist()))  # another utterance
+    talk_of = {0: "a", 1: "a", 2: "b", 3: "a"}
+    assert {(talk_of[a], talk_of[b]) for a, b in zip(item[i].tolist(), item[j].tolist())} == {("a", "a"), ("b", "a")}
+    assert not (p["shift"] & p["other"]).any() and not p["shift"].diagonal().any()
+    assert not pair_masks(mask[:2], ids[:2], 5, (1, 10), 3, 6)["other"].any()  # one utterance: no other audio
 
 
 def test_audio_at_matches_full_utterance_windows():
@@ -62,11 +62,25 @@ def test_audio_at_matches_full_utterance_windows():
     assert torch.equal(got, full[start + centres - 2])
 
 
+def test_augmentations_are_per_clip_and_identity_at_zero():
+    frames, mel = torch.rand(3, 6, 3, 16, 16) * 2 - 1, torch.randn(3, 6, 80, 16)
+    assert torch.equal(augment_clips(frames, flip=0.0), frames) and torch.equal(augment_mel(mel), mel)
+    g = torch.Generator().manual_seed(0)
+    x = augment_clips(frames, flip=1.0, color=0.3, shuffle=True, translate=0.1, scale=0.1, generator=g)
+    assert x.shape == frames.shape and x.abs().max() <= 1
+    y = augment_mel(mel, shift=2, gain=1.0, generator=g)
+    steady = mel[:, :1].expand_as(mel)  # a clip whose frames are all the same stays so: one draw per clip
+    assert torch.allclose(
+        augment_mel(steady, 2, 1.0, torch.Generator().manual_seed(1)).diff(dim=1), torch.zeros(3, 5, 80, 16)
+    )
+    assert y.shape == mel.shape and not torch.equal(y, mel)
+
+
 def test_training_step_changes_weights(data_root: Path, tmp_path: Path):
     dm, stage = instantiate_stage(compose_config("train", TINY, data_root, tmp_path / "run"))
     batch = next(iter(dm.train_dataloader()))
     logits = stage.pair_logits(batch)
-    assert len(logits["pos"]) == 4 * 8 and len(logits["shift"]) > 0 and len(logits["other"]) > 0
+    assert len(logits["pos"]) == 4 * 8 and len(logits["shift"]) > 0
     before = {k: v.clone() for k, v in stage.net.state_dict().items()}
     opt = stage.configure_optimizers()["optimizer"]
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached: logging is skipped

@@ -22,9 +22,10 @@ from temposyncdiff.utils.weights import load_net, save_weights
 SILENCE = math.log(1e-5)  # AudioFeatures' log-mel floor
 
 
-def lower_face(frames: Tensor, top: float = 0.5) -> Tensor:
-    """Rows from ``round(top * H)`` to the bottom (full width) of face-centred frames ``[..., H, W]``."""
-    return frames[..., round(top * frames.shape[-2]) :, :]
+def lower_face(frames: Tensor, top: float = 0.5, side: float = 0.0) -> Tensor:
+    """Rows from ``round(top * H)`` to the bottom, columns without ``round(side * W)`` on each side, of frames ``[..., H, W]``."""
+    cut = round(side * frames.shape[-1])
+    return frames[..., round(top * frames.shape[-2]) :, cut : frames.shape[-1] - cut]
 
 
 def mel_from_windows(mel_windows: Tensor, mel_per_frame: int = 4) -> Tensor:
@@ -70,17 +71,18 @@ class SyncNet(nn.Module):
         frames: int = 5,
         dim: int = 128,
         crop_top: float = 0.5,
+        crop_side: float = 0.0,
         mel_per_frame: float = 4.0,
         width: int = 32,
     ) -> None:
         super().__init__()
         self.config = dict(
             image_size=image_size, n_mels=n_mels, mel_window=mel_window, frames=frames, dim=dim,
-            crop_top=crop_top, mel_per_frame=mel_per_frame, width=width,
+            crop_top=crop_top, crop_side=crop_side, mel_per_frame=mel_per_frame, width=width,
         )  # fmt: skip
         self.frames, self.n_mels, self.mel_window = frames, n_mels, mel_window
-        self.crop_top, self.mel_per_frame = crop_top, mel_per_frame
-        self.crop_hw = (image_size - round(crop_top * image_size), image_size)
+        self.crop_top, self.crop_side, self.mel_per_frame = crop_top, crop_side, mel_per_frame
+        self.crop_hw = (image_size - round(crop_top * image_size), image_size - 2 * round(crop_side * image_size))
         chans = [min(width * 2**i, 256) for i in range(max(1, int(math.log2(min(self.crop_hw) / 4))))]
         layers, cin = [], 3 * frames
         for c in chans:
@@ -119,7 +121,7 @@ class SyncNet(nn.Module):
 
     def video_windows(self, frames: Tensor) -> Tensor:
         """Face-centred frames ``[..., T,3,H,W]`` -> lower-face stacks ``[..., T-F+1, F,3,h,w]`` (empty if T < F)."""
-        crop = lower_face(frames, self.crop_top)
+        crop = lower_face(frames, self.crop_top, self.crop_side)
         if tuple(crop.shape[-2:]) != self.crop_hw:
             raise ValueError(
                 f"frames are {tuple(frames.shape[-2:])}, SyncNet expects {self.config['image_size']} px squares"

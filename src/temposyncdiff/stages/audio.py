@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -21,6 +23,7 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.data.visemes import VISEMES
 from temposyncdiff.nets.audio_encoder import AudioEncoder
 from temposyncdiff.stages.base import StageModule
+from temposyncdiff.stages.syncnet import augment_mel
 from temposyncdiff.utils.io import atomic_path
 
 
@@ -28,6 +31,7 @@ def confusion_figure(cm: Tensor, labels: tuple[str, ...] = VISEMES, title: str =
     """Row-normalised confusion matrix (rows: true class, columns: predicted) as a matplotlib figure."""
     rates = (cm.float() / cm.sum(1, keepdim=True).clamp_min(1)).cpu().numpy()
     fig = Figure(figsize=(6.4, 5.6), dpi=100)
+    FigureCanvasAgg(fig)  # rendering without pyplot or a GUI backend
     ax = fig.add_subplot()
     im = ax.imshow(rates, vmin=0, vmax=1, cmap="viridis")
     ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="true", title=title)
@@ -54,6 +58,7 @@ class AudioStage(StageModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
         label_smoothing: float = 0.0,
+        augment_audio: dict[str, Any] | None = None,
         log_confusion: bool = True,
     ) -> None:
         super().__init__(optimizer, scheduler)
@@ -62,8 +67,10 @@ class AudioStage(StageModule):
         self.confusion = MulticlassConfusionMatrix(num_classes=net.config["num_visemes"])
 
     def _logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Viseme logits and labels of the batch's real frames: ``[N,num_visemes]``, ``[N]``."""
-        return self.net(batch.mel)[1][batch.mask], batch.visemes[batch.mask]
+        """Viseme logits and labels of the batch's real frames: ``[N,num_visemes]``, ``[N]`` (voice jitter in training)."""
+        aug = self.hparams.augment_audio
+        mel = augment_mel(batch.mel, **aug) if self.training and aug else batch.mel
+        return self.net(mel)[1][batch.mask], batch.visemes[batch.mask]
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits, target = self._logits(batch)

@@ -1,11 +1,12 @@
 """Lip-sync expert stage: SyncNet trained with BCE on in-sync vs shifted / other-utterance pairs, LSE on whole utterances.
 
-Each clip gives every 5-frame video window (frames t..t+F-1) three audio windows cut from the clip's mel
-context (``mel_context``): in sync (centred on frame t + F//2), shifted by o frames (``min_shift`` <= |o| <=
-``max_shift``) and another utterance's audio at the same centre (another batch item with a different id).
-Validation scores the same pairs (``val/acc`` = balanced in-sync vs off-sync accuracy) and, on up to
-``lse_max_utterances`` whole utterances of the split (clips are too short for a +-15 frame offset search),
-LSE-C / LSE-D, the offset-0 fraction and the audio-swap control.
+Every 5-frame video window of a batch (frames t..t+F-1) is scored against the in-sync audio window (centred on
+frame t + F//2, cut from the clip's mel context, ``mel_context``) of every window: its own (positive), those of
+the same clip ``min_shift``..``max_shift`` frames away (shifted negatives) and those of other utterances in the
+batch (preferably of the same talk). Training clips get per-clip appearance and voice jitter. Validation scores
+the same pairs (``val/acc`` = balanced in-sync vs off-sync accuracy) and, on up to ``lse_max_utterances`` whole
+utterances of the split (clips are too short for a +-15 frame offset search), LSE-C / LSE-D, the offset-0
+fraction and the audio-swap control.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from temposyncdiff.nets.syncnet import SyncNet, mel_context
 from temposyncdiff.stages.base import StageModule
 
 
-def sample_pairs(
+def pair_masks(
     mask: Tensor,
     ids: list[str],
     frames: int,
@@ -37,39 +38,29 @@ def sample_pairs(
     min_shift: int,
     max_shift: int,
     same_talk: bool = True,
-    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """Index tensors over every valid video window of a batch (CPU ``mask [B,T]``).
+    """Every valid video window of a batch (CPU ``mask [B,T]``) and which (video i, audio j) pairs are negatives.
 
-    ``item``, ``window`` (first frame t), ``centre`` (t + frames//2: the in-sync audio centre), ``shift``
-    (offset of the shifted negative, 0 where none fits) and ``other`` (batch item of another utterance, -1
-    where none; with ``same_talk`` one of the same talk, ``talk_id/utt`` ids, when the batch has one, so
-    voice and face identity cannot tell the pairs apart). Audio centres lie in ``centres`` and on real frames.
+    Window i covers frames t..t+F-1 of clip ``item[i]`` (``window`` = t); audio window j is centred on frame
+    ``centre[j]`` = t + F//2 of ``item[j]``, so (i, i) is in sync. ``shift [N,N]``: same clip, ``min_shift`` <=
+    |centre[i] - centre[j]| <= ``max_shift``. ``other [N,N]``: another utterance's audio (with ``same_talk``, of
+    the same talk, ``talk_id/utt`` ids, where the batch holds one, so voice and face cannot tell the pair apart).
+    Centres lie in ``centres`` (inclusive) and on real frames.
     """
     n_valid = mask.sum(1)
-    top = n_valid.clamp(max=centres[1] + 1)[:, None] - 1  # last usable audio centre per item
     start = torch.arange(mask.shape[1] - frames + 1)[None]
     mid = start + frames // 2
-    ok = (start + frames <= n_valid[:, None]) & (mid >= centres[0]) & (mid <= top)
+    ok = (start + frames <= n_valid[:, None]) & (mid >= centres[0]) & (mid <= centres[1]) & (mid < n_valid[:, None])
     item, window = ok.nonzero(as_tuple=True)
     centre = window + frames // 2
-    offsets = torch.arange(-max_shift, max_shift + 1)
-    cand = centre[:, None] + offsets
-    shift_ok = (offsets.abs() >= min_shift) & (cand >= centres[0]) & (cand <= top[item])
-    shift = torch.where(shift_ok.any(1), offsets[_pick(shift_ok, generator)], 0)
-    talks = [i.rpartition("/")[0] for i in ids]
-    diff_id = torch.tensor([[a != c for c in ids] for a in ids], dtype=torch.bool)
-    other_ok = diff_id[item] & (centre[:, None] <= top.T)
+    dist = (centre[:, None] - centre[None]).abs()
+    shift = (item[:, None] == item[None]) & (dist >= min_shift) & (dist <= max_shift)
+    other = torch.tensor([[a != c for c in ids] for a in ids], dtype=torch.bool)[item][:, item]
     if same_talk:
-        same = other_ok & torch.tensor([[a == c for c in talks] for a in talks], dtype=torch.bool)[item]
-        other_ok = torch.where(same.any(1, keepdim=True), same, other_ok)
-    other = torch.where(other_ok.any(1), _pick(other_ok, generator), -1)
+        talks = [i.rpartition("/")[0] for i in ids]
+        same = other & torch.tensor([[a == c for c in talks] for a in talks], dtype=torch.bool)[item][:, item]
+        other = torch.where(same.any(1, keepdim=True), same, other)
     return {"item": item, "window": window, "centre": centre, "shift": shift, "other": other}
-
-
-def _pick(allowed: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A uniformly random True column of each row of ``allowed [N,K]`` (any column where a row has none)."""
-    return torch.rand(allowed.shape, generator=generator).masked_fill(~allowed, -1.0).argmax(1)
 
 
 def augment_clips(
@@ -101,6 +92,17 @@ def augment_clips(
         grid = F.affine_grid(theta, [b, t * c, h, w], align_corners=False)
         x = F.grid_sample(x.flatten(1, 2), grid, padding_mode="border", align_corners=False).view_as(x)
     return x
+
+
+def augment_mel(mel: Tensor, shift: int = 0, gain: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """Voice jitter of per-frame log-mel windows ``[B,T,n_mels,W]``, one draw per clip: a shift of up to
+    +-``shift`` mel bins (edge bins repeated; roughly a pitch / formant change) and a gain of +-``gain`` (log units).
+    """
+    b, n_mels = mel.shape[0], mel.shape[2]
+    k = torch.randint(-shift, shift + 1, (b, 1), generator=generator)
+    idx = (torch.arange(n_mels) - k).clamp(0, n_mels - 1).to(mel.device)
+    g = (gain * (2 * torch.rand(b, generator=generator) - 1)).to(mel.device)
+    return mel.gather(2, idx[:, None, :, None].expand_as(mel)) + g[:, None, None, None]
 
 
 def audio_at(mel_windows: Tensor, items: Tensor, centres: Tensor, width: int, mel_per_frame: int) -> Tensor:
@@ -142,6 +144,7 @@ class SyncNetStage(StageModule):
         lse_max_utterances: int = 16,
         same_talk: bool = True,
         augment: dict[str, Any] | None = None,
+        augment_audio: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
@@ -150,7 +153,7 @@ class SyncNetStage(StageModule):
         if net.mel_per_frame != int(net.mel_per_frame):
             raise UserError(f"SyncNet mel_per_frame={net.mel_per_frame}: the stage needs a whole number")
         self.net = net
-        self.acc = torch.nn.ModuleDict({k: MeanMetric() for k in ("pos", "neg", "shift", "other")})
+        self.acc = torch.nn.ModuleDict({k: MeanMetric() for k in ("pos", "shift", "other")})
 
     def setup(self, stage: str) -> None:
         audio = getattr(getattr(self.trainer, "datamodule", None), "audio", None)
@@ -159,44 +162,53 @@ class SyncNetStage(StageModule):
                 f"model.net.mel_per_frame={self.net.mel_per_frame} but the data gives {audio.mel_per_frame} mel frames per video frame"
             )
 
-    def pair_logits(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Sync logits of the batch's in-sync (``pos``), shifted (``shift``) and other-utterance (``other``) pairs."""
+    def pair_logits(self, batch: Batch) -> dict[str, Tensor]:
+        """Sync logits of the batch's in-sync (``pos``), shifted (``shift``) and other-utterance (``other``) pairs.
+
+        Every valid video window is scored against the in-sync audio of every window (``pair_masks``): one
+        embedding per window and stream, all pairs from one similarity matrix.
+        """
         net, hp = self.net, self.hparams
         mpf, w, mw = int(net.mel_per_frame), batch.mel.shape[-1], net.mel_window
         t = batch.mel.shape[1]
         lo = max(0, math.ceil((mw // 2 - w // 2) / mpf))
         hi = min(t - 1, (w - mw + mw // 2 - w // 2) // mpf + t - 1)
-        p = sample_pairs(
-            batch.mask.cpu(), batch.ids, net.frames, (lo, hi), hp.min_shift, hp.max_shift, hp.same_talk, generator
-        )
+        p = pair_masks(batch.mask.cpu(), batch.ids, net.frames, (lo, hi), hp.min_shift, hp.max_shift, hp.same_talk)
         p = {k: v.to(self.device) for k, v in p.items()}
-        s, o = p["shift"] != 0, p["other"] >= 0
-        items = torch.cat([p["item"], p["item"][s], p["other"][o]])
-        centres = torch.cat([p["centre"], p["centre"][s] + p["shift"][s], p["centre"][o]])
-        audio = audio_at(batch.mel, items, centres, mw, mpf)
+        mel = augment_mel(batch.mel, **hp.augment_audio) if self.training and hp.augment_audio else batch.mel
         frames = augment_clips(batch.frames, **hp.augment) if self.training and hp.augment else batch.frames
         ev = net.embed_video(net.video_windows(frames)[p["item"], p["window"]])
-        logits = net.score(torch.cat([ev, ev[s], ev[o]]), net.embed_audio(audio))
-        return dict(zip(("pos", "shift", "other"), logits.split([len(ev), int(s.sum()), int(o.sum())])))
+        ea = net.embed_audio(audio_at(mel, p["item"], p["centre"], mw, mpf))
+        logits = net.score(ev[:, None], ea[None])  # [N,N]: video i with audio j
+        return {"pos": logits.diagonal(), "shift": logits[p["shift"]], "other": logits[p["other"]]}
 
     def _loss(self, logits: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        pos, neg = logits["pos"], torch.cat([logits["shift"], logits["other"]])
-        loss = 0.5 * (
-            F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
-            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
-        )
-        hits = {"pos": pos > 0, "neg": neg < 0, "shift": logits["shift"] < 0, "other": logits["other"] < 0}
+        """Mean of the in-sync BCE and the (equally weighted) shifted / other-utterance BCEs; per-pair hits."""
+        neg = [
+            F.binary_cross_entropy_with_logits(x, torch.zeros_like(x))
+            for k in ("shift", "other")
+            if len(x := logits[k])
+        ]
+        pos = logits["pos"]
+        loss = 0.5 * (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + sum(neg) / max(1, len(neg)))
+        hits = {"pos": pos > 0, "shift": logits["shift"] < 0, "other": logits["other"] < 0}
         return loss, {k: v.float() for k, v in hits.items()}
+
+    @staticmethod
+    def _balanced(acc: dict[str, Tensor]) -> Tensor:
+        """In-sync vs off-sync accuracy, shifted and other-utterance negatives weighted equally."""
+        neg = [acc[k] for k in ("shift", "other") if k in acc]
+        return 0.5 * (acc["pos"] + sum(neg) / len(neg)) if neg else acc["pos"]
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, hits = self._loss(self.pair_logits(batch))
-        acc = 0.5 * (hits["pos"].mean() + hits["neg"].mean())
+        acc = self._balanced({k: v.mean() for k, v in hits.items() if len(v)})
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         split = "test" if self.trainer.testing else "val"
-        loss, hits = self._loss(self.pair_logits(batch, torch.Generator().manual_seed(batch_idx)))
+        loss, hits = self._loss(self.pair_logits(batch))
         self.log(f"{split}/loss", loss, batch_size=len(batch))
         for k, v in hits.items():
             if len(v):
@@ -217,9 +229,9 @@ class SyncNetStage(StageModule):
         acc = {k: m.compute() for k, m in self.acc.items() if m.update_called}
         for m in self.acc.values():
             m.reset()
-        if "pos" in acc and "neg" in acc:
-            self.log(f"{split}/acc", 0.5 * (acc["pos"] + acc["neg"]), prog_bar=True)
-        self.log_dict({f"{split}/acc_{k}": v for k, v in acc.items() if k != "neg"})
+        if "pos" in acc:
+            self.log(f"{split}/acc", self._balanced(acc), prog_bar=True)
+        self.log_dict({f"{split}/acc_{k}": v for k, v in acc.items()})
 
     on_test_epoch_end = on_validation_epoch_end
 
@@ -227,6 +239,8 @@ class SyncNetStage(StageModule):
     def _log_lse(self, split: str, dataset: Dataset) -> None:
         """LSE-C / LSE-D and offset-0 fraction with own audio, and LSE-C with another utterance's audio."""
         hp = self.hparams
+        if not hp.lse_max_utterances:
+            return
         emb = [embed_clip(self.net, f.to(self.device), m.to(self.device)) for f, m in utterances(dataset, hp.lse_max_utterances)]  # fmt: skip
         if len(emb) < 2:
             warnings.warn(f"{split}: LSE needs at least 2 utterances, got {len(emb)}", stacklevel=2)
