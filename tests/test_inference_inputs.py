@@ -303,3 +303,10 @@ def test_visemes_from_transcript(tmp_path):
         load_visemes_for(25, transcript=path)
     with pytest.raises(FileNotFoundError):
         load_visemes_for(25, transcript=tmp_path / "none.txt")
+
+
+def test_video_reference_gives_first_frame(synth_corpus):
+    from temposyncdiff.data.video import read_frames
+
+    mp4 = sorted(synth_corpus.glob("*/*.mp4"))[0]
+    assert np.array_equal(load_image(mp4), read_frames(mp4)[0][0])

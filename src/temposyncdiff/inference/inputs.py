@@ -56,9 +56,19 @@ def _require_file(path: str | os.PathLike) -> Path:
     return path
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Any image file as upright uint8 ``[H,W,3]`` RGB, downscaled to at most ``max_pixels``."""
+    """Any image file as upright uint8 ``[H,W,3]`` RGB, downscaled to at most ``max_pixels``.
+
+    A video file gives its first frame (handy to take a reference from a corpus utterance).
+    """
     path = _require_file(path)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        from temposyncdiff.data.video import read_frames
+
+        return read_frames(path)[0][0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big images are downscaled below
