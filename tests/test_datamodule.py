@@ -18,7 +18,7 @@ from temposyncdiff.data.datamodule import DataConfigError, TalkingHeadDataModule
 from temposyncdiff.data.dataset import ClipDataset, EpochSampler, benchmark_loading, clip_mel_windows
 from temposyncdiff.data.manifest import build_manifest
 from temposyncdiff.data.visemes import SILENCE
-from test_cache import AUDIO, corpus_rows
+from tests.test_cache import AUDIO, corpus_rows
 
 
 def _quiet(_msg: str) -> None:
