@@ -38,6 +38,9 @@ def test_audio_encoder_export_round_trip(tmp_path):
 def test_syncnet_shapes_and_normalisation():
     net = SyncNet(image_size=64, dim=24, width=8).eval()
     assert lower_face(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 32, 64)
+    assert lower_face(torch.zeros(2, 3, 64, 64), side=0.25).shape == (2, 3, 32, 32)
+    mouth = SyncNet(image_size=64, width=4, crop_side=0.25).video_windows(torch.zeros(7, 3, 64, 64))
+    assert mouth.shape == (3, 5, 3, 32, 32)
     video, mel = torch.randn(4, 5, 3, 32, 64), torch.randn(4, 80, 20)
     for emb in (net.embed_video(video), net.embed_audio(mel)):
         assert emb.shape == (4, 24) and torch.allclose(emb.norm(dim=-1), torch.ones(4))

@@ -97,5 +97,9 @@ def test_fast_dev_run_and_export(data_root: Path, tmp_path: Path):
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["syncnet.pt"]
     payload = torch.load(tmp_path / "ck" / "syncnet.pt", weights_only=True)
     assert payload["meta"]["stage"] == "syncnet" and payload["config"]["width"] == 8
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    for ckpt in ckpts:  # plain hparams: resumable with weights_only
+        assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["augment"]["flip"] == 0.5
     net = load_expert(tmp_path / "ck" / "syncnet.pt")
     assert not net.training and all(torch.equal(v, payload["state_dict"][k]) for k, v in net.state_dict().items())

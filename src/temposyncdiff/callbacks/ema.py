@@ -80,7 +80,8 @@ class StageEMA(EMAWeightAveraging):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._average_model is None or "current_model_state" not in checkpoint:
+        # outside fit (validate/test/predict) the module keeps state_dict, i.e. the averaged weights
+        if self._average_model is None or "current_model_state" not in checkpoint or trainer.state.fn != "fit":
             return
         prefix = f"{self.attribute}."
         state = {"module." + k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> float | None:
     )  # plain types: checkpoints stay weights-only loadable
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage", None)  # a label for logs and resume, not a constructor argument
-    model = hydra.utils.instantiate(model_cfg)
+    model = hydra.utils.instantiate(model_cfg, _convert_="all")  # plain dicts/lists: weights-only checkpoints
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg))
     if cfg.test:
-        trainer.test(model, datamodule=datamodule, ckpt_path="best" if cfg.train else None)
+        trainer.test(model, datamodule=datamodule, ckpt_path="best" if cfg.train else resolve_ckpt(cfg))
     if cfg.export and cfg.train and trainer.is_global_zero:
         for path in model.export(cfg.paths.checkpoint_dir, trainer.checkpoint_callback):
             log.info("exported %s", path)

@@ -62,6 +62,7 @@ class AudioStage(StageModule):
         log_confusion: bool = True,
     ) -> None:
         super().__init__(optimizer, scheduler)
+        augment_audio = dict(augment_audio) if augment_audio else None  # plain: checkpoints stay weights_only-loadable
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.confusion = MulticlassConfusionMatrix(num_classes=net.config["num_visemes"])

@@ -147,6 +147,8 @@ class SyncNetStage(StageModule):
         augment_audio: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
+        # plain dicts (Hydra passes DictConfigs): Lightning checkpoints must stay weights_only-loadable
+        augment, augment_audio = (dict(a) if a else None for a in (augment, augment_audio))
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         if not 1 <= min_shift <= max_shift:
             raise UserError(f"model.min_shift={min_shift}, max_shift={max_shift}: need 1 <= min_shift <= max_shift")

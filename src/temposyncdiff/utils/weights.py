@@ -56,6 +56,9 @@ def load_payload(path: str | os.PathLike, kind: str) -> dict[str, Any]:
         raise WeightsError(f"{path}: not a TempoSyncDiff export (a Lightning .ckpt? use ckpt_path= for those)")
     if payload["format"] != f"temposyncdiff.{kind}":
         raise WeightsError(f"{path}: holds a '{payload['format']}' export, expected 'temposyncdiff.{kind}'")
+    missing = [k for k in ("target", "config", "state_dict") if k not in payload]
+    if missing:
+        raise WeightsError(f"{path}: incomplete export, missing {', '.join(missing)}")
     if payload.get("version", 0) > FORMAT_VERSION:
         raise WeightsError(
             f"{path}: format version {payload['version']} is newer than this code ({FORMAT_VERSION}); upgrade temposyncdiff"
