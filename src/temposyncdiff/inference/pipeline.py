@@ -59,6 +59,7 @@ class TalkingHeadPipeline:
         vae: TinyVAE,
         schedule: dict,
         sampler: str = "ddim",
+        sampler_kwargs: dict | None = None,
         steps: int = 2,
         guidance_scale: float = 1.0,
         overlap: int = 2,
@@ -73,6 +74,7 @@ class TalkingHeadPipeline:
         self.device = torch.device(device)
         self.net, self.vae = denoiser.eval().to(self.device), vae.eval().to(self.device)
         self.schedule, self.sampler, self.steps = dict(schedule), sampler, steps
+        self.sampler_kwargs = dict(sampler_kwargs or {})  # e.g. the student's set_alpha_to_one
         self.guidance_scale, self.overlap, self.window = guidance_scale, overlap, denoiser.window
         self.image_size, self.seed, self.detector = image_size, seed, detector
         enc = denoiser.audio.config
@@ -91,7 +93,8 @@ class TalkingHeadPipeline:
         net, meta = load_net(denoiser, kind)
         vae_path = vae or meta.get("vae_weights") or Path(denoiser).with_name("vae_pretrained.pt")
         vae_net, vae_meta = load_net(vae_path, "vae")
-        settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "steps": meta.get("steps", 2),
+        settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "sampler_kwargs": meta.get("sampler_kwargs"),
+                    "steps": meta.get("steps", 2),
                     "guidance_scale": meta.get("guidance_scale", 1.0), "overlap": meta.get("overlap", 2),
                     "image_size": meta.get("image_size") or vae_meta.get("image_size", 64)}  # fmt: skip
         settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -196,7 +199,7 @@ class TalkingHeadPipeline:
         mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
         mask[:, :known] = True
         cond = {"ref_latent": ref, "audio_emb": emb, "visemes": tokens, "motion": motion, "motion_mask": mask}
-        scheduler = make_sampler(self.sampler, self.schedule)
+        scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
         with torch.inference_mode():
             x = sample(self.net, (1, self.window, *self.latent_shape), cond, scheduler, self.steps, self.guidance_scale,
                        generator, self.device)  # fmt: skip

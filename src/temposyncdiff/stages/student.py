@@ -1,0 +1,519 @@
+"""Stage 3: the few-step student, distilled from the frozen teacher by trajectory distillation (``diffusion.distill``).
+
+``self.net`` is a smaller ``Denoiser`` (the teacher's interface, its own audio encoder; optionally initialised from
+every teacher tensor of the same name and shape) that predicts x0. The teacher, the VAE and the optional lip-sync
+expert are plain attributes: not optimised, averaged or checkpointed, and the teacher exists once. Before the first
+step on a split the teacher's guided ODE couplings of all its clips are made, or loaded from ``couplings_dir``
+(keyed by the teacher's weights, the settings and the clips). Training regresses the teacher's samples from their
+interpolants at the student's 1/2/4-step timesteps, plus optional identity, temporal and sync terms on the student's
+x0. Validation (``compare``): the student at each of ``val_steps`` and the teacher at ``teacher_eval_steps`` generate
+the same held-out utterances from the same noise; fidelity vs ground truth and vs the VAE reconstruction, region
+PSNR, flicker, seams, LSE with own vs swapped audio, and side-by-side mp4s (truth | teacher | students).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Collection
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.batch import Batch, collate
+from temposyncdiff.data.dataset import clip_mel_windows
+from temposyncdiff.data.video import write_video
+from temposyncdiff.data.visemes import SILENCE
+from temposyncdiff.diffusion.distill import (
+    Couplings,
+    student_sampler,
+    student_timesteps,
+    teacher_couplings,
+    trajectory_loss,
+)
+from temposyncdiff.diffusion.losses import identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.errors import UserError
+from temposyncdiff.latency import time_call
+from temposyncdiff.metrics.sync import LipSyncError, embed_clip
+from temposyncdiff.metrics.temporal import flicker
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.stages.base import StageModule, weights_digest
+from temposyncdiff.stages.teacher import DEFAULT_REGIONS, crop, held_out_utterances, model_stats
+from temposyncdiff.utils.io import atomic_path
+from temposyncdiff.utils.weights import load_net
+
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+)
+
+
+def frozen_net(path: str, kind: str) -> tuple[nn.Module, dict]:
+    """An exported net in eval mode without gradients, and its meta."""
+    net, meta = load_net(path, kind)
+    net.requires_grad_(False)
+    return net.eval(), meta
+
+
+def clip_keys(dataset: Dataset) -> list[str]:
+    """``"<utterance id>@<start>"`` of every item of a ``ClipDataset`` (or a ``Subset`` of one), in order."""
+    idx = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        idx, dataset = [dataset.indices[i] for i in idx], dataset.dataset
+    return [f"{dataset.src.ids[u]}@{s}" for u, s in (dataset.items[i] for i in idx)]
+
+
+def batch_keys(batch: Batch) -> list[str]:
+    return [f"{i}@{int(s)}" for i, s in zip(batch.ids, batch.start)]
+
+
+@torch.no_grad()
+def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator,
+             make_scheduler: Callable, steps: int, guidance_scale: float, overlap: int) -> Tensor:  # fmt: skip
+    """Latents ``[B,N,C,h,w]`` from whole-utterance mel windows with ``net``'s own audio encoder (teacher or student).
+
+    ``visemes`` None: the audio encoder's viseme head (as at inference without a transcript).
+    """
+    emb, logits = net.embed_audio(mel_windows)
+    if visemes is None:
+        visemes = logits.argmax(-1)
+    return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
+                         tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator)  # fmt: skip
+
+
+def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
+    """Latents ``[..., C, h, w]`` -> frames ``[..., 3, H, W]`` in [-1, 1]."""
+    flat = latents.flatten(0, -4)
+    return torch.cat([vae.from_latent(z) for z in flat.split(chunk)]).clamp(-1, 1).unflatten(0, latents.shape[:-3])
+
+
+def _psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-frame PSNR of ``[N,3,H,W]`` frames in [0, 1]."""
+    return peak_signal_noise_ratio(a, b, data_range=1.0, dim=(1, 2, 3), reduction="none")
+
+
+@torch.no_grad()
+def compare(
+    runs: dict[str, Callable[..., Tensor]],
+    utterances: list[dict[str, Any]],
+    vae: nn.Module,
+    audio: AudioFeatures,
+    regions: dict[str, tuple[float, ...]],
+    window: int,
+    overlap: int,
+    expert: nn.Module | None = None,
+    seed: int = 0,
+    eval_visemes: str = "audio",
+    video_dir: Path | None = None,
+    rows: dict[str, dict] | None = None,
+    sample_videos: int = 0,
+    cache: dict[str, Tensor] | None = None,
+    cached: Collection[str] = (),
+) -> dict[str, dict[str, float]]:
+    """Metrics per run; every run generates each utterance with its own and the next one's audio from the same noise.
+
+    ``runs[name](ref_latent [2,C,h,w], mel [2,N,n_mels,W], visemes [2,N] | None, generator) -> latents``; the first
+    run is the reference that the others are also compared with (``psnr_vs_ref``). Latents of runs named in
+    ``cached`` are kept in (and reused from) ``cache``. ``window``/``overlap``: the generation windows (for seams).
+    Videos: truth | each run (own audio), with the audio track.
+    """
+    dev = next(vae.parameters()).device
+    acc: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
+    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in runs} if expert is not None else {}
+    first = next(iter(runs))
+
+    def add(name: str, key: str, values: Tensor | float) -> None:
+        acc[name].setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
+
+    for i, utt in enumerate(utterances):
+        other = utterances[(i + 1) % len(utterances)]
+        n = len(utt["frames"])
+        mel = torch.stack([clip_mel_windows(audio, utt["mel"], 0, n), clip_mel_windows(audio, other["mel"], 0, n)]).to(
+            dev
+        )
+        vis_swap = torch.full((n,), SILENCE, dtype=torch.long)
+        vis_swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
+        visemes = torch.stack([utt["visemes"], vis_swap]).to(dev) if eval_visemes == "data" else None
+        latents = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
+        ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
+        ref = ref.to(dev)[None].expand(2, -1, -1, -1)
+        gt, rec = (utt["frames"] + 1) / 2, (decode(vae, latents.to(dev)).cpu() + 1) / 2
+        borders = window_borders(window_plan(max(n, window), window, overlap))
+        own: dict[str, Tensor] = {}
+        for name, fn in runs.items():
+            key = f"{name}/{utt['id']}"
+            z = cache.get(key) if cache is not None and name in cached else None
+            if z is None:
+                z = fn(ref, mel, visemes, torch.Generator(dev).manual_seed(seed + i))
+                if cache is not None and name in cached:
+                    cache[key] = z
+            video = (decode(vae, z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
+            own[name] = video[0]
+            add(name, "psnr", _psnr(video[0], gt))
+            add(name, "ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
+            add(name, "psnr_rec", _psnr(video[0], rec))
+            add(name, "ssim_rec", structural_similarity_index_measure(video[0], rec, data_range=1.0, reduction="none"))
+            for region, box in regions.items():
+                add(name, f"psnr_{region}", _psnr(crop(video[0], box), crop(gt, box)))
+            add(name, "psnr_mouth_swap", _psnr(crop(video[1], regions["mouth"]), crop(gt, regions["mouth"])))
+            add(name, "flicker", flicker(video[0] * 2 - 1))
+            add(name, "flicker_gt", flicker(utt["frames"]))
+            add(name, "seam_ratio", seam_error(video[0], borders)["ratio"])
+            if name != first:
+                add(name, "psnr_vs_ref", _psnr(video[0], own[first]))
+            if expert is not None:
+                audio_mel = torch.from_numpy(utt["mel"]).T.to(dev)
+                for suffix, frames in (("", video[0]), ("_swap", video[1])):
+                    lse[name][suffix].update(*embed_clip(expert, frames.to(dev) * 2 - 1, audio_mel))
+        if video_dir is not None and i < sample_videos:
+            _write_sample(
+                video_dir / f"{utt['id'].replace('/', '_')}.mp4",
+                [gt, *own.values()],
+                (rows or {}).get(utt["id"]),
+                audio,
+            )
+    out = {}
+    for name, values in acc.items():
+        m = {k: float(np.nanmean(v)) for k, v in values.items()}
+        m["psnr_mouth_gap"] = m["psnr_mouth"] - m["psnr_mouth_swap"]
+        m["flicker_gap"] = m["flicker"] - m["flicker_gt"]
+        for suffix, metric in lse.get(name, {}).items():
+            r = metric.compute()
+            m[f"lse_c{suffix}"], m[f"lse_d{suffix}"] = float(r["lse_c"]), float(r["lse_d"])
+        if name in lse:
+            m["lse_c_gap"] = m["lse_c"] - m["lse_c_swap"]
+        out[name] = m
+    return out
+
+
+def _write_sample(path: Path, videos: list[Tensor], row: dict | None, audio: AudioFeatures) -> None:
+    """Side-by-side mp4 of ``[N,3,H,W]`` videos in [0, 1], with the utterance's own audio when its file is there."""
+    frames = torch.cat(videos, dim=-1).mul(255).round().clamp(0, 255).byte()
+    wave = None
+    if row is not None and os.path.isfile(row["video_mp4"]):
+        wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(frames) * audio.sample_rate / audio.fps)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
+
+
+def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, latent_shape: tuple[int, int, int],
+                 mel_shape: tuple[int, int], frames: int | None = None, repeats: int = 3) -> float:  # fmt: skip
+    """End-to-end milliseconds per frame at batch 1 (audio encoder, every sampler step, VAE decoder; median).
+
+    ``gen`` is ``generate`` with the sampler settings bound (``partial(generate, net, make_scheduler=...)``).
+    """
+    dev = next(net.parameters()).device
+    n = frames or net.window
+    ref, mel = torch.zeros(1, *latent_shape, device=dev), torch.randn(1, n, *mel_shape, device=dev)
+    g = torch.Generator(dev)
+
+    def run() -> Tensor:
+        return decode(vae, gen(ref, mel, None, g.manual_seed(0)))
+
+    with torch.inference_mode():
+        return time_call(run, dev, warmup=1, repeats=repeats)["median_ms"] / n
+
+
+class StudentStage(StageModule):
+    kind = "student"
+    export_names = {"best": "student_best.pt", "last": "student_last.pt"}
+
+    def __init__(
+        self,
+        net: Denoiser,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
+        teacher_weights: str = "checkpoints/teacher_best.pt",
+        vae_weights: str = "checkpoints/vae_pretrained.pt",
+        syncnet_weights: str | None = None,
+        init_from_teacher: bool = True,
+        max_flops_ratio: float | None = 0.5,
+        teacher_sampler: str = "dpmpp",
+        teacher_steps: int = 8,
+        guidance_scale: float | None = None,
+        couplings_dir: str | None = None,
+        coupling_batch: int = 16,
+        coupling_seed: int = 0,
+        motion_prob: float = 0.5,
+        audio_visemes_prob: float = 0.2,
+        train_steps: tuple[int, ...] = (1, 2, 4),
+        steps: int = 2,
+        viseme_weight: float = 0.1,
+        identity_weight: float = 0.0,
+        temporal_weight: float = 0.0,
+        sync_weight: float = 0.0,
+        regions: dict[str, list[float]] | None = None,
+        overlap: int | None = None,
+        eval_visemes: str = "audio",
+        val_steps: tuple[int, ...] = (1, 2, 4),
+        teacher_eval_steps: int = 50,
+        val_utterances: int = 3,
+        val_frames: int | None = None,
+        sample_videos: int = 2,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        if net.audio is None:
+            raise UserError("model.net.audio_encoder is required: the student has its own audio encoder")
+        if eval_visemes not in ("audio", "data"):
+            raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
+        if not set(val_steps) | {steps} <= set(train_steps):
+            raise UserError(
+                f"model.steps / val_steps {sorted(set(val_steps) | {steps})} must be among train_steps {list(train_steps)}"
+            )
+        self.net = net
+        self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
+        self._frozen: dict[str, nn.Module] = {}  # teacher, VAE, lip-sync expert: outside optimiser, EMA, checkpoints
+        self._couplings: dict[str, Couplings] = {}
+        self._teacher_eval: dict[str, Tensor] = {}  # the teacher's validation latents (fixed: computed once)
+        self.teacher_meta: dict[str, Any] = {}
+
+    # ---- frozen nets, schedule ---------------------------------------------------------------------------------
+    def frozen(self, name: str) -> nn.Module | None:
+        m = self._frozen.get(name)
+        return None if m is None else m.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if "teacher" not in self._frozen:
+            self._frozen["teacher"], self.teacher_meta = frozen_net(hp.teacher_weights, "teacher")
+            self._frozen["vae"], _ = frozen_net(hp.vae_weights, "vae")
+        teacher, vae = self._frozen["teacher"], self._frozen["vae"]
+        for name, mine, theirs in (("latent_channels", self.net.latent_channels, teacher.latent_channels),
+                                   ("window", self.net.window, teacher.window),
+                                   ("VAE latent channels", vae.latent_channels, teacher.latent_channels)):  # fmt: skip
+            if mine != theirs:
+                raise UserError(f"{hp.teacher_weights}: teacher has {name}={theirs}, the student setup has {mine}")
+        if hp.syncnet_weights and os.path.isfile(hp.syncnet_weights) and "syncnet" not in self._frozen:
+            self._frozen["syncnet"], _ = frozen_net(hp.syncnet_weights, "syncnet")
+        elif hp.sync_weight > 0 and "syncnet" not in self._frozen:
+            raise UserError(f"model.sync_weight > 0 needs the lip-sync expert; {hp.syncnet_weights} not found")
+        sch = {k: self.teacher_meta["schedule"][k] for k in SCHEDULE_KEYS}
+        self.teacher_schedule = NoiseSchedule(**sch, snr_gamma=None)
+        self.schedule = NoiseSchedule(
+            **{**sch, "prediction_type": "sample", "timestep_spacing": "trailing"}, snr_gamma=None
+        )
+        self.grid = student_timesteps(self.schedule.scheduler.config, hp.train_steps)
+        self.guidance = self.teacher_meta.get("guidance_scale", 1.0) if hp.guidance_scale is None else hp.guidance_scale
+        self.overlap = self.teacher_meta.get("overlap", 2) if hp.overlap is None else hp.overlap
+        if stage != "fit":
+            return
+        if hp.init_from_teacher:
+            own = self.net.state_dict()
+            same = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+            self.net.load_state_dict(same, strict=False)
+            rank_zero_info(f"student: {len(same)}/{len(own)} tensors initialised from {hp.teacher_weights}")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            size = dm.hparams.image_size // vae.downsample
+            shapes = (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames)
+            s, t = model_stats(self.net, *shapes), model_stats(teacher, *shapes)
+            ratio = s["flops_per_frame"] / t["flops_per_frame"]
+            rank_zero_info(f"student: denoiser {s['params_denoiser'] / 1e6:.2f} M params (teacher "
+                           f"{t['params_denoiser'] / 1e6:.2f}), {s['flops_per_frame'] / 1e6:.1f} MFLOP per frame per step "
+                           f"(teacher {t['flops_per_frame'] / 1e6:.1f}, ratio {ratio:.2f})")  # fmt: skip
+            if hp.max_flops_ratio is not None and ratio > hp.max_flops_ratio:
+                raise UserError(f"the student needs {ratio:.2f}x the teacher's FLOPs per frame; model.max_flops_ratio "
+                                f"is {hp.max_flops_ratio} (make model.net smaller)")  # fmt: skip
+
+    def latents(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Clip and reference latents: from the cache, else encoded on the fly by the frozen VAE."""
+        if batch.latents is not None and batch.ref_latent is not None:
+            return batch.latents, batch.ref_latent
+        vae = self.frozen("vae")
+        with torch.no_grad():
+            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(
+                batch.reference
+            )
+
+    # ---- teacher couplings --------------------------------------------------------------------------------------
+    def couplings(self, split: str, dataset: Dataset | None = None) -> Couplings:
+        """The teacher couplings of every clip of ``split`` (default dataset: the datamodule's), made once."""
+        if split in self._couplings:
+            return self._couplings[split]
+        hp = self.hparams
+        if dataset is None:
+            dataset = getattr(self.trainer.datamodule, f"{split}_dataloader")().dataset
+        keys = clip_keys(dataset)
+        settings = {
+            k: hp[k] for k in ("teacher_sampler", "teacher_steps", "coupling_seed", "motion_prob", "audio_visemes_prob")
+        }
+        ident = json.dumps({"teacher": weights_digest(self._frozen["teacher"]), "guidance": self.guidance, **settings,
+                            "keys": keys}, sort_keys=True)  # fmt: skip
+        path = (
+            Path(hp.couplings_dir) / f"{split}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
+            if hp.couplings_dir
+            else None
+        )
+        if path is not None and path.is_file():
+            self._couplings[split] = Couplings(**torch.load(path, map_location="cpu", weights_only=True))
+            rank_zero_info(f"student: {len(keys)} {split} teacher couplings from {path}")
+            return self._couplings[split]
+        rank_zero_info(
+            f"student: teacher couplings of {len(keys)} {split} clips ({hp.teacher_sampler}, {hp.teacher_steps} steps)"
+        )
+        start, gen = time.perf_counter(), torch.Generator(self.device).manual_seed(hp.coupling_seed + (split != "train"))
+        parts = [
+            self._couple(b.to(self.device), gen) for b in DataLoader(dataset, hp.coupling_batch, collate_fn=collate)
+        ]
+        self._couplings[split] = couplings = Couplings.cat(parts)
+        rank_zero_info(f"student: {split} couplings made in {time.perf_counter() - start:.0f} s")
+        if path is not None:
+            with atomic_path(path) as tmp:
+                torch.save(couplings.state(), tmp)
+        return couplings
+
+    @torch.no_grad()
+    def _couple(self, batch: Batch, generator: torch.Generator) -> dict:
+        """One batch of couplings: conditions drawn as in teacher training, then the teacher's guided ODE solve."""
+        hp, teacher = self.hparams, self.frozen("teacher")
+        x0, ref = self.latents(batch)
+        b, t = x0.shape[:2]
+        emb, logits = teacher.embed_audio(batch.mel)
+        r = torch.rand(b, 3, generator=generator, device=self.device)
+        visemes = torch.where(r[:, :1] < hp.audio_visemes_prob, logits.argmax(-1), batch.visemes)
+        known = torch.where(r[:, 1] < hp.motion_prob, (r[:, 2] * (t - 1)).long() + 1, 0)
+        cond = {"ref_latent": ref, "audio_emb": emb, "visemes": visemes, "motion": x0,
+                "motion_mask": torch.arange(t, device=self.device) < known[:, None]}  # fmt: skip
+        scheduler = make_sampler(hp.teacher_sampler, self.teacher_schedule.scheduler.config)
+        noise, sample = teacher_couplings(
+            teacher, tuple(x0.shape), cond, scheduler, hp.teacher_steps, self.guidance, generator
+        )
+        return {
+            "keys": batch_keys(batch),
+            "noise": noise,
+            "sample": sample,
+            "ref_latent": ref,
+            "visemes": visemes,
+            "known": known,
+        }
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def distill_step(
+        self, batch: Batch, split: str = "train", generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """All losses of one batch against the teacher couplings of ``split``."""
+        hp = self.hparams
+        c = self.couplings(split).rows(batch_keys(batch), self.device)
+        x0, _ = self.latents(batch)
+        b, t = x0.shape[:2]
+        emb, logits = self.net.embed_audio(batch.mel)
+        mask = batch.mask
+        known = torch.arange(t, device=self.device) < c["known"][:, None]
+        target_mask = mask & ~known
+        ts = self.grid[torch.randint(len(self.grid), (b,), generator=generator)].to(self.device)
+        cond = {
+            "ref_latent": c["ref_latent"],
+            "audio_emb": emb,
+            "visemes": c["visemes"],
+            "motion": x0,
+            "motion_mask": known,
+        }
+        distill, x0_hat = trajectory_loss(self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond)
+        out = {"distill": distill,
+               "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0}  # fmt: skip
+        full = torch.where(
+            known[..., None, None, None], x0, x0_hat
+        )  # known frames as given (continuation borders count)
+        if hp.identity_weight:
+            out["identity"] = identity_loss(x0_hat, c["ref_latent"], target_mask, self.regions["upper"][:2])
+        if hp.temporal_weight:
+            out["temporal"] = temporal_loss(full, x0, mask)
+        if hp.sync_weight:
+            frames = self.frozen("vae").from_latent(full.flatten(0, 1)).unflatten(0, (b, t))
+            out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
+        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "identity": hp.identity_weight,
+                   "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        out = self.distill_step(batch)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch))
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=len(batch))
+        return out["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        split = "test" if self.trainer.testing else "val"
+        out = self.distill_step(batch, split, torch.Generator().manual_seed(batch_idx))
+        self.log_dict({f"{split}/{k}": v for k, v in out.items()}, batch_size=len(batch))
+
+    test_step = validation_step
+
+    # ---- generation and validation -----------------------------------------------------------------------------
+    def runs(self, steps: Collection[int], teacher_steps: Collection[int] = ()) -> dict[str, Callable[..., Tensor]]:
+        """``generate`` functions: ``teacher<N>`` (its own sampler, guided) and ``student<n>`` (one call per step)."""
+        meta = self.teacher_meta
+        teacher_sampler = partial(make_sampler, meta.get("sampler", "ddim"), self.teacher_schedule.scheduler.config)
+        out = {f"teacher{n}": partial(generate, self.frozen("teacher"), make_scheduler=teacher_sampler, steps=n,
+                                      guidance_scale=meta.get("guidance_scale", 1.0), overlap=self.overlap)
+               for n in teacher_steps}  # fmt: skip
+        student = partial(student_sampler, self.schedule.scheduler.config)
+        for n in steps:
+            out[f"student{n}"] = partial(
+                generate, self.net, make_scheduler=student, steps=n, guidance_scale=1.0, overlap=self.overlap
+            )
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
+        hp = self.hparams
+        if self.trainer.sanity_checking or not hp.val_utterances:
+            return
+        utts = [
+            truncate(u, hp.val_frames)
+            for u in held_out_utterances(self.trainer.val_dataloaders.dataset, hp.val_utterances)
+        ]
+        if len(utts) < 2:
+            return
+        dm = self.trainer.datamodule
+        teacher = f"teacher{hp.teacher_eval_steps}"
+        rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
+        video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
+        metrics = compare(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utts, self.frozen("vae"), dm.audio,
+                          self.regions, self.net.window, self.overlap, self.frozen("syncnet"), hp.eval_seed, hp.eval_visemes, video_dir, rows,
+                          hp.sample_videos, self._teacher_eval, {teacher})  # fmt: skip
+        for logger in self.loggers:
+            if hasattr(logger, "log_video"):  # W&B
+                for path in sorted(video_dir.glob("*.mp4")):
+                    logger.log_video(f"val/sample_{path.stem}", [str(path)], step=self.global_step)
+        flat = {f"val/{run}/{k}": v for run, m in metrics.items() for k, v in m.items() if math.isfinite(v)}
+        self.log_dict(flat)
+        rank_zero_info("student val: " + "; ".join(f"{run}: psnr_mouth={m['psnr_mouth']:.2f} psnr={m['psnr']:.2f} "
+                       f"flicker={m['flicker']:.4f}" + (f" lse_c_gap={m['lse_c_gap']:.2f}" if "lse_c_gap" in m else "")
+                       for run, m in metrics.items()))  # fmt: skip
+
+    def export_meta(self) -> dict[str, Any]:
+        hp, sch = self.hparams, self.schedule.scheduler.config
+        return {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim",
+                "sampler_kwargs": {"set_alpha_to_one": True}, "steps": hp.steps, "guidance_scale": 1.0,
+                "overlap": self.overlap, "vae_weights": str(hp.vae_weights), "teacher_weights": str(hp.teacher_weights),
+                "teacher_sha256": weights_digest(self._frozen["teacher"]),
+                "distillation": {"method": "trajectory", "teacher_sampler": hp.teacher_sampler,
+                                 "teacher_steps": hp.teacher_steps, "guidance_scale": self.guidance,
+                                 "train_steps": list(hp.train_steps)}}  # fmt: skip
+
+
+def truncate(utt: dict[str, Any], frames: int | None) -> dict[str, Any]:
+    """A held-out utterance (``held_out_utterances``) cut to its first ``frames`` frames (None: whole)."""
+    n = len(utt["frames"]) if frames is None else min(frames, len(utt["frames"]))
+    return {k: v[:n] if k in ("frames", "visemes", "latents") and v is not None else v for k, v in utt.items()}

@@ -1,0 +1,150 @@
+"""Student ablation: variants trained with ``tsd-train`` (shared teacher and couplings), then one evaluation.
+
+``python -m temposyncdiff.stages.student_ablation [--no-train] [hydra overrides ...]`` trains every variant
+(with / without the identity term, with / without the temporal term) from ``experiment=quickstart/student`` plus the
+overrides, then generates the same held-out utterances from the same noise with the teacher at 10/25/50 steps and
+each variant at 1/2/4 steps (``stages.student.compare``) and times each end to end per frame at batch 1.
+Writes ``<outputs>/tables/student_ablation.{md,csv}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.cli.train import train
+from temposyncdiff.diffusion.distill import student_sampler
+from temposyncdiff.diffusion.sampling import make_sampler
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.stages.student import SCHEDULE_KEYS, compare, frozen_net, generate, ms_per_frame, truncate
+from temposyncdiff.stages.teacher import DEFAULT_REGIONS, held_out_utterances
+from temposyncdiff.utils.io import write_text
+from temposyncdiff.utils.task import log
+
+VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"]}
+COLUMNS = ("model", "steps", "identity", "temporal", "psnr", "psnr_mouth", "ssim", "psnr_rec", "ssim_rec",
+           "psnr_vs_teacher", "psnr_mouth_gap", "lse_c", "lse_c_gap", "flicker", "flicker_gap", "ms_per_frame", "speedup")  # fmt: skip
+
+
+def compose_run(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
+    """The ``train`` config as ``tsd-train`` would compose it, with ``run_dir`` as the Hydra output dir."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
+        cfg = compose("train", overrides=["experiment=quickstart/student", *overrides], return_hydra_config=True)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_ablation(
+    overrides: list[str] = (),
+    variants: dict[str, list[str]] | None = None,
+    student_steps: tuple[int, ...] = (1, 2, 4),
+    teacher_steps: tuple[int, ...] = (50, 25, 10),
+    train_variants: bool = True,
+) -> list[dict[str, Any]]:
+    """Train (unless ``train_variants`` is False: reuse their exports) and evaluate the variants; returns the rows."""
+    variants = VARIANTS if variants is None else variants
+    base = compose_run(list(overrides))
+    m = base.model
+    shared = [
+        f"model.{k}={'null' if m[k] is None else m[k]}"
+        for k in ("teacher_weights", "vae_weights", "syncnet_weights", "couplings_dir")
+    ]
+    exports = {}
+    for name, extra in variants.items():
+        export_dir = Path(base.paths.checkpoint_dir) / "ablation" / name
+        exports[name] = export_dir / "student_best.pt"
+        if train_variants:
+            run_dir = Path(base.paths.log_dir) / "student_ablation" / name
+            cfg = compose_run([*overrides, *shared, *extra, f"paths.checkpoint_dir={export_dir}", "task_name=student_ablation",
+                               "model.val_utterances=0"], run_dir)  # fmt: skip
+            log.info("ablation: training %s (%s)", name, " ".join(extra) or "defaults")
+            train(cfg)
+
+    teacher, tmeta = frozen_net(m.teacher_weights, "teacher")
+    vae, _ = frozen_net(m.vae_weights, "vae")
+    expert = (
+        frozen_net(m.syncnet_weights, "syncnet")[0] if m.syncnet_weights and Path(m.syncnet_weights).is_file() else None
+    )
+    dm = hydra.utils.instantiate(base.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("validate")
+    utts = [truncate(u, m.val_frames) for u in held_out_utterances(dm.val_dataloader().dataset, m.val_utterances)]
+    overlap = tmeta.get("overlap", 2) if m.overlap is None else m.overlap
+    tsched = NoiseSchedule(**{k: tmeta["schedule"][k] for k in SCHEDULE_KEYS}).scheduler.config
+    runs, info = {}, {}
+    for n in sorted(teacher_steps, reverse=True):  # the first run (most teacher steps) is the reference
+        runs[f"teacher{n}"] = partial(generate, teacher, make_scheduler=partial(make_sampler, tmeta["sampler"], tsched),
+                                      steps=n, guidance_scale=tmeta["guidance_scale"], overlap=overlap)  # fmt: skip
+        info[f"teacher{n}"] = {"model": "teacher", "steps": n, "identity": "", "temporal": "", "net": teacher}
+    for name, path in exports.items():
+        net, meta = frozen_net(path, "student")
+        vm = compose_run([*overrides, *variants[name]]).model
+        weights = {"identity": vm.identity_weight, "temporal": vm.temporal_weight}
+        for n in student_steps:
+            sampler = partial(student_sampler, NoiseSchedule(**meta["schedule"]).scheduler.config)
+            runs[f"{name}@{n}"] = partial(
+                generate, net, make_scheduler=sampler, steps=n, guidance_scale=1.0, overlap=overlap
+            )
+            info[f"{name}@{n}"] = {"model": f"student/{name}", "steps": n, **weights, "net": net}
+    regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (m.regions or {}).items()}}
+    metrics = compare(runs, utts, vae, dm.audio, regions, teacher.window, overlap, expert, m.eval_seed, m.eval_visemes)
+    size = dm.hparams.image_size // vae.downsample
+    shapes = (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames)
+    rows = []
+    for key, fn in runs.items():
+        r = {k: v for k, v in info[key].items() if k != "net"}
+        r.update(metrics[key], psnr_vs_teacher=metrics[key].get("psnr_vs_ref", float("nan")))
+        r["ms_per_frame"] = ms_per_frame(fn, info[key]["net"], vae, *shapes)
+        rows.append(r)
+    ref = rows[0]["ms_per_frame"]
+    for r in rows:
+        r["speedup"] = ref / r["ms_per_frame"]
+    out = Path(base.paths.outputs_dir) / "tables"
+    write_text(out / "student_ablation.md", markdown(rows, torch.get_num_threads()))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "student_ablation.csv", buf.getvalue())
+    log.info("ablation table -> %s\n%s", out / "student_ablation.md", markdown(rows, torch.get_num_threads()))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], threads: int) -> str:
+    """The table with a line on how the times were measured."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r.get(c, '')}" if not isinstance(r.get(c), float) else f"{r[c]:.3f}"
+                                       for c in COLUMNS) + " |")  # fmt: skip
+    note = (f"\nSame held-out utterances, noise and conditions for every row; psnr_vs_teacher: vs the first teacher row. "
+            f"ms_per_frame: end to end (audio encoder, all steps, VAE decoder), batch 1, CPU, {threads} threads, fp32; "
+            f"speedup vs the first row.\n")  # fmt: skip
+    return "\n".join(lines) + "\n" + note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-train", action="store_true", help="evaluate the variants' existing exports")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant (e.g. trainer.max_steps=1000)")
+    args = parser.parse_args()
+    run_ablation(args.overrides, train_variants=not args.no_train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Stage 3 (student): trajectory distillation, few-step sampling, frozen teacher, Lightning training and export."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from temposyncdiff.cli.train import train
+from temposyncdiff.diffusion.distill import student_sampler, student_timesteps, teacher_couplings, trajectory_loss
+from temposyncdiff.diffusion.sampling import make_sampler, sample
+from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.stages.student import generate
+from temposyncdiff.utils.weights import load_net, save_weights
+from tests.conftest import compose_config
+
+B, T, C, S = 2, 4, 4, 8
+AUDIO = {"n_mels": 80, "window": 16, "dim": 16, "context": 1, "num_visemes": 15, "width": 16}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_net(channels=(8, 16), seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    net = Denoiser(latent_channels=C, channels=channels, attention_levels=(1,), cross_attention_levels=(1,),
+                   temporal_levels=(0, 1), heads=2, cond_dim=16, audio_dim=16, window=T, audio_encoder=AUDIO)  # fmt: skip
+    with torch.no_grad():  # zero-initialised output layers would hide the conditioning from a fresh net
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return net
+
+
+def inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"ref_latent": torch.randn(B, C, S, S, generator=g), "audio_emb": torch.randn(B, T, 16, generator=g),
+            "visemes": torch.randint(0, 15, (B, T), generator=g)}  # fmt: skip
+
+
+class Counting:
+    def __init__(self, net):
+        self.net, self.calls, self.window = net, 0, net.window
+
+    def __call__(self, x, t, **cond):
+        self.calls += 1
+        return self.net(x, t, **cond)
+
+    def embed_audio(self, mel):
+        return self.net.embed_audio(mel)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_each_step_count_makes_that_many_net_calls(steps):
+    cfg = NoiseSchedule(prediction_type="sample").scheduler.config
+    assert student_timesteps(cfg, [1, 2, 4]).tolist() == [249, 499, 749, 999]
+    net = Counting(tiny_net().eval())
+    x = sample(net, (B, T, C, S, S), inputs(), student_sampler(cfg), steps, 1.0, torch.Generator().manual_seed(0))
+    assert net.calls == steps and torch.isfinite(x).all()
+    net.calls = 0  # a whole utterance of one window through the inference path (audio encoder, visemes from it)
+    generate(net, inputs()["ref_latent"], torch.randn(B, T, 80, 16), None, torch.Generator().manual_seed(0),
+             partial(student_sampler, cfg), steps, 1.0, 1)  # fmt: skip
+    assert net.calls == steps
+
+
+def test_couplings_are_the_teachers_ode_solution_and_the_student_overfits_them():
+    teacher, student = tiny_net(seed=0).eval().requires_grad_(False), tiny_net((8, 8), seed=1).train()
+    sch = NoiseSchedule(prediction_type="v_prediction")
+    cond, shape = inputs(), (B, T, C, S, S)
+    ddim = partial(make_sampler, "ddim", sch.scheduler.config)
+    noise, target = teacher_couplings(teacher, shape, cond, ddim(), 3, 2.0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(noise, torch.randn(shape, generator=g))
+    assert torch.equal(target, sample(teacher, shape, cond, ddim(), 3, 2.0, torch.Generator().manual_seed(5)))
+    student_sch = NoiseSchedule(prediction_type="sample")
+    grid, mask = student_timesteps(student_sch.scheduler.config, [1, 2, 4]), torch.ones(B, T, dtype=torch.bool)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        t = grid[torch.tensor([step % 4, (step + 2) % 4])]
+        loss, x0_hat = trajectory_loss(student, student_sch, noise, target, t, mask, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert x0_hat.shape == shape and sum(losses[-4:]) < 0.5 * sum(losses[:4])
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+TINY = ["experiment=quickstart/student", "data.batch_size=2", "data.num_workers=0", "data.persistent_workers=false",
+        "data.clip_len=4", "data.stride=8", "data.val_max_items=2", "data.cache_workers=1", "~callbacks.rich_progress_bar",
+        "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "model.net.channels=[8,8]", "model.net.cond_dim=16", "model.net.heads=2",
+        "model.net.attention_levels=[1]", "model.net.cross_attention_levels=[1]", "model.net.temporal_levels=[0,1]",
+        "model.net.audio_encoder.dim=16", "model.net.audio_encoder.width=16", "model.net.audio_encoder.context=1",
+        "model.teacher_steps=2", "model.teacher_eval_steps=2", "model.val_steps=[1,2]", "model.val_frames=6",
+        "model.val_utterances=2", "model.sample_videos=1", "model.coupling_batch=32"]  # fmt: skip
+
+
+def _setup(data_root, tmp_path, overrides=()):
+    """A tiny random VAE and teacher exported under tmp_path/ckpt, and the composed student config."""
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    save_weights(
+        ckpt / "vae_pretrained.pt",
+        "vae",
+        TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
+        {"scale_factor": 1.0},
+    )
+    sch = NoiseSchedule().scheduler.config
+    meta = {"schedule": {k: sch[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                                             "prediction_type", "timestep_spacing")},
+            "sampler": "ddim", "steps": 50, "guidance_scale": 2.0, "overlap": 1}  # fmt: skip
+    save_weights(ckpt / "teacher_best.pt", "teacher", tiny_net((16, 16)), meta)
+    cfg = compose_config("train", [*TINY, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}", *overrides],
+                         data_root, tmp_path / "run")  # fmt: skip
+    return cfg, ckpt
+
+
+def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
+    cfg, _ = _setup(data_root, tmp_path, ["model.identity_weight=0.1", "model.temporal_weight=0.1"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("stage")
+    model = hydra.utils.instantiate(model_cfg)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    model.setup("fit")
+    model.couplings("train", dm.train_dataloader().dataset)
+    out = model.distill_step(next(iter(dm.train_dataloader())))
+    out["loss"].backward()
+    teacher = model.frozen("teacher")
+    assert {"distill", "identity", "temporal", "viseme_ce"} <= set(out) and torch.isfinite(out["loss"])
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in model.net.parameters())
+    assert all(k.startswith("net.") for k in model.state_dict())  # teacher and VAE are not in checkpoints
+    assert {id(p) for p in model.parameters()}.isdisjoint(id(p) for p in teacher.parameters())
+    theirs = dict(teacher.audio.named_parameters())
+    assert all(torch.equal(p, theirs[k]) for k, p in model.net.audio.named_parameters())  # initialised from the teacher
+
+
+def test_student_trains_validates_and_exports(data_root, tmp_path):
+    cfg, ckpt = _setup(data_root, tmp_path)
+    train(cfg)
+    net, meta = load_net(ckpt / "student_best.pt", "student")
+    teacher, _ = load_net(ckpt / "teacher_best.pt", "teacher")
+    assert (ckpt / "student_last.pt").is_file() and list((ckpt / "couplings").glob("train-*.pt"))
+    assert meta["schedule"]["prediction_type"] == "sample" and meta["guidance_scale"] == 1.0 and meta["steps"] == 2
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in teacher.parameters())
+    x, t, cond = torch.randn(B, T, C, 16, 16), torch.tensor([999, 499]), inputs()
+    cond["ref_latent"] = torch.randn(B, C, 16, 16)
+    save_weights(tmp_path / "again.pt", "student", net, meta)  # export -> import -> export round trip
+    again, meta2 = load_net(tmp_path / "again.pt", "student")
+    assert meta2 == meta and torch.equal(net(x, t, **cond), again(x, t, **cond))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("net.") for k in state["state_dict"])
+    n_opt = sum(len(g["params"]) for g in state["optimizer_states"][0]["param_groups"])
+    assert n_opt == len(list(net.parameters()))  # the optimiser holds exactly the student (with its audio encoder)
+    assert list((tmp_path / "run" / "samples").rglob("*.mp4"))
+    header = next((tmp_path / "run" / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    for key in (
+        "val/loss",
+        "val/distill",
+        "val/student2/psnr_mouth",
+        "val/teacher2/psnr_mouth",
+        "val/student1/psnr_rec",
+        "val/student2/flicker",
+        "val/student2/psnr_vs_ref",
+    ):
+        assert key in header, key
+
+
+def test_ablation_writes_the_table(data_root, tmp_path):
+    from temposyncdiff.stages.student_ablation import run_ablation
+
+    _setup(data_root, tmp_path)
+    overrides = [*TINY[1:], f"paths.root_dir={data_root}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'logs'}",
+                 f"paths.outputs_dir={tmp_path / 'out'}", "extras.print_config=false", "trainer.max_steps=1",
+                 "trainer.val_check_interval=1"]  # fmt: skip
+    rows = run_ablation(overrides, {"full": [], "no_temporal": ["model.temporal_weight=0"]}, (1, 2), (2, 1))
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 2), ("teacher", 1), ("student/full", 1),
+                                                         ("student/full", 2), ("student/no_temporal", 1),
+                                                         ("student/no_temporal", 2)]  # fmt: skip
+    assert rows[3]["temporal"] > 0 and rows[5]["temporal"] == 0 and all(r["ms_per_frame"] > 0 for r in rows)
+    table = (tmp_path / "out" / "tables" / "student_ablation.md").read_text()
+    assert "student/no_temporal" in table and (tmp_path / "out" / "tables" / "student_ablation.csv").is_file()
