@@ -124,7 +124,9 @@ def generate_long(
         mask[:, :known] = True
         cond = {"ref_latent": ref_latent, "audio_emb": None if audio_emb is None else audio_emb[:, sl],
                 "visemes": None if visemes is None else visemes[:, sl], "motion": out[:, sl].clone(), "motion_mask": mask}  # fmt: skip
-        x = sample(denoise_fn, (b, window, *latent_shape), cond, make_scheduler(), steps, guidance_scale, generator, device)
+        x = sample(
+            denoise_fn, (b, window, *latent_shape), cond, make_scheduler(), steps, guidance_scale, generator, device
+        )
         out[:, start + known : start + window] = x[:, known:]
     return out[:, :num_frames]
 
@@ -142,4 +144,3 @@ def seam_error(frames: Tensor, borders: list[int]) -> dict[str, float]:
     border = float(diffs[at].mean()) if at.any() else float("nan")
     inside = float(diffs[~at].mean()) if (~at).any() else float("nan")
     return {"border": border, "inside": inside, "ratio": border / max(inside, 1e-12)}
-

@@ -43,7 +43,9 @@ class NoiseSchedule:
         self.num_train_timesteps = num_train_timesteps
         self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
 
-    def sample_timesteps(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
+    def sample_timesteps(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> Tensor:
         """``n`` uniform training timesteps (int64)."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
 

@@ -197,8 +197,12 @@ class Denoiser(nn.Module):
                 self.up.append(block(ch + skips.pop(), channels[i], i))
                 ch = channels[i]
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), _zero(nn.Conv2d(ch, latent_channels, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
+                )
+        self.out = nn.Sequential(
+            nn.GroupNorm(_groups(ch), ch), nn.SiLU(), _zero(nn.Conv2d(ch, latent_channels, 3, padding=1))
+        )
 
     def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         """Mel windows ``[B,T,n_mels,W]`` -> (audio embeddings ``[B,T,D]``, viseme logits) with the own encoder."""

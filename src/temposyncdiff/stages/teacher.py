@@ -160,7 +160,9 @@ class TeacherStage(StageModule):
             self._frozen["vae"] = _frozen(hp.vae_weights, "vae")
         vae = self._frozen["vae"]
         if vae.latent_channels != self.net.latent_channels:
-            raise UserError(f"{hp.vae_weights}: {vae.latent_channels} latent channels, model.net has {self.net.latent_channels}")
+            raise UserError(
+                f"{hp.vae_weights}: {vae.latent_channels} latent channels, model.net has {self.net.latent_channels}"
+            )
         if hp.syncnet_weights and os.path.isfile(hp.syncnet_weights) and "syncnet" not in self._frozen:
             self._frozen["syncnet"] = _frozen(hp.syncnet_weights, "syncnet")
         elif hp.sync_weight > 0 and "syncnet" not in self._frozen:
@@ -186,7 +188,9 @@ class TeacherStage(StageModule):
             return batch.latents, batch.ref_latent
         vae = self.frozen("vae")
         with torch.no_grad():
-            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(batch.reference)
+            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(
+                batch.reference
+            )
 
     def diffusion_step(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All training losses of one batch (random draws from ``generator`` when given)."""
@@ -284,7 +288,9 @@ class TeacherStage(StageModule):
             vis_swap = torch.full((n,), SILENCE, dtype=torch.long)
             vis_swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
             visemes = torch.stack([utt["visemes"], vis_swap]).to(dev) if hp.eval_visemes == "data" else None
-            ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
+            ref = (
+                utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
+            )
             z = self.generate(ref.to(dev)[None].expand(2, -1, -1, -1), torch.stack([mel_own, mel_swap]).to(dev),
                               visemes, gen)  # fmt: skip
             video = (self.decode(z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
@@ -303,7 +309,9 @@ class TeacherStage(StageModule):
                 for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
                     lse[key].update(*embed_clip(expert, frames.to(dev) * 2 - 1, mel))
             if video_dir is not None and i < hp.sample_videos:
-                self._write_sample(video_dir / f"{utt['id'].replace('/', '_')}.mp4", gt, video, (rows or {}).get(utt["id"]), audio)
+                self._write_sample(
+                    video_dir / f"{utt['id'].replace('/', '_')}.mp4", gt, video, (rows or {}).get(utt["id"]), audio
+                )
         out = {k: float(np.nanmean(v)) for k, v in acc.items()}
         out["psnr_mouth_gap"] = out["psnr_mouth"] - out["psnr_mouth_swap"]
         for key, metric in lse.items():
