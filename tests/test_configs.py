@@ -53,7 +53,9 @@ def test_groups_compose(option, tmp_path):
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_hparams_search_composes(search, tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=quickstart/vae", f"hparams_search={search}"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["experiment=quickstart/vae", f"hparams_search={search}"], return_hydra_config=True
+        )
     assert cfg.hydra.sweeper.params and cfg.optimized_metric.startswith("val/")
 
 

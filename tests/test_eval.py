@@ -15,7 +15,7 @@ from PIL import Image
 
 from temposyncdiff.cli.eval import evaluate
 from temposyncdiff.data.manifest import read_manifest
-from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.evaluation import GenerationScorer, denoise_from, load_clips, write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
@@ -27,14 +27,6 @@ from temposyncdiff.utils.weights import save_weights
 from tests.conftest import compose_config
 
 torch.set_num_threads(1)
-SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_schedule",
-    "beta_start",
-    "beta_end",
-    "prediction_type",
-    "timestep_spacing",
-)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from temposyncdiff.cli.infer import infer
 from temposyncdiff.data.audio import load_audio
 from temposyncdiff.data.video import probe, read_frames
-from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
@@ -29,8 +29,7 @@ def exports(tmp_path_factory):
                    cond_dim=32, audio_dim=16, window=4, audio_encoder={"dim": 16, "width": 16})  # fmt: skip
     schedule = dict(NoiseSchedule().scheduler.config)
     save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
-    meta = {"schedule": {k: schedule[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                                                   "prediction_type", "timestep_spacing")},
+    meta = {"schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
             "sampler": "ddim", "steps": 2, "guidance_scale": 1.0, "overlap": 1, "image_size": 32}  # fmt: skip
     save_weights(out / "teacher_best.pt", "teacher", net, meta)
     return out

@@ -177,6 +177,8 @@ def test_manifest_over_prepared_videos(prepared, tmp_path):
     from temposyncdiff.data.manifest import build_manifest, read_manifest
 
     _, out, _, _ = prepared
-    meta = build_manifest(out, tmp_path / "manifests", name="own", val_ratio=0.0, test_ratio=0.0, seed=123, log=lambda *_: None)
+    meta = build_manifest(
+        out, tmp_path / "manifests", name="own", val_ratio=0.0, test_ratio=0.0, seed=123, log=lambda *_: None
+    )
     rows = read_manifest(tmp_path / "manifests" / "own_train.jsonl")
     assert meta["counts"]["train"] == len(rows) == 3 and all(r["fps"] == 25.0 and r["width"] == 128 for r in rows)

@@ -15,6 +15,17 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+# the schedule settings an export stores so samplers can be rebuilt without the training config
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+)
+
+
 def _expand(x: Tensor, like: Tensor) -> Tensor:
     """``[B]`` -> broadcastable against ``like [B, ...]``."""
     return x.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))

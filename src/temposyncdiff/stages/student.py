@@ -45,7 +45,7 @@ from temposyncdiff.diffusion.distill import (
 )
 from temposyncdiff.diffusion.losses import identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
-from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.latency import time_call
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
@@ -55,15 +55,6 @@ from temposyncdiff.stages.base import StageModule, weights_digest
 from temposyncdiff.stages.teacher import DEFAULT_REGIONS, crop, held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
 from temposyncdiff.utils.weights import load_net
-
-SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_schedule",
-    "beta_start",
-    "beta_end",
-    "prediction_type",
-    "timestep_spacing",
-)
 
 
 def frozen_net(path: str, kind: str) -> tuple[nn.Module, dict]:
@@ -371,7 +362,10 @@ class StudentStage(StageModule):
         rank_zero_info(
             f"student: teacher couplings of {len(keys)} {split} clips ({hp.teacher_sampler}, {hp.teacher_steps} steps)"
         )
-        start, gen = time.perf_counter(), torch.Generator(self.device).manual_seed(hp.coupling_seed + (split != "train"))
+        start, gen = (
+            time.perf_counter(),
+            torch.Generator(self.device).manual_seed(hp.coupling_seed + (split != "train")),
+        )
         parts = [
             self._couple(b.to(self.device), gen) for b in DataLoader(dataset, hp.coupling_batch, collate_fn=collate)
         ]

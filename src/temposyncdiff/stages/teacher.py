@@ -35,7 +35,7 @@ from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
-from temposyncdiff.diffusion.schedule import NoiseSchedule
+from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.nets.denoiser import Denoiser
@@ -349,8 +349,7 @@ class TeacherStage(StageModule):
 
     def export_meta(self) -> dict[str, Any]:
         sch = self.schedule.scheduler.config
-        return {"schedule": {k: sch[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                                                 "prediction_type", "timestep_spacing")},
+        return {"schedule": {k: sch[k] for k in SCHEDULE_KEYS},
                 "sampler": self.hparams.sampler, "steps": self.hparams.steps,
                 "guidance_scale": self.hparams.guidance_scale, "overlap": self.hparams.overlap,
                 "vae_weights": str(self.hparams.vae_weights)}  # fmt: skip
