@@ -1,4 +1,4 @@
-"""Diffusion core: schedule vs diffusers, conditioning, guidance, samplers, prediction types, long-audio windows, losses."""
+"""Diffusion core: schedule, conditioning, guidance, samplers, prediction types, long-audio windows, losses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, region_weight, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import (
     generate_long,
     make_sampler,
@@ -33,8 +33,8 @@ def one_thread():
 
 def tiny_net(temporal: str = "attention", **kw) -> Denoiser:
     torch.manual_seed(0)
-    net = Denoiser(latent_channels=C, channels=(8, 16), attention_levels=(1,), cross_attention_levels=(1,),
-                   temporal=temporal, temporal_levels=(0, 1), heads=2, cond_dim=16, audio_dim=8, window=T, **kw)  # fmt: skip
+    levels = {"attention_levels": (1,), "cross_attention_levels": (1,), "temporal_levels": (0, 1)}
+    net = Denoiser(C, (8, 16), temporal=temporal, heads=2, cond_dim=16, audio_dim=8, window=T, **levels, **kw)
     with torch.no_grad():  # zero-initialised output layers would hide the conditioning from a fresh net
         for p in net.parameters():
             if not p.any():
@@ -73,8 +73,9 @@ def test_conditioning_changes_output(temporal):
 
     base = run()
     assert base.shape == (B, T, C, S, S) and torch.isfinite(base).all()
-    for change in ({"audio_emb": torch.zeros_like(cond["audio_emb"])}, {"ref_latent": torch.zeros_like(cond["ref_latent"])},
-                   {"visemes": torch.zeros_like(cond["visemes"])}, {"audio_emb": None, "visemes": None}):  # fmt: skip
+    zero = {k: torch.zeros_like(v) for k, v in cond.items()}
+    for change in ({"audio_emb": zero["audio_emb"]}, {"ref_latent": zero["ref_latent"]}, {"visemes": zero["visemes"]},
+                   {"audio_emb": None, "visemes": None}):  # fmt: skip
         assert (run(**change) - base).abs().max() > 1e-4, change
     # per-sample condition dropout equals the null condition for those samples only
     x, t = torch.randn(B, T, C, S, S), torch.tensor([10, 900])
@@ -196,6 +197,14 @@ def test_aux_losses_have_gradients():
     total.backward()
     assert torch.isfinite(total) and x0_hat.grad.abs().sum() > 0
     assert temporal_loss(x0, x0, mask) == 0
+    w = region_weight(S, S, (0.5, 1.0, 0.25, 0.75), 4.0)
+    assert w.sum() == S * S + 3 * (S // 2) ** 2
+    assert torch.allclose(
+        diffusion_loss(x0_hat, x0, mask, pixel_weight=torch.full((S, S), 3.0)), diffusion_loss(x0_hat, x0, mask)
+    )
+    outside = x0.clone()
+    outside[..., :2, :] += 1  # errors outside the weighted region count less
+    assert diffusion_loss(outside, x0, mask, pixel_weight=w) < diffusion_loss(outside, x0, mask)
     expert = SyncNet(image_size=32, frames=3, mel_window=12, width=8, dim=16).eval()
     frames = torch.rand(B, 6, 3, 32, 32, requires_grad=True)
     loss = sync_loss(expert, frames, torch.randn(B, 6, 80, 16), torch.ones(B, 6, dtype=torch.bool))

@@ -14,6 +14,7 @@ from temposyncdiff.diffusion.distill import student_sampler, student_timesteps, 
 from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.syncnet import SyncNet
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.student import generate
 from temposyncdiff.utils.weights import load_net, save_weights
@@ -123,6 +124,7 @@ def _setup(data_root, tmp_path, overrides=()):
                                              "prediction_type", "timestep_spacing")},
             "sampler": "ddim", "steps": 50, "guidance_scale": 2.0, "overlap": 1}  # fmt: skip
     save_weights(ckpt / "teacher_best.pt", "teacher", tiny_net((16, 16)), meta)
+    save_weights(ckpt / "syncnet.pt", "syncnet", SyncNet(image_size=64, frames=3, mel_window=12, width=8, dim=16), {})
     cfg = compose_config("train", [*TINY, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}", *overrides],
                          data_root, tmp_path / "run")  # fmt: skip
     return cfg, ckpt
@@ -151,7 +153,7 @@ def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
 
 
 def test_student_trains_validates_and_exports(data_root, tmp_path):
-    cfg, ckpt = _setup(data_root, tmp_path)
+    cfg, ckpt = _setup(data_root, tmp_path, ["model.val_frames=24"])  # LSE needs >= 20 windows
     train(cfg)
     net, meta = load_net(ckpt / "student_best.pt", "student")
     teacher, _ = load_net(ckpt / "teacher_best.pt", "teacher")
@@ -177,6 +179,8 @@ def test_student_trains_validates_and_exports(data_root, tmp_path):
         "val/student1/psnr_rec",
         "val/student2/flicker",
         "val/student2/psnr_vs_ref",
+        "val/student2/lse_c_gap",
+        "val/teacher2/lse_c_gt_gap",
     ):
         assert key in header, key
 

@@ -29,7 +29,8 @@ TINY = ["experiment=quickstart/teacher", "data.batch_size=2", "data.num_workers=
         "trainer.val_check_interval=2", "model.net.channels=[8,16]", "model.net.cond_dim=16", "model.net.heads=2",
         "model.net.attention_levels=[1]", "model.net.cross_attention_levels=[1]", "model.net.temporal_levels=[0,1]",
         "model.net.audio_encoder.dim=16", "model.net.audio_encoder.width=16", "model.steps=2", "model.overlap=1",
-        "model.val_utterances=2", "model.sample_videos=1", "model.temporal_weight=0.1", "model.identity_weight=0.1"]  # fmt: skip
+        "model.val_utterances=2", "model.sample_videos=1", "model.temporal_weight=0.1", "model.identity_weight=0.1",
+        "model.mouth_weight=2.0"]  # fmt: skip
 
 
 def _setup(data_root, tmp_path, latents: bool):

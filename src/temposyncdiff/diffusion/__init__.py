@@ -1,4 +1,4 @@
-"""Diffusion core: noise schedule and targets (``schedule``), losses (``losses``), samplers and long audio (``sampling``)."""
+"""Diffusion core: schedule and targets, losses, samplers with guidance, long-audio windows."""
 
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, sample, seam_error, window_plan
 from temposyncdiff.diffusion.schedule import NoiseSchedule

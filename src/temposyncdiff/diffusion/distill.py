@@ -64,10 +64,14 @@ def trajectory_loss(
     t: Tensor,
     mask: Tensor,
     cond: dict,
+    pixel_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(MSE of the student's x0 at the interpolant ``x_t`` of ``(noise, target)`` vs ``target`` over ``mask``, x0)."""
+    """(MSE of the student's x0 at the interpolant ``x_t`` of ``(noise, target)`` vs ``target`` over ``mask``, x0).
+
+    ``pixel_weight [h,w]`` emphasises regions (``losses.region_weight``).
+    """
     x0_hat = student(schedule.add_noise(target, noise, t), t, **cond)
-    return diffusion_loss(x0_hat, target, mask), x0_hat
+    return diffusion_loss(x0_hat, target, mask, pixel_weight=pixel_weight), x0_hat
 
 
 @dataclass

@@ -22,13 +22,28 @@ def _masked_mean(err: Tensor, mask: Tensor, weight: Tensor | None = None) -> Ten
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
-def diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
-    """MSE between prediction and target over frames where ``mask [B,T]`` is True (real, not given)."""
-    return _masked_mean((pred - target).pow(2).flatten(2).mean(-1), mask, weight)
+def diffusion_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, weight: Tensor | None = None, pixel_weight: Tensor | None = None
+) -> Tensor:
+    """MSE between prediction and target over frames where ``mask [B,T]`` is True (real, not given).
+
+    ``weight [B]`` scales samples (e.g. min-SNR); ``pixel_weight [h,w]`` (mean-normalised here) emphasises regions.
+    """
+    err = (pred - target).pow(2)
+    if pixel_weight is not None:
+        err = err * (pixel_weight / pixel_weight.mean())
+    return _masked_mean(err.flatten(2).mean(-1), mask, weight)
+
+
+def region_weight(height: int, width: int, box: tuple[float, float, float, float], factor: float) -> Tensor:
+    """``[height, width]`` map: ``factor`` inside ``box`` (top, bottom, left, right fractions), 1 elsewhere."""
+    w = torch.ones(height, width)
+    w[region_rows(height, box[:2]), region_rows(width, box[2:])] = factor
+    return w
 
 
 def region_rows(height: int, rows: tuple[float, float]) -> slice:
-    """Row slice for fractions ``(top, bottom)`` of ``height``."""
+    """Index slice for fractions ``(start, end)`` of ``height`` (at least one row)."""
     return slice(round(rows[0] * height), max(round(rows[1] * height), round(rows[0] * height) + 1))
 
 

@@ -122,8 +122,13 @@ def generate_long(
         sl = slice(start, start + window)
         mask = torch.zeros(b, window, dtype=torch.bool, device=device)
         mask[:, :known] = True
-        cond = {"ref_latent": ref_latent, "audio_emb": None if audio_emb is None else audio_emb[:, sl],
-                "visemes": None if visemes is None else visemes[:, sl], "motion": out[:, sl].clone(), "motion_mask": mask}  # fmt: skip
+        cond = {
+            "ref_latent": ref_latent,
+            "audio_emb": None if audio_emb is None else audio_emb[:, sl],
+            "visemes": None if visemes is None else visemes[:, sl],
+            "motion": out[:, sl].clone(),
+            "motion_mask": mask,
+        }
         x = sample(
             denoise_fn, (b, window, *latent_shape), cond, make_scheduler(), steps, guidance_scale, generator, device
         )

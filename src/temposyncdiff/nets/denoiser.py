@@ -161,7 +161,7 @@ class Denoiser(nn.Module):
                            attention_levels=list(attention_levels), cross_attention_levels=list(cross_attention_levels),
                            temporal=temporal, temporal_levels=list(temporal_levels), heads=heads, cond_dim=cond_dim,
                            audio_dim=audio_dim, num_visemes=num_visemes, window=window, motion_frames=motion_frames,
-                           dropout=dropout, audio_encoder=None if audio_encoder is None else dict(audio_encoder))  # fmt: skip
+                           dropout=dropout, audio_encoder=dict(audio_encoder) if audio_encoder else None)  # fmt: skip
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
         self.audio = AudioEncoder(**audio_encoder) if audio_encoder is not None else None
@@ -175,8 +175,9 @@ class Denoiser(nn.Module):
         self.rel_frame = nn.Parameter(torch.randn(2 * window - 1, cond_dim) * 0.02)
 
         def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
-            return Block(cin, cout, cond_dim, heads, level in attention_levels if spatial is None else spatial,
-                         level in cross_attention_levels, temporal if level in temporal_levels else None, dropout)  # fmt: skip
+            spatial = level in attention_levels if spatial is None else spatial
+            tmp = temporal if level in temporal_levels else None
+            return Block(cin, cout, cond_dim, heads, spatial, level in cross_attention_levels, tmp, dropout)
 
         in_ch = latent_channels * (3 if motion_frames else 2) + int(motion_frames)
         self.stem = nn.Conv2d(in_ch, channels[0], 3, padding=1)
@@ -247,7 +248,7 @@ class Denoiser(nn.Module):
             mask = x_t.new_zeros(b, n) if motion_mask is None else motion_mask.to(x_t.dtype)
             m = mask[..., None, None, None]
             known = x_t.new_zeros(x_t.shape) if motion is None else motion * m
-            # known frames: the net sees their clean latents only (their noisy input differs between training and sampling)
+            # known frames: the net sees only their clean latents (their noisy input differs in training and sampling)
             inputs = [x_t * (1 - m), inputs[1], known, m.expand(-1, -1, 1, h, w)]
         x = self.stem(torch.cat(inputs, dim=2).flatten(0, 1))
         skips = [x]

@@ -43,7 +43,7 @@ from temposyncdiff.diffusion.distill import (
     teacher_couplings,
     trajectory_loss,
 )
-from temposyncdiff.diffusion.losses import identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import identity_loss, region_weight, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -122,13 +122,15 @@ def compare(
     """Metrics per run; every run generates each utterance with its own and the next one's audio from the same noise.
 
     ``runs[name](ref_latent [2,C,h,w], mel [2,N,n_mels,W], visemes [2,N] | None, generator) -> latents``; the first
-    run is the reference that the others are also compared with (``psnr_vs_ref``). Latents of runs named in
+    run is the reference that the others are also compared with (``psnr_vs_ref``). With an ``expert``: LSE of each
+    run's own- and swapped-audio videos against the own audio, and ``lse_c_gt[_gap]`` of the ground truth (its
+    gap: the truth scored with its own minus with the other utterance's audio). Latents of runs named in
     ``cached`` are kept in (and reused from) ``cache``. ``window``/``overlap``: the generation windows (for seams).
     Videos: truth | each run (own audio), with the audio track.
     """
     dev = next(vae.parameters()).device
     acc: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
-    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in runs} if expert is not None else {}
+    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in [*runs, "truth"]} if expert is not None else {}
     first = next(iter(runs))
 
     def add(name: str, key: str, values: Tensor | float) -> None:
@@ -148,6 +150,12 @@ def compare(
         ref = ref.to(dev)[None].expand(2, -1, -1, -1)
         gt, rec = (utt["frames"] + 1) / 2, (decode(vae, latents.to(dev)).cpu() + 1) / 2
         borders = window_borders(window_plan(max(n, window), window, overlap))
+        if expert is not None:  # ground truth scored with its own and with the other utterance's audio
+            audio_mel = torch.from_numpy(utt["mel"]).T.to(dev)
+            lse["truth"][""].update(*embed_clip(expert, utt["frames"].to(dev), audio_mel))
+            lse["truth"]["_swap"].update(
+                *embed_clip(expert, utt["frames"].to(dev), torch.from_numpy(other["mel"]).T.to(dev))
+            )
         own: dict[str, Tensor] = {}
         for name, fn in runs.items():
             key = f"{name}/{utt['id']}"
@@ -171,7 +179,6 @@ def compare(
             if name != first:
                 add(name, "psnr_vs_ref", _psnr(video[0], own[first]))
             if expert is not None:
-                audio_mel = torch.from_numpy(utt["mel"]).T.to(dev)
                 for suffix, frames in (("", video[0]), ("_swap", video[1])):
                     lse[name][suffix].update(*embed_clip(expert, frames.to(dev) * 2 - 1, audio_mel))
         if video_dir is not None and i < sample_videos:
@@ -181,16 +188,18 @@ def compare(
                 (rows or {}).get(utt["id"]),
                 audio,
             )
+    res = {name: {k: v.compute() for k, v in m.items()} for name, m in lse.items()}
     out = {}
     for name, values in acc.items():
         m = {k: float(np.nanmean(v)) for k, v in values.items()}
         m["psnr_mouth_gap"] = m["psnr_mouth"] - m["psnr_mouth_swap"]
         m["flicker_gap"] = m["flicker"] - m["flicker_gt"]
-        for suffix, metric in lse.get(name, {}).items():
-            r = metric.compute()
+        for suffix, r in res.get(name, {}).items():
             m[f"lse_c{suffix}"], m[f"lse_d{suffix}"] = float(r["lse_c"]), float(r["lse_d"])
-        if name in lse:
+        if name in res:
+            truth = {k: float(r["lse_c"]) for k, r in res["truth"].items()}
             m["lse_c_gap"] = m["lse_c"] - m["lse_c_swap"]
+            m["lse_c_gt"], m["lse_c_gt_gap"] = truth[""], truth[""] - truth["_swap"]
         out[name] = m
     return out
 
@@ -248,6 +257,7 @@ class StudentStage(StageModule):
         train_steps: tuple[int, ...] = (1, 2, 4),
         steps: int = 2,
         viseme_weight: float = 0.1,
+        mouth_weight: float = 1.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
@@ -422,7 +432,12 @@ class StudentStage(StageModule):
             "motion": x0,
             "motion_mask": known,
         }
-        distill, x0_hat = trajectory_loss(self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond)
+        pixel_weight = None
+        if hp.mouth_weight != 1.0:
+            pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight).to(self.device)
+        distill, x0_hat = trajectory_loss(
+            self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight
+        )
         out = {"distill": distill,
                "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0}  # fmt: skip
         full = torch.where(

@@ -33,7 +33,7 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.data.dataset import clip_mel_windows
 from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
-from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, region_weight, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -126,6 +126,7 @@ class TeacherStage(StageModule):
         motion_prob: float = 0.5,
         audio_visemes_prob: float = 0.2,
         viseme_weight: float = 0.1,
+        mouth_weight: float = 1.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
@@ -212,8 +213,14 @@ class TeacherStage(StageModule):
         x_t = sch.add_noise(x0, noise, ts)
         pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop)
         target_mask = mask & ~known
-        out = {"diffusion": diffusion_loss(pred, sch.target(x0, noise, ts), target_mask, sch.loss_weight(ts)),
-               "viseme_ce": viseme_ce}  # fmt: skip
+        pixel_weight = None
+        if hp.mouth_weight != 1.0:
+            pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight).to(self.device)
+        target = sch.target(x0, noise, ts)
+        out = {
+            "diffusion": diffusion_loss(pred, target, target_mask, sch.loss_weight(ts), pixel_weight),
+            "viseme_ce": viseme_ce,
+        }
         if hp.identity_weight or hp.temporal_weight or hp.sync_weight:
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
@@ -245,8 +252,15 @@ class TeacherStage(StageModule):
 
     # ---- end-to-end sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator | None = None,
-                 steps: int | None = None, guidance_scale: float | None = None) -> Tensor:  # fmt: skip
+    def generate(
+        self,
+        ref_latent: Tensor,
+        mel_windows: Tensor,
+        visemes: Tensor | None,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
         """Latents ``[B,N,C,h,w]`` for references ``[B,C,h,w]`` and whole-utterance mel windows ``[B,N,n_mels,W]``.
 
         ``visemes`` None: the audio encoder's own viseme tokens (as at inference without a transcript).
