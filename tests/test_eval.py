@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from temposyncdiff.cli.eval import evaluate
+from temposyncdiff.cli.pipeline import key_numbers
 from temposyncdiff.data.manifest import read_manifest
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.evaluation import GenerationScorer, denoise_from, load_clips, write_outputs
@@ -107,6 +108,9 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
         with Image.open(out / "plots" / f"{name}.png") as im:
             assert im.format == "PNG" and im.width > 100 and im.height > 100
     assert not list(out.rglob(".*"))  # no temporary files left
+    lines = key_numbers(out / "metrics" / "eval_report.json")  # tsd-pipeline's closing summary
+    assert {line.split()[0] for line in lines[1:]} == {"teacher@1", "teacher@2", "ground_truth"}
+    assert all("mouth PSNR" in line and "swapped" in line for line in lines[1:] if "teacher" in line)
 
 
 def test_load_clips_reference_and_fallback(data_root, tmp_path):

@@ -84,10 +84,27 @@ def pipeline(cfg: DictConfig) -> dict:
     lines = [f"pipeline '{cfg.experiment}' finished in {elapsed:.1f} s:"] + [
         f"  {s['step']:<9} {s['status']:<20} {', '.join(s['outputs'])}" for s in summary
     ]
+    results = {k: str(v) for k, v in cfg.get("results", {}).items() if Path(v).exists()}
+    numbers = key_numbers(Path(cfg.results.eval_report)) if "eval_report" in results else []
+    lines += ["results:"] + [f"  {k:<12} {v}" for k, v in results.items()] + numbers
     log.info("\n".join(lines))
-    report = {"experiment": cfg.experiment, "seconds": round(elapsed, 1), "steps": summary}
+    report = {"experiment": cfg.experiment, "seconds": round(elapsed, 1), "steps": summary, "results": results}
     write_json(stamps / "summary.json", report)
     return report
+
+
+def key_numbers(eval_report: Path) -> list[str]:
+    """One line per generation run of the eval report: mouth PSNR, LSE-C own vs swapped audio, speed."""
+    from temposyncdiff.evaluation import table_rows
+
+    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
+              ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
+    lines = ["key numbers (test split):"]
+    for r in table_rows(json.loads(eval_report.read_text()))[0]:
+        if r.get("status") == "ok":
+            parts = [fmt.format(r[k]) for k, fmt in fields if isinstance(r.get(k), int | float)]
+            lines.append(f"  {r['run']:<14} " + "  ".join(parts))
+    return lines
 
 
 def main() -> None:
