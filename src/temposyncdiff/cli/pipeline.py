@@ -41,15 +41,21 @@ def is_current(step: DictConfig, stamp: Path) -> bool:
     )
 
 
-def run_step(step: DictConfig, root: Path) -> float:
-    """Run one step's command with this environment's console scripts; raise with its log path on failure."""
+def run_step(step: DictConfig, root: Path, heartbeat_s: float = 60.0) -> float:
+    """Run one step's command with this environment's console scripts (a line every ``heartbeat_s``); raise with its log on failure."""
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / step.cmd[0]), *map(str, step.cmd[1:]), f"paths.root_dir={root}", "extras.print_config=false"]
     log_path = Path(root) / "logs" / "pipeline" / f"{step.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as out:
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while True:
+            try:
+                code = proc.wait(timeout=heartbeat_s)
+                break
+            except subprocess.TimeoutExpired:
+                log.info("[%s] still running (%.0f s; log: %s)", step.name, time.perf_counter() - start, log_path)
     if code != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
         raise UserError(f"step '{step.name}' failed (exit {code}); full log: {log_path}\n{tail}")
