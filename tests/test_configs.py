@@ -54,8 +54,10 @@ def test_groups_compose(option, tmp_path):
 def test_hparams_search_composes(search, tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
-            "train", overrides=["experiment=quickstart/vae", f"hparams_search={search}"], return_hydra_config=True
-        )
+            "train",
+            overrides=[f"experiment=quickstart/{search.split('_')[0]}", f"hparams_search={search}"],
+            return_hydra_config=True,
+        )  # each search belongs to the stage its name starts with
     assert cfg.hydra.sweeper.params and cfg.optimized_metric.startswith("val/")
 
 

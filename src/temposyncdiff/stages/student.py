@@ -486,6 +486,7 @@ class StudentStage(StageModule):
     def on_validation_epoch_start(self) -> None:
         # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
         hp = self.hparams
+        self.sample_paths: list[Path] = []  # this validation's mp4s, published by callbacks.SampleVideos
         if self.trainer.sanity_checking or not hp.val_utterances:
             return
         utts = [
@@ -501,10 +502,7 @@ class StudentStage(StageModule):
         metrics = compare(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utts, self.frozen("vae"), dm.audio,
                           self.regions, self.net.window, self.overlap, self.frozen("syncnet"), hp.eval_seed, hp.eval_visemes, video_dir, rows,
                           hp.sample_videos, self._teacher_eval, {teacher})  # fmt: skip
-        for logger in self.loggers:
-            if hasattr(logger, "log_video"):  # W&B
-                for path in sorted(video_dir.glob("*.mp4")):
-                    logger.log_video(f"val/sample_{path.stem}", [str(path)], step=self.global_step)
+        self.sample_paths = sorted(video_dir.glob("*.mp4"))
         flat = {f"val/{run}/{k}": v for run, m in metrics.items() for k, v in m.items() if math.isfinite(v)}
         self.log_dict(flat)
         rank_zero_info("student val: " + "; ".join(f"{run}: psnr_mouth={m['psnr_mouth']:.2f} psnr={m['psnr']:.2f} "

@@ -343,12 +343,10 @@ class TeacherStage(StageModule):
             wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(gt) * audio.sample_rate / audio.fps)))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
-        for logger in self.loggers:
-            if hasattr(logger, "log_video"):  # W&B
-                logger.log_video(f"val/sample_{path.stem}", [str(path)], step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
+        self.sample_paths: list[Path] = []  # this validation's mp4s, published by callbacks.SampleVideos
         if self.trainer.sanity_checking or not self.hparams.val_utterances:
             return
         dm = self.trainer.datamodule
@@ -358,6 +356,7 @@ class TeacherStage(StageModule):
         rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
         video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
         metrics = self.evaluate(utts, dm.audio, video_dir, rows)
+        self.sample_paths = sorted(video_dir.glob("*.mp4"))
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if math.isfinite(v)}, prog_bar=False)
         rank_zero_info("teacher val: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
 
