@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = REPO / "notebooks"
 
 
-def run_notebook(name: str, **params) -> list:
-    """Execute ``notebooks/<name>`` in its folder (as Jupyter would) with ``params`` overriding its parameters."""
+def run_notebook(name: str, tmp: Path, **params) -> list:
+    """Execute ``notebooks/<name>`` in its folder (as Jupyter would), temporary files under ``tmp``, with ``params``
+    overriding its parameters."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     (at,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items())))
@@ -29,7 +31,12 @@ def run_notebook(name: str, **params) -> list:
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     )
     client.execute(
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+        env={
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "OMP_NUM_THREADS": "1",
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        }
     )
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
 
@@ -49,7 +56,7 @@ def test_committed_notebooks_have_no_outputs(path):
 
 
 def test_explore_corpus_notebook(tmp_path):
-    outputs = run_notebook("01_explore_corpus.ipynb")  # synthesises its own tiny corpus
+    outputs = run_notebook("01_explore_corpus.ipynb", tmp_path)  # synthesises its own tiny corpus
     assert "2 utterances" in text(outputs) and "visemes match the ground truth" in text(outputs)
     assert images(outputs) == 2  # frames; mel + words + viseme tracks
 
@@ -76,7 +83,7 @@ def test_read_a_run_notebook(data_root, tmp_path):
         json.dumps({"generation": {"results": {"student@2": result}, "ground_truth": {"lip_sync": gt_lse}}})
     )
 
-    outputs = run_notebook("02_read_a_run.ipynb", run_dir=str(run), eval_report=str(report))
+    outputs = run_notebook("02_read_a_run.ipynb", tmp_path, run_dir=str(run), eval_report=str(report))
     assert "1 sample videos at step 2" in text(outputs) and "| student@2 | 2 | ddim |" in text(outputs)
     assert any("text/html" in o.get("data", {}) and "<video" in o["data"]["text/html"] for o in outputs)
     assert images(outputs) == 2  # curves; sample frames
