@@ -1,4 +1,4 @@
-"""tsd-infer ref_image=<image> audio=<file> [run_name=...]: reference image + speech -> outputs/samples/<run_name>/."""
+"""tsd-infer ref_image=<image> audio=<file> [run_name=...] [runtime=onnx]: reference image + speech -> outputs/samples/<run_name>/."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def infer(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     pipe = TalkingHeadPipeline.from_checkpoints(cfg.checkpoint, cfg.vae, kind=cfg.stage, steps=cfg.steps, sampler=cfg.sampler,
                                                 guidance_scale=cfg.guidance_scale, device=cfg.device, seed=cfg.seed,
-                                                detector=cfg.detector)  # fmt: skip
+                                                detector=cfg.detector, runtime=cfg.runtime, onnx_dir=cfg.onnx_dir,
+                                                onnx_threads=cfg.threads)  # fmt: skip
     wave = load_speech(cfg.audio, pipe.audio.sample_rate)
     num_frames = num_output_frames(len(wave), pipe.audio.sample_rate, cfg.fps)
     visemes = load_visemes_for(num_frames, cfg.fps, transcript=cfg.transcript, viseme_file=cfg.viseme_file)
@@ -41,7 +42,7 @@ def infer(cfg: DictConfig) -> dict:
     def summary() -> dict:
         return {
             "ref_image": str(cfg.ref_image), "audio": str(cfg.audio), "checkpoint": str(cfg.checkpoint),
-            "stage": cfg.stage, "sampler": pipe.sampler, "steps": pipe.steps, "guidance_scale": pipe.guidance_scale,
+            "stage": cfg.stage, "runtime": cfg.runtime, "sampler": pipe.sampler, "steps": pipe.steps, "guidance_scale": pipe.guidance_scale,
             "device": str(pipe.device), "threads": torch.get_num_threads(), "platform": platform.platform(),
             "face": {"method": face.method, "box": list(face.box)}, "fps": cfg.fps,
             "audio_seconds": round(len(wave) / pipe.audio.sample_rate, 3),

@@ -22,6 +22,7 @@ import torch
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.diffusion.sampling import make_sampler, sample
+from temposyncdiff.errors import UserError
 from temposyncdiff.inference.inputs import ReferenceFace, prepare_reference
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
@@ -51,7 +52,10 @@ class Timings:
 
 
 class TalkingHeadPipeline:
-    """A denoiser (student or teacher) + the VAE decoder + the denoiser's own audio encoder."""
+    """A denoiser (student or teacher) + the VAE decoder + the denoiser's own audio encoder.
+
+    The nets are torch modules or their onnxruntime stand-ins (``temposyncdiff.export.onnx``).
+    """
 
     def __init__(
         self,
@@ -87,12 +91,32 @@ class TalkingHeadPipeline:
 
     @classmethod
     def from_checkpoints(
-        cls, denoiser: str | Path, vae: str | Path | None = None, kind: str = "student", **overrides: Any
+        cls,
+        denoiser: str | Path,
+        vae: str | Path | None = None,
+        kind: str = "student",
+        runtime: str = "torch",
+        onnx_dir: str | Path | None = None,
+        onnx_threads: int | None = None,
+        **overrides: Any,
     ) -> TalkingHeadPipeline:
-        """Load exports (``student_best.pt`` or ``teacher_best.pt`` + ``vae_pretrained.pt``); meta gives defaults."""
+        """Load exports (``student_best.pt`` or ``teacher_best.pt`` + ``vae_pretrained.pt``); meta gives defaults.
+
+        ``runtime="onnx"`` runs the nets with onnxruntime on CPU (``onnx_threads`` intra-op threads) from
+        ``tsd-export``'s graphs of these files in ``onnx_dir`` (default: ``onnx/<kind>`` beside the checkpoint).
+        """
+        if runtime not in ("torch", "onnx"):
+            raise UserError(f"unknown runtime {runtime!r} (torch | onnx)")
+        if runtime == "onnx" and torch.device(overrides.get("device") or "cpu").type != "cpu":
+            raise UserError("runtime=onnx runs on the CPU: use device=cpu")
         net, meta = load_net(denoiser, kind)
         vae_path = vae or meta.get("vae_weights") or Path(denoiser).with_name("vae_pretrained.pt")
         vae_net, vae_meta = load_net(vae_path, "vae")
+        if runtime == "onnx":
+            from temposyncdiff.export.onnx import load_onnx
+
+            onnx_dir = onnx_dir or Path(denoiser).with_name("onnx") / kind
+            net, vae_net = load_onnx(onnx_dir, denoiser, vae_path, kind, onnx_threads)
         settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "sampler_kwargs": meta.get("sampler_kwargs"),
                     "steps": meta.get("steps", 2),
                     "guidance_scale": meta.get("guidance_scale", 1.0), "overlap": meta.get("overlap", 2),

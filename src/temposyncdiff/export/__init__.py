@@ -1,0 +1,1 @@
+"""Export of the inference nets for other runtimes (ONNX + onnxruntime)."""
