@@ -1,26 +1,62 @@
-"""Latency measurement: warm-up, repeats, medians and spread, CUDA sync, threads, dtype, peak memory."""
+"""Latency measurement: timing (warm-up, repeats, medians and spread, CUDA sync), threads, dtype, FLOPs and the
+machine's matmul peak, and the generation path (audio features -> audio encoder -> sampler -> VAE decoder) timed
+per component and end to end on one steady-state window, under each runtime in ``RUNTIMES``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import functools
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.diffusion.sampling import make_sampler, sample
+from temposyncdiff.inference.pipeline import MARGIN_FRAMES
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.vae import TinyVAE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPONENTS = ("audio_features", "audio_encoder", "denoiser", "decoder", "end_to_end")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+# ---- machine ----------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What every latency number depends on besides its own setting (load average: the machine may be shared)."""
+    return {"device": device_name(device), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None, "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+
 @contextmanager
-def num_threads(n: int | None):
+def num_threads(n: int | None) -> Iterator[None]:
     """Temporarily set torch's intra-op threads (None = leave as is)."""
     old = torch.get_num_threads()
     if n:
@@ -31,60 +67,234 @@ def num_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Median and spread (p10/p90) of ``fn``'s wall time in ms, synchronising CUDA around each call."""
+def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else nullcontext()
+
+
+# ---- timing and counting ------------------------------------------------------------------------------------------
+def time_call(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10, budget_s: float | None = None
+) -> dict[str, float]:
+    """Median and spread (p10/p90) of ``fn``'s wall time in ms, synchronising CUDA around each call.
+
+    ``budget_s`` ends the warm-up (after one call) and the repeats (after three) once that many seconds are spent.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    begin = time.perf_counter()
     for _ in range(warmup):
         fn()
-    sync()
-    times = []
+        sync()
+        if budget_s is not None and time.perf_counter() - begin > budget_s:
+            break
+    times: list[float] = []
+    begin = time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
+        if budget_s is not None and len(times) >= 3 and time.perf_counter() - begin > budget_s:
+            break
     times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return {
-        "median_ms": statistics.median(times),
-        "p10_ms": q[0],
-        "p90_ms": q[-1],
-        "min_ms": times[0],
-        "repeats": repeats,
-    }
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": times[0],
+            "repeats": len(times)}  # fmt: skip
 
 
-def bench_module(
-    name: str,
-    fn: Callable[[torch.Tensor], Any],
-    make_input: Callable[[int], torch.Tensor],
-    params: int,
-    batch_sizes: list[int],
-    threads: list[int | None],
-    dtype: str,
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    frames_per_item: int = 1,
-) -> list[dict[str, Any]]:
-    """Time ``fn(make_input(batch))`` for every batch size and thread count; one row per setting."""
-    rows = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    for n in threads if device.type == "cpu" else [None]:
-        for batch in batch_sizes:
-            x = make_input(batch).to(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with num_threads(n), torch.inference_mode(), autocast:
-                stats = time_call(lambda: fn(x), device, warmup, repeats)  # noqa: B023
-            frames = batch * frames_per_item
-            rows.append({
-                "component": name, "batch": batch, "threads": n or torch.get_num_threads(), "dtype": dtype,
-                "device": device_name(device), "params": params, **stats, "ms_per_frame": stats["median_ms"] / frames,
-                "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            })  # fmt: skip
-    return rows
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call as torch's FlopCounterMode counts them (matmuls, convolutions, attention)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@functools.cache
+def matmul_peak(device: str, dtype: str, threads: int | None, size: int = 1024) -> float:
+    """GFLOP/s of the fastest of a few ``size``-square matmuls in ``dtype``: the machine's practical peak."""
+    dev = torch.device(device)
+    a, b = (torch.randn(size, size, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
+    with num_threads(threads), torch.inference_mode():
+        ms = time_call(lambda: a @ b, dev, warmup=2, repeats=5)["min_ms"]
+    return 2 * size**3 / ms / 1e6
 
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---- runtimes ---------------------------------------------------------------------------------------------------
+class Nets(NamedTuple):
+    """The generation path's nets as callables: a runtime's stand-ins for the torch modules."""
+
+    audio_encoder: Callable[[Tensor], tuple[Tensor, Tensor]]  # mel windows -> (embeddings, viseme logits)
+    denoiser: Callable[..., Tensor]  # Denoiser.forward
+    decoder: Callable[[Tensor], Tensor]  # TinyVAE.from_latent
+
+
+def eager(net: Denoiser, vae: TinyVAE) -> Nets:
+    return Nets(net.embed_audio, net, vae.from_latent)
+
+
+def compiled(net: Denoiser, vae: TinyVAE) -> Nets:
+    # fresh graphs for each setting: past dynamo's recompile limit a reused function falls back to eager silently
+    torch._dynamo.reset()
+    return Nets(*(torch.compile(fn) for fn in eager(net, vae)))
+
+
+# runtime name -> factory of the nets' callables, built once per setting (batch, dtype, threads)
+RUNTIMES: dict[str, Callable[[Denoiser, TinyVAE], Nets]] = {"eager": eager, "compile": compiled}
+
+
+# ---- the generation path ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    runtime: str
+    dtype: str
+    threads: int | None  # None: leave torch's threads as they are (CUDA)
+    batch: int
+
+
+class GenerationPath:
+    """TalkingHeadPipeline's work for one steady-state window of ``batch`` streams, per component and end to end.
+
+    A window covers the net's ``window`` frames, the first ``overlap`` known (the previous window's motion frames),
+    so it yields ``window - overlap`` new frames per stream: per-frame numbers divide by those. Audio features
+    span the window plus the pipeline's ``MARGIN_FRAMES`` on both sides, as ``TalkingHeadPipeline.conditions``;
+    only the new frames are decoded. ``guidance_scale != 1`` makes two net calls per sampler step.
+    """
+
+    def __init__(self, net: Denoiser, vae: TinyVAE, schedule: dict, sampler: str = "ddim",
+                 sampler_kwargs: dict | None = None, guidance_scale: float = 1.0, overlap: int = 2,
+                 latent_size: int = 16) -> None:  # fmt: skip
+        if net.audio is None:
+            raise ValueError("the denoiser has no audio encoder")
+        if not 0 <= overlap < net.window:
+            raise ValueError(f"overlap {overlap} must be in [0, window={net.window})")
+        self.net, self.vae, self.schedule, self.sampler = net.eval(), vae.eval(), dict(schedule), sampler
+        self.sampler_kwargs, self.guidance_scale = dict(sampler_kwargs or {}), guidance_scale
+        self.window, self.overlap, self.latent_size = net.window, overlap, latent_size
+        self.frames = self.window - overlap
+        self.calls_per_step = 1 if guidance_scale == 1.0 else 2
+        enc = net.audio.config
+        self.features = AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
+
+    def params(self) -> dict[str, int]:
+        audio = param_count(self.net.audio)
+        out = {"audio_features": 0, "audio_encoder": audio, "denoiser": param_count(self.net) - audio,
+               "decoder": param_count(self.vae.decoder)}  # fmt: skip
+        return out | {"end_to_end": sum(out.values())}
+
+    def mel_windows(self, wave: Tensor, device: torch.device) -> Tensor:
+        """Waveforms ``[B, S]`` -> mel windows ``[B, window + 2 * margin, n_mels, W]`` on ``device``."""
+        n = self.window + 2 * MARGIN_FRAMES
+        return torch.stack([self.features.frame_windows(self.features.log_mel(w), n) for w in wave]).to(device)
+
+    def conditions(self, nets: Nets, mel: Tensor) -> dict[str, Tensor]:
+        emb, logits = nets.audio_encoder(mel)
+        inner = slice(MARGIN_FRAMES, MARGIN_FRAMES + self.window)
+        return {"audio_emb": emb[:, inner], "visemes": logits[:, inner].argmax(-1)}
+
+    def decode(self, nets: Nets, latents: Tensor) -> Tensor:
+        """Latents ``[N, C, h, w]`` -> uint8 frames ``[N, H, W, 3]`` on the CPU, as the pipeline hands them out."""
+        images = nets.decoder(latents)
+        return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu()
+
+    def inputs(self, batch: int, device: torch.device) -> dict[str, Any]:
+        """Random waveform and latents of one window for ``batch`` streams (values do not change the timing)."""
+        g = torch.Generator().manual_seed(0)
+        c, s, t = self.vae.latent_channels, self.latent_size, self.window
+        hop = int(round(self.features.sample_rate / self.features.fps))
+        wave = 0.1 * torch.randn(batch, (t + 2 * MARGIN_FRAMES) * hop, generator=g)
+
+        def latent(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=g).to(device)
+
+        mask = torch.zeros(batch, t, dtype=torch.bool, device=device)
+        mask[:, : self.overlap] = True
+        mel = self.mel_windows(wave, device)
+        with torch.inference_mode():
+            cond = self.conditions(eager(self.net, self.vae), mel)
+        return {"wave": wave, "mel": mel, "x": latent(batch, t, c, s, s), "t": torch.full((batch,), 500, device=device),
+                "cond": {"ref_latent": latent(batch, c, s, s), **cond, "motion": latent(batch, t, c, s, s), "motion_mask": mask},
+                "latents": latent(batch * self.frames, c, s, s), "generator": torch.Generator(device)}  # fmt: skip
+
+    def end_to_end(self, nets: Nets, inp: dict[str, Any], steps: int) -> Tensor:
+        """Features, audio encoder, ``steps`` sampler steps and the decoder for one window (new frames out)."""
+        device = inp["x"].device
+        cond = inp["cond"] | self.conditions(nets, self.mel_windows(inp["wave"], device))
+        scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
+        x = sample(nets.denoiser, tuple(inp["x"].shape), cond, scheduler, steps, self.guidance_scale,
+                   inp["generator"].manual_seed(0), device)  # fmt: skip
+        return self.decode(nets, x[:, self.overlap :].flatten(0, 1))
+
+    def calls(self, nets: Nets, inp: dict[str, Any], steps: list[int]) -> dict[tuple[str, int | None], Callable]:
+        """Zero-argument calls keyed by (component, steps): one denoiser call, or one window end to end."""
+        device = inp["x"].device
+        return {("audio_features", None): lambda: self.mel_windows(inp["wave"], device),
+                ("audio_encoder", None): lambda: nets.audio_encoder(inp["mel"]),
+                ("denoiser", None): lambda: nets.denoiser(inp["x"], inp["t"], **inp["cond"]),
+                ("decoder", None): lambda: self.decode(nets, inp["latents"]),
+                **{("end_to_end", n): functools.partial(self.end_to_end, nets, inp, n) for n in steps}}  # fmt: skip
+
+    def flops_per_frame(self, steps: list[int], device: torch.device) -> dict[tuple[str, int | None], float]:
+        """FLOPs per new frame of every call (batch 1, eager fp32); end to end is affine in the steps (counted at 1, 2)."""
+        calls = self.calls(eager(self.net, self.vae), self.inputs(1, device), [1, 2])
+        counts = {k: count_flops(fn) for k, fn in calls.items()}
+        one, two = counts.pop(("end_to_end", 1)), counts.pop(("end_to_end", 2))
+        counts |= {("end_to_end", n): one + (n - 1) * (two - one) for n in steps}
+        return {k: v / self.frames for k, v in counts.items()}
+
+
+def bench_generation(
+    model: str,
+    path: GenerationPath,
+    steps: list[int],
+    plan: dict[Setting, list[str]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    budget_s: float | None = None,
+    peak_size: int = 1024,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Time the components each setting of ``plan`` lists; returns (rows, skipped settings with their reasons).
+
+    A runtime other than eager that fails on this machine (e.g. torch.compile without a working C++ compiler)
+    is skipped for that setting with the error as reason; an eager failure is a bug and raises.
+    """
+    flops, params = path.flops_per_frame(steps, device), path.params()
+    rows, skipped = [], []
+    for setting, components in plan.items():
+        with num_threads(setting.threads):
+            threads = torch.get_num_threads()
+            try:
+                inp = path.inputs(setting.batch, device)
+                calls = path.calls(RUNTIMES[setting.runtime](path.net, path.vae), inp, steps)
+                for (component, n), fn in calls.items():
+                    if component not in components:
+                        continue
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    with torch.inference_mode(), autocast(device, setting.dtype):
+                        stats = time_call(fn, device, warmup, repeats, budget_s)
+                    ms = stats["median_ms"] / (setting.batch * path.frames)
+                    peak = matmul_peak(str(device), setting.dtype, setting.threads, peak_size)
+                    gflops = flops[component, n] / ms / 1e6
+                    calls_made = {"denoiser": 1, "end_to_end": (n or 0) * path.calls_per_step}.get(component)
+                    rows.append({"model": model, "component": component, "steps": n, "net_calls": calls_made,
+                                 "runtime": setting.runtime, "device": device_name(device), "dtype": setting.dtype,
+                                 "threads": threads, "batch": setting.batch, "frames": setting.batch * path.frames,
+                                 **stats, "ms_per_frame": ms, "fps": 1e3 / ms, "rtf": ms * path.features.fps / 1e3,
+                                 "flops_per_frame": flops[component, n], "gflops": gflops, "peak_gflops": peak,
+                                 "peak_pct": 100 * gflops / peak, "params": params[component],
+                                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})  # fmt: skip
+                    log(f"{model} {component}{f'@{n}' if n else ''} {setting}: {ms:.3f} ms/frame")
+            except Exception as err:
+                if setting.runtime == "eager":
+                    raise
+                reason = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+                log(f"{model} {setting}: skipped ({reason})")
+                skipped.append({"model": model, **dataclasses.asdict(setting), "reason": reason})
+    return rows, skipped

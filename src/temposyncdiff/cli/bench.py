@@ -1,9 +1,16 @@
-"""tsd-bench [task=latency|data] [bench=cpu|gpu]: component latency table, or cache-vs-mp4 loading speed."""
+"""tsd-bench [task=latency|data] [bench=cpu|gpu|latency_cpu]: generation latency table, or cache-vs-mp4 loading speed.
+
+task=latency times the generation path of every model in ``bench.models`` (teacher, student) per component and
+end to end at each of its step counts, over the grid threads x batch x dtype x runtime (narrowed per component or
+runtime by ``bench.restrict``), and writes ``latency.json``, a markdown table and a plot.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -11,62 +18,175 @@ from omegaconf import DictConfig, OmegaConf
 
 from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
 from temposyncdiff.errors import UserError
-from temposyncdiff.latency import bench_module, param_count
-from temposyncdiff.utils.io import write_json, write_text
-from temposyncdiff.utils.task import log, task
-
-COLUMNS = (
-    "component",
-    "device",
-    "dtype",
-    "threads",
-    "batch",
-    "ms_per_frame",
-    "median_ms",
-    "p10_ms",
-    "p90_ms",
-    "params",
+from temposyncdiff.latency import (
+    COMPONENTS,
+    DTYPES,
+    RUNTIMES,
+    GenerationPath,
+    Setting,
+    bench_generation,
+    machine_info,
+    param_count,
 )
+from temposyncdiff.utils.io import atomic_path, write_json, write_text
+from temposyncdiff.utils.task import log, task
+from temposyncdiff.utils.weights import load_net
+
+SAMPLER_KEYS = ("sampler", "sampler_kwargs", "guidance_scale", "overlap")
 
 
-def _vae(entry: DictConfig) -> torch.nn.Module:
-    if entry.weights:
-        from temposyncdiff.utils.weights import load_net
-
-        return load_net(entry.weights, "vae")[0]
-    return hydra.utils.instantiate(entry.net).eval()
+def _f(spec: str = "", scale: float = 1.0, unit: str = "") -> Callable[[Any], str]:
+    return lambda v: format(v * scale if scale != 1.0 else v, spec) + unit
 
 
+SUMMARY = (("model", "model", _f()), ("steps", "steps", _f()), ("net calls", "net_calls", _f()),
+           ("ms/frame", "ms_per_frame", _f(".2f")), ("fps", "fps", _f(".1f")), ("RTF", "rtf", _f(".3f")),
+           ("speed-up", "speedup", _f(".1f", unit="x")), ("runtime", "runtime", _f()), ("dtype", "dtype", _f()),
+           ("threads", "threads", _f()), ("batch", "batch", _f()))  # fmt: skip
+COLUMNS = (("model", "model", _f()), ("component", "component", _f()), ("steps", "steps", _f()),
+           ("runtime", "runtime", _f()), ("dtype", "dtype", _f()), ("threads", "threads", _f()),
+           ("batch", "batch", _f()), ("ms/frame", "ms_per_frame", _f(".3f")), ("median ms", "median_ms", _f(".2f")),
+           ("p10 ms", "p10_ms", _f(".2f")), ("p90 ms", "p90_ms", _f(".2f")), ("n", "repeats", _f()),
+           ("MFLOP/frame", "flops_per_frame", _f(".1f", 1e-6)), ("GFLOP/s", "gflops", _f(".2f")),
+           ("% peak", "peak_pct", _f(".1f")), ("params", "params", _f(",")), ("peak MB", "peak_mem_mb", _f(".0f")))  # fmt: skip
+
+
+# ---- models and the grid ------------------------------------------------------------------------------------------
+def load_models(bench: DictConfig, device: torch.device) -> dict[str, tuple[GenerationPath, list[int], dict]]:
+    """name -> (generation path, step counts, facts for the report), from exports or random-init net configs.
+
+    An export's sampler settings (meta) win over the entry's, as ``tsd-infer`` uses them; steps are the entry's.
+    """
+    torch.manual_seed(0)
+    vae = load_net(bench.vae.weights, "vae")[0] if bench.vae.weights else hydra.utils.instantiate(bench.vae.net)
+    out = {}
+    for name, entry in bench.models.items():
+        if entry.weights:
+            net, meta = load_net(entry.weights, entry.kind)
+        else:
+            net, meta = hydra.utils.instantiate(entry.net, _convert_="all"), {}
+        settings = {k: OmegaConf.to_container(entry[k]) if k == "sampler_kwargs" else entry[k] for k in SAMPLER_KEYS}
+        settings |= {k: meta[k] for k in SAMPLER_KEYS if meta.get(k) is not None}
+        schedule = meta.get("schedule") or OmegaConf.to_container(bench.schedule)
+        path = GenerationPath(net.to(device), vae.to(device), schedule, **settings,
+                              latent_size=bench.vae.image_size // vae.downsample)  # fmt: skip
+        facts = {"weights": entry.weights, "vae_weights": bench.vae.weights, "window": net.window,
+                 "params": param_count(net), **settings}  # fmt: skip
+        out[name] = (path, sorted(entry.steps), facts)
+    return out
+
+
+def plan(bench: DictConfig, device: torch.device) -> dict[Setting, list[str]]:
+    """Setting -> the components timed in it: the grid's product, narrowed by ``restrict`` (per component/runtime)."""
+    for kind, names, known in (("runtime", bench.runtimes, RUNTIMES), ("component", bench.components, COMPONENTS),
+                               ("dtype", bench.dtypes, DTYPES), ("restrict key", bench.restrict, (*RUNTIMES, *COMPONENTS))):  # fmt: skip
+        if unknown := [n for n in names if n not in known]:
+            raise UserError(f"bench: unknown {kind} {unknown} (known: {', '.join(known)})")
+
+    def threads(values: list) -> list[int | None]:  # null = all cores; on CUDA the CPU threads are left alone
+        return [None] if device.type == "cuda" else list(dict.fromkeys(v or os.cpu_count() for v in values))
+
+    def allowed(name: str, axis: str, value: Any) -> bool:
+        limit = (bench.restrict.get(name) or {}).get(axis)
+        return limit is None or value in (threads(limit) if axis == "threads" else limit)
+
+    out = {}
+    for runtime in bench.runtimes:
+        for dtype in bench.dtypes:
+            for n in threads(bench.threads):
+                for batch in bench.batch_sizes:
+                    point = {"dtypes": dtype, "threads": n, "batch_sizes": batch}
+                    comps = [c for c in bench.components
+                             if all(allowed(name, k, v) for name in (c, runtime) for k, v in point.items())]  # fmt: skip
+                    if comps:
+                        out[Setting(runtime, dtype, n, batch)] = comps
+    return out
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+def summary(rows: list[dict], reference: str) -> list[dict]:
+    """End-to-end rows with the speed-up over ``reference``'s largest step count in the same setting."""
+    e2e = [r for r in rows if r["component"] == "end_to_end"]
+
+    def key(r: dict) -> tuple:
+        return r["runtime"], r["dtype"], r["threads"], r["batch"]
+
+    base: dict[tuple, dict] = {}
+    for r in e2e:
+        if r["model"] == reference and r["steps"] > base.get(key(r), {}).get("steps", -1):
+            base[key(r)] = r
+    order = {k: i for i, k in enumerate(dict.fromkeys(map(key, e2e)))}
+    models = list(dict.fromkeys(r["model"] for r in e2e))
+    out = [{k: r[k] for k in ("model", "steps", "net_calls", "ms_per_frame", "fps", "rtf", "runtime", "dtype", "threads", "batch")}
+           | {"speedup": base[key(r)]["ms_per_frame"] / r["ms_per_frame"] if key(r) in base else None} for r in e2e]  # fmt: skip
+    return sorted(out, key=lambda r: (order[key(r)], models.index(r["model"]), r["steps"]))
+
+
+def markdown(rows: list[dict], columns: tuple) -> str:
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(k) is None else f(r[k]) for _, k, f in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict) -> str:
+    m = report["machine"]
+    head = (f"# Latency\n\n{m['device']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load average "
+            f"{' '.join(map(str, m['load_avg']))}. Per frame = per new frame of a steady-state window "
+            f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time).\n\n")  # fmt: skip
+    skipped = "".join(f"- skipped {s['model']} {s['runtime']} {s['dtype']} threads={s['threads']} batch={s['batch']}: "
+                      f"{s['reason']}\n" for s in report["skipped"])  # fmt: skip
+    return (head + f"## End to end (speed-up vs {report['config']['reference']})\n\n" + markdown(report["summary"], SUMMARY)
+            + "\n## All rows\n\n" + markdown(report["rows"], COLUMNS) + ("\n" + skipped if skipped else ""))  # fmt: skip
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """End-to-end ms per frame vs sampler steps: one line per model and setting (log-log)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    series: dict[str, list] = {}
+    for r in report["summary"]:
+        label = f"{r['model']} ({r['runtime']}, {r['dtype']}, {r['threads']} thr, batch {r['batch']})"
+        series.setdefault(label, []).append((r["steps"], r["ms_per_frame"]))
+    for label, pts in series.items():
+        ax.plot(*zip(*sorted(pts)), marker="o", ls="-" if label.startswith(report["config"]["reference"]) else "--",
+                label=label)  # fmt: skip
+    steps = sorted({r["steps"] for r in report["summary"]})
+    ax.set(xscale="log", yscale="log", xlabel="sampler steps", ylabel="ms per frame (end to end)",
+           title=f"generation latency ({report['machine']['device']})")  # fmt: skip
+    if steps:
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+
+
+# ---- tasks --------------------------------------------------------------------------------------------------------
 def latency(cfg: DictConfig) -> dict:
     bench = cfg.bench
     device = torch.device(bench.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("bench=gpu needs a CUDA device; none is visible (use bench=cpu)")
-    threads = [t if t is not None else None for t in bench.threads]
-    rows = []
-    for entry in bench.vae:
-        vae = _vae(entry).to(device)
-        size, f, c = entry.image_size, vae.downsample, vae.latent_channels
-        for dtype in bench.dtypes:
-            common = dict(batch_sizes=list(bench.batch_sizes), threads=threads, dtype=dtype, device=device,
-                          warmup=bench.warmup, repeats=bench.repeats)  # fmt: skip
-            rows += bench_module(f"{entry.name}/encoder", vae.to_latent, lambda b, s=size: torch.randn(b, 3, s, s),
-                                 param_count(vae.encoder), **common)  # fmt: skip
-            rows += bench_module(f"{entry.name}/decoder", vae.from_latent, lambda b, s=size // f, c=c: torch.randn(b, c, s, s),
-                                 param_count(vae.decoder), **common)  # fmt: skip
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-              "config": OmegaConf.to_container(bench, resolve=True), "rows": rows}  # fmt: skip
+    settings = plan(bench, device)
+    machine = machine_info(device)
+    rows, skipped, models = [], [], {}
+    for name, (path, steps, facts) in load_models(bench, device).items():
+        r, s = bench_generation(name, path, steps, settings, device, bench.warmup, bench.repeats, bench.budget_s,
+                                bench.peak_matmul_size, log.info)  # fmt: skip
+        rows, skipped, models[name] = rows + r, skipped + s, facts
+    report = {"machine": machine, "config": OmegaConf.to_container(bench, resolve=True), "models": models,
+              "rows": rows, "skipped": skipped, "summary": summary(rows, bench.reference)}  # fmt: skip
     write_json(cfg.out_json, report)
-    write_text(cfg.out_table, markdown_table(rows))
-    log.info("latency table -> %s\n%s", cfg.out_table, markdown_table(rows))
+    write_text(cfg.out_table, report_markdown(report))
+    plot(report, cfg.out_plot)
+    log.info(
+        "latency -> %s, %s, %s\n%s", cfg.out_json, cfg.out_table, cfg.out_plot, markdown(report["summary"], SUMMARY)
+    )
     return report
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def data(cfg: DictConfig) -> dict:
