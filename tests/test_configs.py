@@ -61,7 +61,7 @@ def test_hparams_search_composes(search, tmp_path):
     assert cfg.hydra.sweeper.params and cfg.optimized_metric.startswith("val/")
 
 
-@pytest.mark.parametrize("command", ["synth", "manifest", "prepare", "visemes", "cache"])
+@pytest.mark.parametrize("command", ["synth", "manifest", "prepare", "visemes", "cache", "shards"])
 def test_data_commands_compose(command, tmp_path):
     cfg = _compose("data", [f"data_command={command}", f"paths.root_dir={tmp_path}"])
     assert cfg.command == command

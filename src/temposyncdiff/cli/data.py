@@ -1,4 +1,4 @@
-"""tsd-data <command> [key=value ...]: synth | manifest | prepare | visemes | cache."""
+"""tsd-data <command> [key=value ...]: synth | manifest | prepare | visemes | cache | shards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
 from temposyncdiff.utils.task import log, task
 
-COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache")
+COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache", "shards")
 
 
 def synth(cfg: DictConfig) -> dict:
@@ -63,6 +63,28 @@ def cache(cfg: DictConfig) -> dict:
                 datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder, log=log.info
             )
     return {"splits": splits, "cache_dir": str(datamodule.hparams.cache_dir), "latents": bool(cfg.vae)}
+
+
+def shards(cfg: DictConfig) -> dict:
+    """Write the cache of every split of data=<corpus> that has a manifest as LitData shards under out=."""
+    from temposyncdiff.data.cache import cache_key, open_cache
+    from temposyncdiff.data.datamodule import SPLITS, DataConfigError
+    from temposyncdiff.data.shards import ShardError, write_shards
+
+    datamodule = hydra.utils.instantiate(cfg.data, shard_dir=cfg.out, _convert_="all")
+    hp, written = datamodule.hparams, {}
+    for split in SPLITS:
+        try:
+            rows = datamodule.rows(split)
+        except DataConfigError:
+            continue  # no or empty manifest: nothing to shard
+        reader = open_cache(datamodule.cache_path(split), cache_key(rows, hp.image_size, datamodule.audio, hp.fps))
+        meta = write_shards(reader, datamodule.shard_path(split), hp.clip_len, hp.stride, chunk_bytes=cfg.chunk_bytes,
+                            workers=cfg.workers, force=cfg.force, start_method=cfg.start_method, log=log.info)  # fmt: skip
+        written[split] = {"path": datamodule.shard_path(split), "clips": meta["num_items"], "digest": meta["digest"]}
+    if not written:
+        raise ShardError(f"{hp.manifest_dir}: no manifest of data.name={hp.name} to shard (run tsd-data manifest)")
+    return {"out": cfg.out, "splits": written}
 
 
 @task

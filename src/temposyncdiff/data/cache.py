@@ -9,7 +9,7 @@ Layout of ``<cache_dir>/``::
     index.json      per utterance: id, talk_id, offset, num_frames, mel_offset, mel_len, visemes source
     cache_meta.json key, settings, counts, skipped utterances, latents encoder (written last)
 
-A build goes to a temporary sibling folder that is renamed into place when complete.
+A build goes to a temporary sibling folder that is renamed into place when complete (``atomic_dir``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
-import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -37,13 +34,11 @@ from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.video import MediaError, read_frames
 from temposyncdiff.data.visemes import NUM_VISEMES, SILENCE
 from temposyncdiff.errors import UserError
-from temposyncdiff.utils.io import atomic_path, write_json
+from temposyncdiff.utils.io import atomic_dir, atomic_path, write_json
 
 CACHE_VERSION = 1
 META_NAME = "cache_meta.json"
 INDEX_NAME = "index.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CacheError(UserError, ValueError):
@@ -166,26 +161,6 @@ class _NpyAppender:
                     raise RuntimeError(f"{self.file.name}: npy header changed length")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_leftovers(cache_dir: Path) -> None:
-    """Delete temporary siblings left by killed builds on this host."""
-    mine = f".{cache_dir.name}.tmp-{socket.gethostname()}-"
-    for p in cache_dir.parent.glob(f".{cache_dir.name}.*"):
-        pid = p.name[len(mine) :].split("-")[0] if p.name.startswith(mine) else ""
-        stale = p.name.startswith(f".{cache_dir.name}.old-") or (pid.isdigit() and not _alive(int(pid)))
-        if stale and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _decode_job(job: tuple[dict, int, AudioFeatures, float]) -> Utterance | str:
     row, image_size, audio, fps = job
     try:
@@ -219,20 +194,11 @@ def build_cache(
     log(
         f"cache: building {cache_dir} from {len(rows)} utterances ({'stale cache' if cache_dir.exists() else 'none yet'})"
     )
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(cache_dir)
-    tmp = Path(
-        tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-")
-    )
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
-    try:
+    with atomic_dir(cache_dir) as tmp:
         start = time.perf_counter()
         meta = _write_cache(tmp, rows, image_size, audio, fps, log, workers)
         meta.update(key=key, build_seconds=round(time.perf_counter() - start, 2))
         write_json(tmp / META_NAME, meta)  # last: marks a complete cache
-        _swap_in(tmp, cache_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"cache: {meta['num_utterances']} utterances, {meta['total_frames']} frames, {len(meta['skipped'])} skipped "
         f"in {meta['build_seconds']} s -> {cache_dir}")  # fmt: skip
     return cache_dir
@@ -282,17 +248,6 @@ def _decoded(jobs: list, workers: int) -> Iterator[Iterable[Utterance | str]]:
         yield pool.imap(_decode_job, jobs)
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` onto ``final``; an existing ``final`` is moved aside first and deleted after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class CacheReader:
     """Read side of a cache; the memmaps open lazily in each process, so DataLoader workers can fork or spawn."""
 
@@ -300,7 +255,7 @@ class CacheReader:
         self.root = Path(cache_dir)
         meta = _read_meta(self.root)
         if meta is None:
-            raise CacheError(f"{self.root}: no complete cache here (build it with build_cache / prepare_data)")
+            raise CacheError(f"{self.root}: no complete cache here (build it with tsd-data cache)")
         self.meta = meta
         index = json.loads((self.root / INDEX_NAME).read_text(encoding="utf-8"))
         self.ids = [u["id"] for u in index]

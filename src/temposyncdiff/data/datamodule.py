@@ -1,14 +1,15 @@
-"""The one LightningDataModule: manifests -> (cache) -> ClipDataset -> DataLoaders of Batch."""
+"""The one LightningDataModule: manifests -> (cache | LitData shards) -> clips -> DataLoaders of Batch."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import collate
@@ -17,6 +18,7 @@ from temposyncdiff.data.dataset import ClipDataset, EpochSampler
 from temposyncdiff.errors import UserError
 
 SPLITS = ("train", "val", "test")
+FORMATS = ("cache", "litdata")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -36,7 +38,8 @@ def _read_manifest(path: Path) -> list[dict]:
 
 
 class TalkingHeadDataModule(L.LightningDataModule):
-    """Clips of ``<manifest_dir>/<name>_{train,val,test}.jsonl``, read from per-split caches when ``use_cache``."""
+    """Clips of ``<manifest_dir>/<name>_{train,val,test}.jsonl``, read from per-split caches when ``use_cache``,
+    or with ``format="litdata"`` from the LitData shards ``tsd-data shards`` wrote under ``shard_dir``."""
 
     def __init__(
         self,
@@ -57,9 +60,16 @@ class TalkingHeadDataModule(L.LightningDataModule):
         val_max_items: int | None = None,
         fps: float = 25.0,
         cache_workers: int = 1,
+        format: str = "cache",
+        shard_dir: str | None = None,
+        shard_cache_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if format not in FORMATS:
+            raise DataConfigError(f"data.format={format!r}: choose one of {FORMATS}")
+        if format == "litdata" and not shard_dir:
+            raise DataConfigError("data.format=litdata needs data.shard_dir")
         if use_cache and not cache_dir:
             raise DataConfigError("data.use_cache=true needs data.cache_dir (or set use_cache=false)")
         audio = dict(audio or {})
@@ -74,6 +84,10 @@ class TalkingHeadDataModule(L.LightningDataModule):
     def cache_path(self, split: str) -> Path:
         return Path(self.hparams.cache_dir) / f"{self.hparams.name}_{split}"
 
+    def shard_path(self, split: str) -> str:
+        """The split's shard set: a folder or an object-store URI."""
+        return f"{str(self.hparams.shard_dir).rstrip('/')}/{self.hparams.name}_{split}"
+
     def rows(self, split: str) -> list[dict]:
         """Rows of one split; a clear error when its manifest is missing or empty."""
         path = self.manifest_path(split)
@@ -85,8 +99,11 @@ class TalkingHeadDataModule(L.LightningDataModule):
         return rows
 
     def prepare_data(self) -> None:
-        """Build (or reuse) the cache of every split that has a non-empty manifest (Lightning runs it on rank 0)."""
-        if not self.hparams.use_cache:
+        """Build (or reuse) the cache of every split that has a non-empty manifest (Lightning runs it on rank 0).
+
+        Shards are not made here: ``tsd-data shards`` writes them from the cache.
+        """
+        if not self.hparams.use_cache or self.hparams.format == "litdata":
             return
         hp = self.hparams
         for split in SPLITS:
@@ -99,22 +116,45 @@ class TalkingHeadDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         for split in STAGE_SPLITS.get(stage, SPLITS):
-            rows = self.rows(split)
-            if hp.use_cache:
-                source = open_cache(self.cache_path(split), cache_key(rows, hp.image_size, self.audio, hp.fps))
+            if hp.format == "litdata":
+                ds = self._shard_dataset(split)
             else:
-                source = rows
-            ds = ClipDataset(source, hp.clip_len, hp.stride, self.audio, train=split == "train", seed=hp.seed,
-                             reference=hp.reference, image_size=hp.image_size, fps=hp.fps)  # fmt: skip
+                rows = self.rows(split)
+                if hp.use_cache:
+                    source = open_cache(self.cache_path(split), cache_key(rows, hp.image_size, self.audio, hp.fps))
+                else:
+                    source = rows
+                ds = ClipDataset(source, hp.clip_len, hp.stride, self.audio, train=split == "train", seed=hp.seed,
+                                 reference=hp.reference, image_size=hp.image_size, fps=hp.fps)  # fmt: skip
             if split == "val" and hp.val_max_items and len(ds) > hp.val_max_items:  # evenly spaced subset
                 ds = Subset(ds, np.linspace(0, len(ds) - 1, hp.val_max_items).round().astype(int).tolist())
             self.datasets[split] = ds
+
+    def _shard_dataset(self, split: str) -> Dataset:
+        """``split`` from its shards: the training split streamed (``ClipStream``), the others by random access."""
+        try:
+            from temposyncdiff.data.shards import ClipStream, ShardSource, open_shards
+        except ImportError as err:
+            raise DataConfigError(f"data.format=litdata needs litdata ({err}): pip install -e '.[scale]'") from err
+        hp, root = self.hparams, self.shard_path(split)
+        meta = open_shards(root, {"image_size": hp.image_size, "fps": hp.fps, "audio": asdict(self.audio),
+                                  "clip_len": hp.clip_len, "stride": hp.stride or hp.clip_len})  # fmt: skip
+        if split == "train":
+            return ClipStream(root, meta, seed=hp.seed, reference=hp.reference, cache_dir=hp.shard_cache_dir)
+        source = ShardSource(root, meta, hp.shard_cache_dir)
+        return ClipDataset(source, hp.clip_len, hp.stride, seed=hp.seed, reference=hp.reference)
 
     def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
         if split not in self.datasets:
             raise DataConfigError(f"split {split!r} is not set up; call setup() with the right stage first")
         ds = self.datasets[split]
+        if isinstance(ds, IterableDataset):  # a ClipStream: LitData shuffles, splits across ranks, resumes
+            from litdata import StreamingDataLoader
+
+            return StreamingDataLoader(ds, batch_size=hp.batch_size, collate_fn=collate, num_workers=hp.num_workers,
+                                       pin_memory=hp.pin_memory, worker_init_fn=worker_init_fn,
+                                       persistent_workers=hp.persistent_workers and hp.num_workers > 0)  # fmt: skip
         sampler = EpochSampler(len(ds), shuffle=True, seed=hp.seed) if split == "train" else None  # None: in order
         return DataLoader(
             ds,

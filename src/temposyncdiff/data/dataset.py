@@ -1,4 +1,4 @@
-"""Fixed-length clips with mel windows, visemes and a reference frame, read from a cache or decoded from mp4s."""
+"""Fixed-length clips with mel windows, visemes and a reference frame, from a cache, mp4s or LitData shards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,23 +18,38 @@ from temposyncdiff.data.cache import CacheError, CacheReader, Utterance, build_c
 from temposyncdiff.data.video import MediaError
 from temposyncdiff.data.visemes import SILENCE
 
+if TYPE_CHECKING:
+    from temposyncdiff.data.shards import ShardSource
+
 REFERENCES = ("other_clip", "first_frame")
 
 
-def clip_mel_windows(audio: AudioFeatures, mel: np.ndarray, start: int, length: int) -> torch.Tensor:
-    """``[length, n_mels, W]`` windows of frames ``start..start+length-1`` from an utterance's ``[M, n_mels]`` log-mel.
+def mel_span(audio: AudioFeatures, start: int, length: int) -> tuple[int, int, int]:
+    """``(s0, m0, m1)``: the mel rows ``m0:m1`` that the windows of frames ``start..start+length-1`` read.
 
-    Equal to ``audio.frame_windows(mel.T, start + length)[start:]`` but reads only a slice around the clip:
-    the slice begins at a frame whose mel index is an even integer (so centre rounding is unchanged) and
-    early enough that every window sees real mel frames, not the padding.
+    The rows begin at frame ``s0``, whose mel index is an even integer (so centre rounding is unchanged), early
+    enough that every window sees real mel frames, not the padding.
     """
     mpf = audio.mel_per_frame
     s0 = max(0, start - int(np.ceil(audio.window_frames / mpf)) - 1)
     while s0 > 0 and not (abs(s0 * mpf - round(s0 * mpf)) < 1e-6 and round(s0 * mpf) % 2 == 0):
         s0 -= 1
-    m0, m1 = round(s0 * mpf), round((start + length) * mpf) + audio.window_frames
-    sub = torch.from_numpy(np.array(mel[m0:m1], dtype=np.float32)).T
-    return audio.frame_windows(sub, start - s0 + length)[start - s0 :]
+    return s0, round(s0 * mpf), round((start + length) * mpf) + audio.window_frames
+
+
+def span_windows(audio: AudioFeatures, rows: np.ndarray, offset: int, length: int) -> torch.Tensor:
+    """``[length, n_mels, W]`` windows of the ``length`` frames from frame ``offset`` of ``mel_span``'s rows."""
+    sub = torch.from_numpy(np.array(rows, dtype=np.float32)).T
+    return audio.frame_windows(sub, offset + length)[offset:]
+
+
+def clip_mel_windows(audio: AudioFeatures, mel: np.ndarray, start: int, length: int) -> torch.Tensor:
+    """``[length, n_mels, W]`` windows of frames ``start..start+length-1`` from an utterance's ``[M, n_mels]`` log-mel.
+
+    Equal to ``audio.frame_windows(mel.T, start + length)[start:]`` but reads only ``mel_span``'s rows.
+    """
+    s0, m0, m1 = mel_span(audio, start, length)
+    return span_windows(audio, mel[m0:m1], start - s0, length)
 
 
 class _CacheSource:
@@ -43,6 +58,7 @@ class _CacheSource:
     def __init__(self, reader: CacheReader):
         self.reader, self.ids, self.talk_ids = reader, reader.ids, reader.talk_ids
         self.num_frames = [int(n) for n in reader.num_frames]
+        self.root, self.audio, self.image_size = reader.root, reader.audio, reader.image_size
 
     def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         r = self.reader
@@ -100,17 +116,40 @@ def _image(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def clip_item(
+    audio: AudioFeatures, clip_len: int, window: dict, ref: np.ndarray, ref_latent: np.ndarray | None
+) -> dict:
+    """A dataset item (the ``Batch`` fields, ``id`` for ``ids``) from ``ClipDataset.window``'s dict and a reference."""
+    n = len(window["frames"])
+    vis = np.full(clip_len, SILENCE, dtype=np.int64)
+    vis[:n] = window["visemes"]
+    item = {
+        "frames": _image(_pad(window["frames"], clip_len)),
+        "reference": _image(ref),
+        "mel": span_windows(audio, window["mel"], window["mel_offset"], clip_len),
+        "visemes": torch.from_numpy(vis),
+        "mask": torch.arange(clip_len) < n,
+        "id": window["id"],
+        "start": window["start"],
+    }
+    if "latents" in window:
+        item["latents"] = torch.from_numpy(_pad(window["latents"], clip_len).astype(np.float32))
+        item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))
+    return item
+
+
 class ClipDataset(Dataset):
     """Windows of ``clip_len`` frames every ``stride`` frames over each utterance (a shorter one gives one padded item).
 
-    ``source`` is a ``CacheReader`` or a list of manifest rows (decoded on the fly, resized to ``image_size``).
-    An item is a dict of the ``Batch`` fields (``id`` for ``ids``); the index may be ``(index, epoch)``, as
-    ``EpochSampler`` yields it, so workers know the epoch without a shared ``set_epoch``.
+    ``source`` is a ``CacheReader``, a list of manifest rows (decoded on the fly, resized to ``image_size``) or a
+    ``ShardSource`` (random access to LitData shards). An item is a dict of the ``Batch`` fields (``id`` for
+    ``ids``); the index may be ``(index, epoch)``, as ``EpochSampler`` yields it, so workers know the epoch
+    without a shared ``set_epoch``.
     """
 
     def __init__(
         self,
-        source: CacheReader | list[dict],
+        source: CacheReader | list[dict] | ShardSource,
         clip_len: int = 16,
         stride: int | None = None,
         audio: AudioFeatures | None = None,
@@ -122,11 +161,13 @@ class ClipDataset(Dataset):
     ):
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-        if isinstance(source, CacheReader):
-            audio = audio or source.audio
-            if asdict(audio) != asdict(source.audio) or image_size not in (None, source.image_size):
-                raise CacheError(f"{source.root}: cache made with image_size={source.image_size}, audio={source.audio}")
-            self.src: _CacheSource | _RowSource = _CacheSource(source)
+        if isinstance(source, CacheReader) or hasattr(source, "clip"):  # a cache or a ShardSource
+            self.src: _CacheSource | _RowSource | ShardSource = (
+                _CacheSource(source) if isinstance(source, CacheReader) else source
+            )
+            audio = audio or self.src.audio
+            if asdict(audio) != asdict(self.src.audio) or image_size not in (None, self.src.image_size):
+                raise CacheError(f"{self.src.root}: made with image_size={self.src.image_size}, audio={self.src.audio}")
         else:
             if image_size is None:
                 raise ValueError("image_size is required when reading from manifest rows")
@@ -165,28 +206,22 @@ class ClipDataset(Dataset):
             return u, k if k < start else k + self.clip_len
         return u, 0
 
+    def window(self, index: int) -> dict[str, Any]:
+        """Item ``index`` without its (epoch-dependent) reference: unpadded frames, the mel rows of its windows,
+        visemes and latents, as the LitData shards store it."""
+        u, start = self.items[index]
+        frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len)
+        s0, m0, m1 = mel_span(self.audio, start, self.clip_len)
+        window = {"index": index, "id": self.src.ids[u], "start": start, "frames": np.asarray(frames),
+                  "mel": np.asarray(mel[m0:m1]), "mel_offset": start - s0, "visemes": np.asarray(visemes)}  # fmt: skip
+        if latents is not None:
+            window["latents"] = np.asarray(latents)
+        return window
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        u, start = self.items[index]
-        t = self.clip_len
-        frames, mel, visemes, latents = self.src.clip(u, start, start + t)
         ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch))
-        n = len(frames)
-        vis = np.full(t, SILENCE, dtype=np.int64)
-        vis[:n] = visemes
-        item = {
-            "frames": _image(_pad(frames, t)),
-            "reference": _image(ref),
-            "mel": clip_mel_windows(self.audio, mel, start, t),
-            "visemes": torch.from_numpy(vis),
-            "mask": torch.arange(t) < n,
-            "id": self.src.ids[u],
-            "start": start,
-        }
-        if latents is not None:
-            item["latents"] = torch.from_numpy(_pad(latents, t).astype(np.float32))
-            item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))
-        return item
+        return clip_item(self.audio, self.clip_len, self.window(index), ref, ref_latent)
 
 
 class EpochSampler(Sampler):

@@ -1,11 +1,14 @@
-"""Atomic file writing: every output goes to a temporary name in the same folder, then is renamed."""
+"""Atomic writing: every output file or folder goes to a temporary name in the same folder, then is renamed."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,3 +43,52 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically with stable key order."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Delete temporary siblings of ``final`` left by killed writers on this host."""
+    mine = f".{final.name}.tmp-{socket.gethostname()}-"
+    for p in final.parent.glob(f".{final.name}.*"):
+        pid = p.name[len(mine) :].split("-")[0] if p.name.startswith(mine) else ""
+        stale = p.name.startswith(f".{final.name}.old-") or (pid.isdigit() and not _alive(int(pid)))
+        if stale and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``; an existing ``final`` is moved aside first and deleted after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of ``path``; it replaces ``path`` only if the block succeeds.
+
+    Leftovers of killed writers on this host (their pid is gone) are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+        yield tmp
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
