@@ -226,6 +226,7 @@ def _write_audio(path: Path, codec: str, rate: int, channels: int, seconds: floa
     [
         ("a.wav", "pcm_s16le", 8000, 2),
         ("a.wav", "pcm_s16le", 48000, 1),
+        ("a.wav", "pcm_s16le", 48000, 2),
         ("a.flac", "flac", 22050, 2),
         ("a.mp3", "libmp3lame", 22050, 2),
         ("a.m4a", "aac", 44100, 1),

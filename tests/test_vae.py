@@ -1,6 +1,10 @@
-"""Stage 1 (VAE) and the shared machinery: training step, overfit, EMA, export, resume, bad checkpoints."""
+"""Stage 1 (VAE) and the shared machinery: training step, overfit, EMA, export, resume, bad checkpoints, disk full."""
 
 from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -10,6 +14,8 @@ from omegaconf import OmegaConf
 
 from temposyncdiff.cli.train import train
 from temposyncdiff.data.batch import Batch
+from temposyncdiff.errors import UserError
+from temposyncdiff.utils.io import DiskFullError
 from temposyncdiff.utils.weights import WeightsError, load_net, save_weights
 from tests.conftest import compose_config
 
@@ -154,3 +160,30 @@ def test_bad_weight_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "lightning.ckpt")
     with pytest.raises(WeightsError, match="not a TempoSyncDiff export"):
         load_net(tmp_path / "lightning.ckpt", "vae")
+
+
+def test_disk_full_export_keeps_previous_file(tmp_path, monkeypatch):
+    from temposyncdiff.nets.vae import TinyVAE
+
+    path = save_weights(tmp_path / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), patch_size=2))
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DiskFullError, match=r"vae_pretrained\.pt: disk full \(No space left on device\)") as err:
+        save_weights(path, "vae", TinyVAE(channels=(8,), patch_size=2))
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["vae_pretrained.pt"]
+
+
+def test_checkpoint_of_another_stage_is_refused(data_root, tmp_path, caplog):
+    train(_cfg(data_root, tmp_path / "a", "trainer.max_steps=1", "trainer.val_check_interval=1", "export=false"))
+    ckpt = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["stage"] == "vae"
+    torch.save(ckpt | {"stage": "teacher"}, tmp_path / "teacher.ckpt")
+    with pytest.raises(SystemExit):
+        train(_cfg(data_root, tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={tmp_path / 'teacher.ckpt'}"))
+    assert "teacher.ckpt: a checkpoint of the 'teacher' stage, not of 'vae'" in caplog.text

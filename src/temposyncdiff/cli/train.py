@@ -47,6 +47,7 @@ def train(cfg: DictConfig) -> float | None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage", None)  # a label for logs and resume, not a constructor argument
     model = hydra.utils.instantiate(model_cfg, _convert_="all")  # plain dicts/lists: weights-only checkpoints
+    model.compile_net = cfg.compile
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False

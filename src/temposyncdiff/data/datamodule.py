@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +30,27 @@ class DataConfigError(UserError, ValueError):
 def worker_init_fn(worker_id: int) -> None:
     """Seed numpy in each DataLoader worker from torch's per-worker seed."""
     np.random.seed(torch.initial_seed() % 2**32)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: its place in the epoch goes into checkpoints (Lightning calls ``state_dict`` when it
+    saves and ``load_state_dict`` when it resumes), and a resumed epoch skips the batches already trained on
+    without loading them."""
+
+    position = 0  # batches handed out in the current epoch
+
+    def __iter__(self) -> Iterator:
+        self.position = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["position"] < len(self):  # a checkpoint at the very end of an epoch: the next one starts afresh
+            self.sampler.start = state["position"] * self.batch_size
 
 
 def _read_manifest(path: Path) -> list[dict]:
@@ -155,8 +177,11 @@ class TalkingHeadDataModule(L.LightningDataModule):
             return StreamingDataLoader(ds, batch_size=hp.batch_size, collate_fn=collate, num_workers=hp.num_workers,
                                        pin_memory=hp.pin_memory, worker_init_fn=worker_init_fn,
                                        persistent_workers=hp.persistent_workers and hp.num_workers > 0)  # fmt: skip
-        sampler = EpochSampler(len(ds), shuffle=True, seed=hp.seed) if split == "train" else None  # None: in order
-        return DataLoader(
+        train = split == "train"
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        # val/test: in order, and Lightning shards them under DDP; train: our sampler shards itself
+        sampler = EpochSampler(len(ds), seed=hp.seed, num_replicas=world, rank=rank) if train else None
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=hp.batch_size,
             sampler=sampler,

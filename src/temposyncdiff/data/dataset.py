@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import defaultdict
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.cache import CacheError, CacheReader, Utterance, build_cache, decode_utterance, open_cache
@@ -224,27 +225,20 @@ class ClipDataset(Dataset):
         return clip_item(self.audio, self.clip_len, self.window(index), ref, ref_latent)
 
 
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)``; shuffles with a ``torch.Generator`` seeded by ``seed + epoch`` when asked.
+class EpochSampler(DistributedSampler):
+    """This rank's share of an epoch as ``(index, epoch)`` pairs, shuffled with a generator seeded by ``seed + epoch``.
 
-    Lightning calls ``set_epoch`` on the sampler each epoch (also through its distributed wrapper).
+    A ``DistributedSampler`` (of one replica unless told otherwise), so under DDP Lightning uses it as it is and
+    calls its ``set_epoch``. The next epoch begins at item ``start`` of this rank's share (see ``ResumableLoader``).
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0):
-        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = range(self.size)
-        return ((i, self.epoch) for i in order)
-
-    def __len__(self) -> int:
-        return self.size
+        start, self.start = self.start, 0
+        return ((i, self.epoch) for i in itertools.islice(super().__iter__(), start, None))
 
 
 def benchmark_loading(

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.weights import save_weights
 
 
@@ -20,11 +21,29 @@ class StageModule(L.LightningModule):
 
     kind: str = "stage"  # export format name, e.g. "vae"
     export_names: dict[str, str] = {}  # which checkpoint ("best" / "last") goes to which file under checkpoints/
+    compile_net: bool = False  # torch.compile the trained net (tsd-train compile=true)
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log`` that averages values logged outside training steps (validation, test) over ranks."""
+        kwargs["sync_dist"] = kwargs.get("sync_dist") or not self.training
+        super().log(name, value, *args, **kwargs)
+
+    def configure_model(self) -> None:
+        if self.compile_net:
+            self.net.compile()  # in place: parameter names, checkpoints and exports stay as they are
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stage"] = self.kind
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("stage", self.kind) != self.kind:
+            path = getattr(self._trainer, "ckpt_path", None)
+            raise UserError(f"{path}: a checkpoint of the '{checkpoint['stage']}' stage, not of '{self.kind}'")
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])

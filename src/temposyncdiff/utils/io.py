@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -13,8 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from temposyncdiff.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+class DiskFullError(UserError, OSError):
+    """No space left (or quota exceeded) while writing an output; the previous file is left as it was."""
 
 
 @contextlib.contextmanager
@@ -30,6 +37,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: disk full ({err.strerror}); the previous file, if any, is unchanged") from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

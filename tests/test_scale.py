@@ -1,0 +1,130 @@
+"""Scale: two-process DDP on CPU, trainer options (bf16, accumulation, compile, FSDP), the SLURM sweep launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from temposyncdiff.cli.train import train
+from tests.conftest import REPO, compose_config
+from tests.test_vae import TINY
+
+BIN = Path(sys.executable).parent
+TRAINERS = sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml"))
+
+
+class ValProbe(L.Callback):
+    """Writes, per rank and validation, the clips it validated on and the logged val/ metrics."""
+
+    def __init__(self, out: str):
+        self.out, self.ids = Path(out), []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.ids += [f"{i}@{int(s)}" for i, s in zip(batch.ids, batch.start)]
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.json"
+        path.write_text(json.dumps({"ids": self.ids, "metrics": metrics}))
+        self.ids = []
+
+
+def test_ddp_sim_syncs_metrics_and_exports_once(data_root, tmp_path):
+    probe, exports, run = tmp_path / "probe", tmp_path / "checkpoints", tmp_path / "run"
+    cmd = [str(BIN / "tsd-train"), *TINY, "trainer=ddp_sim", "trainer.max_steps=4", "trainer.val_check_interval=4",
+           f"paths.root_dir={data_root}", f"paths.checkpoint_dir={exports}", f"hydra.run.dir={run}",
+           "model.scale_fit_batches=2", "extras.print_config=false",
+           "+callbacks.probe._target_=tests.test_scale.ValProbe", f"+callbacks.probe.out={probe}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=data_root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (json.loads((probe / f"rank{r}_step4.json").read_text()) for r in (0, 1))
+    assert r0["ids"] and r1["ids"] and not set(r0["ids"]) & set(r1["ids"])  # each rank validated its own shard
+    assert r0["metrics"].keys() >= {"val/loss", "val/psnr", "val/ssim"}
+    assert r0["metrics"] == r1["metrics"]  # ... and both report the same, averaged numbers
+    assert sorted(p.name for p in exports.iterdir()) == ["vae_pretrained.pt"]  # one export, no stray temp files
+    assert torch.load(exports / "vae_pretrained.pt", weights_only=True)["format"] == "temposyncdiff.vae"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
+    assert (out.stdout + out.stderr).count("exported ") == 1
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_every_trainer_takes_bf16_accumulation_and_compile(data_root, tmp_path, name):
+    extra = ["trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=4", "compile=true"]
+    cfg = compose_config("train", [*TINY, f"trainer={name}", *extra], data_root, tmp_path / "run")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accumulate_grad_batches == 4 and cfg.compile
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        pytest.skip(f"trainer={name} needs a GPU to instantiate")
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert trainer.accumulate_grad_batches == 4 and "bf16" in str(trainer.precision)
+
+
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_with_accumulation_trains_and_exports(data_root, tmp_path, compile_):
+    cfg = compose_config("train", [*TINY, "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
+                                   "trainer.max_steps=2", "trainer.val_check_interval=4", f"compile={compile_}",
+                                   "model.scale_fit_batches=2", f"paths.checkpoint_dir={tmp_path / 'exports'}"],
+                         data_root, tmp_path / "run")  # fmt: skip
+    assert train(cfg) is not None
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and (tmp_path / "exports" / "vae_pretrained.pt").is_file()
+
+
+def test_fsdp_config_builds_its_strategy(data_root, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cfg = compose_config("train", [*TINY, "trainer=fsdp"], data_root, tmp_path / "run")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and cfg.trainer.precision == "bf16-mixed"
+    assert strategy.kwargs["auto_wrap_policy"].keywords == {"min_num_params": 1_000_000}
+
+
+def _stage(data_root, tmp_path, *extra):
+    cfg = compose_config("train", [*TINY, *extra], data_root, tmp_path / "run")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("stage")
+    model = hydra.utils.instantiate(model_cfg)
+    model.compile_net = cfg.compile
+    return model
+
+
+def test_compile_flag_compiles_the_net_in_place(data_root, tmp_path):
+    plain = _stage(data_root, tmp_path)
+    plain.configure_model()
+    assert plain.net._compiled_call_impl is None
+    model = _stage(data_root, tmp_path, "compile=true")
+    names = list(model.state_dict())
+    model.configure_model()  # wraps the forward; compiling happens at the first call
+    assert model.net._compiled_call_impl is not None and list(model.state_dict()) == names
+
+
+@pytest.mark.slow
+def test_compiled_net_matches_eager(data_root, tmp_path):
+    model, x = _stage(data_root, tmp_path, "compile=true"), torch.rand(2, 3, 64, 64) * 2 - 1
+    eager = model.net(x, sample=False)[0]
+    model.configure_model()
+    assert torch.allclose(model.net(x, sample=False)[0], eager, atol=1e-4)  # 10-50 s of compiling on 2 cores
+
+
+def test_submitit_slurm_launcher_config(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e .[scale] for SLURM sweeps")
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Hydra notes it checks the file against the plugin's schema
+        cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path,
+                             tmp_path / "run")  # fmt: skip
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    assert isinstance(launcher, SlurmLauncher)
+    assert launcher.params["partition"] == "gpu" and launcher.params["submitit_folder"].endswith(".submitit/%j")
