@@ -76,8 +76,21 @@ def test_rows_for_every_component_and_setting_and_outputs(tmp_path):
         assert im.size[0] > 200 and im.size[1] > 200
 
 
+def test_onnx_runtime_rows_match_eager_work(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report = latency(_bench_cfg(tmp_path, "bench.runtimes=[eager,onnx]", "bench.batch_sizes=[1]",
+                                "bench.models.teacher.steps=[1]", "bench.components=[denoiser,end_to_end]", "bench.restrict.onnx=null"))  # fmt: skip
+    rows = {(r["model"], r["runtime"], r["dtype"], r["component"], r["steps"]): r for r in report["rows"]}
+    for model in ("teacher", "student"):
+        onnx, eager = rows[model, "onnx", "fp32", "end_to_end", 1], rows[model, "eager", "fp32", "end_to_end", 1]
+        assert onnx["flops_per_frame"] == eager["flops_per_frame"] and onnx["median_ms"] > 0
+        assert (model, "onnx", "bf16", "denoiser", None) not in rows
+    reasons = {(s["model"], s["dtype"]): s["reason"] for s in report["skipped"] if s["runtime"] == "onnx"}
+    assert reasons == {(m, "bf16"): "ValueError: onnx runs float32 graphs only" for m in ("teacher", "student")}
+
+
 def test_failing_runtime_is_skipped_with_its_reason(tmp_path, monkeypatch):
-    def broken(net, vae):
+    def broken(path):
         raise RuntimeError("no C++ compiler\nmore")
 
     monkeypatch.setitem(lat.RUNTIMES, "compile", broken)
@@ -123,9 +136,7 @@ def test_quickstart_student_needs_fewer_flops_than_the_teacher():
 
 def test_end_to_end_flops_are_affine_in_the_steps(tmp_path):
     path, _, _ = load_models(_bench_cfg(tmp_path).bench, torch.device("cpu"))["teacher"]
-    direct = lat.count_flops(
-        path.calls(lat.eager(path.net, path.vae), path.inputs(1, torch.device("cpu")), [5])["end_to_end", 5]
-    )
+    direct = lat.count_flops(path.calls(lat.eager(path), path.inputs(1, torch.device("cpu")), [5])["end_to_end", 5])
     assert path.flops_per_frame([5], torch.device("cpu"))["end_to_end", 5] * path.frames == pytest.approx(direct)
 
 

@@ -56,3 +56,20 @@ def test_failing_step_names_its_log(tmp_path):
 def test_unknown_step_name(tmp_path):
     with pytest.raises(SystemExit):
         pipeline(_cfg(tmp_path / "p", tmp_path, "force=[nope]"))
+
+
+ENTRY = {"tsd-train": "train", "tsd-eval": "eval", "tsd-infer": "infer", "tsd-bench": "bench", "tsd-export": "export"}
+
+
+@pytest.mark.parametrize("recipe", ["quickstart"])
+def test_every_recipe_step_composes(recipe, tmp_path):
+    """Each step's overrides exist in the config it runs (a typo would fail minutes into `make demo`)."""
+    steps = compose_config("pipeline", [f"pipeline={recipe}"], tmp_path, tmp_path / "run").steps
+    for step in steps:
+        cmd, args = list(step.cmd[:1]), [str(a) for a in step.cmd[1:]]
+        if cmd == ["tsd-data"]:
+            name, args = "data", [f"data_command={args[0]}", *args[1:]]
+        else:
+            name = ENTRY[cmd[0]]
+        cfg = compose_config(name, args, tmp_path, tmp_path / "run")
+        assert cfg is not None, step.name

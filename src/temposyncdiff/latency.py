@@ -11,9 +11,11 @@ import functools
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -133,18 +135,31 @@ class Nets(NamedTuple):
     decoder: Callable[[Tensor], Tensor]  # TinyVAE.from_latent
 
 
-def eager(net: Denoiser, vae: TinyVAE) -> Nets:
+def eager(path: GenerationPath) -> Nets:
+    return Nets(path.net.embed_audio, path.net, path.vae.from_latent)
+
+
+def compiled(path: GenerationPath) -> Nets:
+    # fresh graphs for each setting: past dynamo's recompile limit a reused function falls back to eager silently
+    torch._dynamo.reset()
+    return Nets(*(torch.compile(fn) for fn in eager(path)))
+
+
+def onnx(path: GenerationPath) -> Nets:
+    """onnxruntime sessions (torch's current thread count) over graphs exported once per path (fp32 only)."""
+    from temposyncdiff.export.onnx import TOLERANCE, export_nets, sessions
+
+    if path.onnx_dir is None:
+        path.onnx_dir = tempfile.TemporaryDirectory(prefix="tsd-bench-onnx-")
+        size = path.latent_size * path.vae.downsample
+        path.onnx_meta = export_nets(path.net, path.vae, size, Path(path.onnx_dir.name), None, TOLERANCE, 0)
+    net, vae = sessions(Path(path.onnx_dir.name), path.onnx_meta, torch.get_num_threads())
     return Nets(net.embed_audio, net, vae.from_latent)
 
 
-def compiled(net: Denoiser, vae: TinyVAE) -> Nets:
-    # fresh graphs for each setting: past dynamo's recompile limit a reused function falls back to eager silently
-    torch._dynamo.reset()
-    return Nets(*(torch.compile(fn) for fn in eager(net, vae)))
-
-
 # runtime name -> factory of the nets' callables, built once per setting (batch, dtype, threads)
-RUNTIMES: dict[str, Callable[[Denoiser, TinyVAE], Nets]] = {"eager": eager, "compile": compiled}
+RUNTIMES: dict[str, Callable[[GenerationPath], Nets]] = {"eager": eager, "compile": compiled, "onnx": onnx}
+FP32_ONLY = ("onnx",)  # runtimes that run the float32 graphs whatever the autocast dtype
 
 
 # ---- the generation path ------------------------------------------------------------------------------------------
@@ -179,6 +194,8 @@ class GenerationPath:
         self.calls_per_step = 1 if guidance_scale == 1.0 else 2
         enc = net.audio.config
         self.features = AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
+        self.onnx_dir: tempfile.TemporaryDirectory | None = None  # the onnx runtime's export of these nets
+        self.onnx_meta: dict[str, Any] = {}
 
     def params(self) -> dict[str, int]:
         audio = param_count(self.net.audio)
@@ -215,7 +232,7 @@ class GenerationPath:
         mask[:, : self.overlap] = True
         mel = self.mel_windows(wave, device)
         with torch.inference_mode():
-            cond = self.conditions(eager(self.net, self.vae), mel)
+            cond = self.conditions(eager(self), mel)
         return {"wave": wave, "mel": mel, "x": latent(batch, t, c, s, s), "t": torch.full((batch,), 500, device=device),
                 "cond": {"ref_latent": latent(batch, c, s, s), **cond, "motion": latent(batch, t, c, s, s), "motion_mask": mask},
                 "latents": latent(batch * self.frames, c, s, s), "generator": torch.Generator(device)}  # fmt: skip
@@ -240,7 +257,7 @@ class GenerationPath:
 
     def flops_per_frame(self, steps: list[int], device: torch.device) -> dict[tuple[str, int | None], float]:
         """FLOPs per new frame of every call (batch 1, eager fp32); end to end is affine in the steps (counted at 1, 2)."""
-        calls = self.calls(eager(self.net, self.vae), self.inputs(1, device), [1, 2])
+        calls = self.calls(eager(self), self.inputs(1, device), [1, 2])
         counts = {k: count_flops(fn) for k, fn in calls.items()}
         one, two = counts.pop(("end_to_end", 1)), counts.pop(("end_to_end", 2))
         counts |= {("end_to_end", n): one + (n - 1) * (two - one) for n in steps}
@@ -270,8 +287,10 @@ def bench_generation(
         with num_threads(setting.threads):
             threads = torch.get_num_threads()
             try:
+                if setting.runtime in FP32_ONLY and setting.dtype != "fp32":
+                    raise ValueError(f"{setting.runtime} runs float32 graphs only")
                 inp = path.inputs(setting.batch, device)
-                calls = path.calls(RUNTIMES[setting.runtime](path.net, path.vae), inp, steps)
+                calls = path.calls(RUNTIMES[setting.runtime](path), inp, steps)
                 for (component, n), fn in calls.items():
                     if component not in components:
                         continue

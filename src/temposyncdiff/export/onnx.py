@@ -123,8 +123,17 @@ def export_onnx(
     image_size = meta.get("image_size") or vae_meta.get("image_size", 64)
     out = Path(out_dir)
     (out / SIDECAR).unlink(missing_ok=True)  # a partial export must not pass for a complete one
+    sidecar = {"stage": kind, **sources, **export_nets(net, vae_net, image_size, out, opset, tolerance, seed)}
+    write_json(out / SIDECAR, sidecar)
+    return sidecar
+
+
+def export_nets(
+    net: nn.Module, vae: nn.Module, image_size: int, out: Path, opset: int | None, tolerance: float, seed: int
+) -> dict[str, Any]:
+    """Write the four verified graphs of ``net`` + ``vae`` to ``out``; returns what the sidecar records of them."""
     graphs: dict[str, Any] = {}
-    for name, (module, examples, axes, outputs) in _graphs(net, vae_net, image_size, seed).items():
+    for name, (module, examples, axes, outputs) in _graphs(net, vae, image_size, seed).items():
         dims: dict[str, Dim] = {}
         shapes = tuple({i: dims.setdefault(d, Dim(d)) for i, d in axes[k].items()} for k in examples[0])
         program = torch.onnx.export(module.eval(), tuple(examples[0].values()), input_names=list(examples[0]),
@@ -145,14 +154,12 @@ def export_onnx(
                 )
         graphs[name] = {"file": f"{name}.onnx", "max_abs_diff": diff, "outputs": outputs,
                         "inputs": {i.name: i.shape for i in session.get_inputs()}}  # fmt: skip
-    sidecar = {
-        "stage": kind, "opset": next(o.version for o in program.model_proto.opset_import if o.domain == ""),
+    return {
+        "opset": next(o.version for o in program.model_proto.opset_import if o.domain == ""),
         "tolerance": tolerance, "torch": torch.__version__, "onnxruntime": _ort().__version__,
-        **sources, "image_size": image_size, "window": net.window, "audio_encoder": net.audio.config,
-        "downsample": vae_net.downsample, "latent_channels": vae_net.latent_channels, "graphs": graphs,
+        "image_size": image_size, "window": net.window, "audio_encoder": net.audio.config,
+        "downsample": vae.downsample, "latent_channels": vae.latent_channels, "graphs": graphs,
     }  # fmt: skip
-    write_json(out / SIDECAR, sidecar)
-    return sidecar
 
 
 # ---- runtime: onnxruntime sessions that look like the torch modules TalkingHeadPipeline calls ------------------
@@ -226,6 +233,11 @@ def load_onnx(
     for key, path in (("checkpoint", checkpoint), ("vae", vae)):
         if meta[key]["sha256"] != file_sha256(path):
             raise UserError(f"{onnx_dir}: stale ONNX export (made from another {Path(path).name}); {redo}")
+    return sessions(onnx_dir, meta, threads)
+
+
+def sessions(onnx_dir: Path, meta: dict[str, Any], threads: int | None = None) -> tuple[OnnxDenoiser, OnnxVAE]:
+    """The torch-module stand-ins over the graphs in ``onnx_dir`` (``meta``: what ``export_nets`` returned)."""
     s = {g: _session(onnx_dir / f"{g}.onnx", threads) for g in GRAPHS}
     audio = OnnxAudioEncoder(s["audio_encoder"], meta["audio_encoder"])
     return (

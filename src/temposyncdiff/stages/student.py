@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -277,6 +277,8 @@ class StudentStage(StageModule):
             raise UserError("model.net.audio_encoder is required: the student has its own audio encoder")
         if eval_visemes not in ("audio", "data"):
             raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
+        if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
+            raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
         if not set(val_steps) | {steps} <= set(train_steps):
             raise UserError(
                 f"model.steps / val_steps {sorted(set(val_steps) | {steps})} must be among train_steps {list(train_steps)}"
@@ -494,6 +496,7 @@ class StudentStage(StageModule):
             for u in held_out_utterances(self.trainer.val_dataloaders.dataset, hp.val_utterances)
         ]
         if len(utts) < 2:
+            rank_zero_warn(f"sampled validation skipped: the val split has {len(utts)} utterance(s), it needs 2")
             return
         dm = self.trainer.datamodule
         teacher = f"teacher{hp.teacher_eval_steps}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset
@@ -146,6 +146,8 @@ class TeacherStage(StageModule):
             raise UserError("model.net.audio_encoder is required: the teacher trains its audio encoder jointly")
         if eval_visemes not in ("audio", "data"):
             raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
+        if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
+            raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
         self.net, self.schedule = net, schedule
         self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
         self._frozen: dict[str, nn.Module] = {}  # VAE, lip-sync expert: outside net, optimiser, EMA and checkpoints
@@ -352,6 +354,7 @@ class TeacherStage(StageModule):
         dm = self.trainer.datamodule
         utts = held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
         if len(utts) < 2:
+            rank_zero_warn(f"sampled validation skipped: the val split has {len(utts)} utterance(s), it needs 2")
             return
         rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
         video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
