@@ -85,3 +85,32 @@ def test_tsd_infer_bad_audio_is_one_line(exports, tmp_path):
     with pytest.raises(SystemExit) as err:
         infer(cfg)
     assert err.value.code == 2
+
+
+def test_tsd_infer_real_photo_and_speech(exports, tmp_path):
+    """grace_hopper.jpg (face found, pasted back) + espeak-ng speech as a 22.05 kHz stereo mp3 -> a valid sample."""
+    import av
+    import matplotlib
+
+    from temposyncdiff.data.tts import Espeak
+
+    speech = Espeak().synthesize("The quick brown fox jumps over the lazy dog.")
+    mp3, rate = tmp_path / "speech.mp3", speech.sample_rate
+    with av.open(str(mp3), "w") as out:
+        stream = out.add_stream("libmp3lame", rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.repeat(speech.samples[None], 2, 0), format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    photo = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
+    cfg = compose_config("infer", [f"ref_image={photo}", f"audio={mp3}", "stage=teacher", "paste_back=true", "save_frames=false",
+                                   f"checkpoint={exports / 'teacher_best.pt'}", f"vae={exports / 'vae_pretrained.pt'}",
+                                   "run_name=photo"], tmp_path, tmp_path / "run")  # fmt: skip
+    report = infer(cfg)
+    info = probe(tmp_path / "outputs" / "samples" / "photo" / "sample.mp4")
+    seconds = len(speech.samples) / rate
+    assert (
+        info.video_codec == "h264" and info.audio_codec == "aac" and abs(info.num_frames / 25 - seconds) <= 0.04 + 0.03
+    )
+    assert (info.width, info.height) == (512, 600)  # pasted back into the whole photo
+    assert report["face"]["method"] in ("dlib", "center")
