@@ -11,6 +11,17 @@ from temposyncdiff.data.synth import SynthConfig, synthesize_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> Path:
     """3 identities x 3 utterances at 64 px (LRS3 layout) under a session temp dir."""

@@ -89,15 +89,6 @@ def toy_clips(n: int, t: int, g: torch.Generator) -> tuple[torch.Tensor, torch.T
     return frames, mel
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops run far faster on one thread, above all on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_syncnet_learns_toy_sync(one_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -20,13 +20,7 @@ from tests.conftest import REPO, compose_config
 from tests.test_teacher import TINY as TINY_TEACHER
 from tests.test_vae import TINY as TINY_VAE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
 TINY_NET = ["channels=[8,16]", "cond_dim=16", "heads=2", "attention_levels=[1]", "cross_attention_levels=[1]",

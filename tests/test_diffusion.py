@@ -22,13 +22,7 @@ from temposyncdiff.nets.syncnet import SyncNet
 B, T, C, S = 2, 4, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
 def tiny_net(temporal: str = "attention", **kw) -> Denoiser:

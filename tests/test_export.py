@@ -22,13 +22,7 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
 def tiny_denoiser(seed: int) -> Denoiser:

@@ -24,13 +24,7 @@ B, T, C, S = 2, 4, 4, 8
 AUDIO = {"n_mels": 80, "window": 16, "dim": 16, "context": 1, "num_visemes": 15, "width": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
 def tiny_net(channels=(8, 16), seed: int = 0) -> Denoiser:

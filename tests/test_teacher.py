@@ -13,14 +13,7 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
 TINY = ["experiment=quickstart/teacher", "data.batch_size=2", "data.num_workers=0", "data.persistent_workers=false",
