@@ -192,6 +192,7 @@ def test_aux_losses_have_gradients():
     assert torch.isfinite(total) and x0_hat.grad.abs().sum() > 0
     assert temporal_loss(x0, x0, mask) == 0
     w = region_weight(S, S, (0.5, 1.0, 0.25, 0.75), 4.0)
+    assert region_weight(S, S, (0.5, 1.0, 0.25, 0.75), 1.0) is None
     assert w.sum() == S * S + 3 * (S // 2) ** 2
     assert torch.allclose(
         diffusion_loss(x0_hat, x0, mask, pixel_weight=torch.full((S, S), 3.0)), diffusion_loss(x0_hat, x0, mask)

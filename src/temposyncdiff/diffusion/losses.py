@@ -35,9 +35,16 @@ def diffusion_loss(
     return _masked_mean(err.flatten(2).mean(-1), mask, weight)
 
 
-def region_weight(height: int, width: int, box: tuple[float, float, float, float], factor: float) -> Tensor:
-    """``[height, width]`` map: ``factor`` inside ``box`` (top, bottom, left, right fractions), 1 elsewhere."""
-    w = torch.ones(height, width)
+def region_weight(
+    height: int, width: int, box: tuple[float, float, float, float], factor: float, device: torch.device | str = "cpu"
+) -> Tensor | None:
+    """``[height, width]`` map: ``factor`` inside ``box`` (top, bottom, left, right fractions), 1 elsewhere.
+
+    None for ``factor == 1`` (no weighting: the losses' unweighted path).
+    """
+    if factor == 1.0:
+        return None
+    w = torch.ones(height, width, device=device)
     w[region_rows(height, box[:2]), region_rows(width, box[2:])] = factor
     return w
 

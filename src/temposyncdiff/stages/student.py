@@ -434,9 +434,7 @@ class StudentStage(StageModule):
             "motion": x0,
             "motion_mask": known,
         }
-        pixel_weight = None
-        if hp.mouth_weight != 1.0:
-            pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight).to(self.device)
+        pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         distill, x0_hat = trajectory_loss(
             self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight
         )

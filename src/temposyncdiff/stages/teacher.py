@@ -215,9 +215,7 @@ class TeacherStage(StageModule):
         x_t = sch.add_noise(x0, noise, ts)
         pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop)
         target_mask = mask & ~known
-        pixel_weight = None
-        if hp.mouth_weight != 1.0:
-            pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight).to(self.device)
+        pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
         out = {
             "diffusion": diffusion_loss(pred, target, target_mask, sch.loss_weight(ts), pixel_weight),
