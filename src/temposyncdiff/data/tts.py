@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +53,13 @@ class Speech:
 
 
 class Espeak:
-    """One espeak-ng engine per process (the C library keeps global state)."""
+    """One espeak-ng engine per process (the C library keeps global state).
+
+    The engine carries state from one utterance to the next (pitch flutter, glottal phase), so the same
+    request would sound slightly different depending on what was spoken before. ``synthesize`` therefore
+    speaks in a forked child of this process, whose engine is initialised but has never spoken: the same
+    text and voice give the same samples whatever ran before, in any worker.
+    """
 
     _lib: ctypes.CDLL | None = None
     _sample_rate = 0
@@ -91,6 +99,9 @@ class Espeak:
         self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50, pitch_range: int = 50
     ) -> Speech:
         """Speak ``text``; words are timed from the phonemes espeak-ng attributes to them."""
+        return _in_forked_child(self._speak_here, text, voice, rate, pitch, pitch_range)
+
+    def _speak_here(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> Speech:
         lib = Espeak._lib
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice '{voice}'")
@@ -120,6 +131,35 @@ class Espeak:
                 word = _word_at(text, pos - 1)
                 words.append((word, own[0][1], own[-1][2]))
         return Speech(samples, sr, words, phonemes)
+
+
+def _in_forked_child(fn, *args):
+    """``fn(*args)`` in a forked child; its result or exception comes back through a pipe.
+
+    A plain fork, not multiprocessing: the corpus workers are daemonic pool processes, which may not have
+    multiprocessing children.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the caller's code
+        os.close(read_fd)
+        try:
+            payload = pickle.dumps((True, fn(*args)))
+        except BaseException as err:  # noqa: BLE001 - handed to the parent
+            payload = pickle.dumps((False, err))
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        raise RuntimeError(f"espeak-ng's child process died (wait status {status})")
+    ok, value = pickle.loads(payload)
+    if not ok:
+        raise value
+    return value
 
 
 def _word_at(text: str, index: int) -> str:
