@@ -168,11 +168,10 @@ def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> d
     jobs = [(asdict(cfg), i, u) for i in range(cfg.identities) for u in range(cfg.utterances)]
     start = time.perf_counter()
     made = frames = 0
-    if cfg.workers > 1:
-        with mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init) as pool:
-            results = list(pool.imap_unordered(_utterance, jobs))
-    else:
-        results = [_utterance(j) for j in jobs]
+    # spawned workers even when there is one: the bytes written must not depend on this process's state
+    # (the same corpus came out different inside a long test session than in a fresh process)
+    with mp.get_context("spawn").Pool(max(1, cfg.workers), initializer=_worker_init) as pool:
+        results = list(pool.imap_unordered(_utterance, jobs))
     for _, secs, n in results:
         made += secs > 0
         frames += n
