@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from temposyncdiff.cli.train import train
 from temposyncdiff.data.batch import Batch
+from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, region_weight
 from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import DiskFullError
 from temposyncdiff.utils.weights import WeightsError, load_net, save_weights
@@ -187,3 +188,18 @@ def test_checkpoint_of_another_stage_is_refused(data_root, tmp_path, caplog):
     with pytest.raises(SystemExit):
         train(_cfg(data_root, tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={tmp_path / 'teacher.ckpt'}"))
     assert "teacher.ckpt: a checkpoint of the 'teacher' stage, not of 'vae'" in caplog.text
+
+
+def test_mouth_weight_emphasises_the_mouth_box():
+    from temposyncdiff.stages.vae import reconstruction_loss
+
+    target = torch.zeros(2, 3, 16, 16)
+    inside, outside = target.clone(), target.clone()
+    inside[..., 12, 8] = 1.0  # row 0.75, column 0.5: in the default mouth box
+    outside[..., 2, 2] = 1.0
+    weight = region_weight(16, 16, DEFAULT_REGIONS["mouth"], 4.0)
+    assert reconstruction_loss(inside, target) == reconstruction_loss(outside, target)
+    assert reconstruction_loss(inside, target, "l1", weight) > 3 * reconstruction_loss(outside, target, "l1", weight)
+    for kind in ("l1", "charbonnier", "mse"):  # the weight map averages to one: a uniform error keeps its loss
+        err = torch.full_like(target, 0.5)
+        assert torch.isclose(reconstruction_loss(err, target, kind, weight), reconstruction_loss(err, target, kind))

@@ -144,7 +144,7 @@ class FaceRenderer:
         # face with a jaw that drops as the mouth opens
         upper = _ellipse(0, 0, rx, ry, math.pi, 2 * math.pi, 30)
         a = np.linspace(0, math.pi, 30)
-        chin_ry = ry + 0.03 * opening
+        chin_ry = ry + 0.045 * opening
         narrow = 1 - 0.25 * idn.jaw * np.sin(a) ** 4
         lower = np.stack([rx * np.cos(a) * narrow, chin_ry * np.sin(a)], axis=1)
         poly(np.concatenate([lower, upper]), idn.skin)
@@ -203,9 +203,11 @@ class FaceRenderer:
     def _mouth(self, poly, mouth: np.ndarray) -> None:
         opening, width, rounding, teeth, tongue = (float(v) for v in mouth)
         my = self.id.mouth_y
-        half_w = (0.06 + 0.045 * width) * (1 - 0.35 * rounding)
-        gap = 0.004 + 0.075 * opening
-        lip_u, lip_l = 0.016 + 0.006 * rounding, 0.02 + 0.008 * rounding
+        # a generous mouth (about 40% of the face width, opening to 16% of its height), so that 64 px frames
+        # show it over several pixels, as a face crop at LRS3's usual resolution does
+        half_w = (0.075 + 0.055 * width) * (1 - 0.35 * rounding)
+        gap = 0.005 + 0.11 * opening
+        lip_u, lip_l = 0.02 + 0.007 * rounding, 0.025 + 0.01 * rounding
         outer = _ellipse(0, my, half_w + 0.01, gap / 2 + (lip_u + lip_l) / 2, n=48)
         outer[:, 1] += np.where(outer[:, 1] > my, (lip_l - lip_u) / 2, -(lip_l - lip_u) / 2 * 0)
         poly(outer, self.id.lips)

@@ -13,6 +13,9 @@ from torch.nn import functional as F
 
 from temposyncdiff.nets.syncnet import mel_context
 
+# (top, bottom, left, right) fractions of the face-centred frame (the training losses' convention)
+DEFAULT_REGIONS = {"mouth": (0.58, 0.82, 0.3, 0.7), "upper": (0.0, 0.5, 0.0, 1.0)}
+
 
 def _masked_mean(err: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
     """Mean of per-frame errors ``[B,T]`` over ``mask``, each sample scaled by ``weight [B]``."""
@@ -52,6 +55,11 @@ def region_weight(
 def region_rows(height: int, rows: tuple[float, float]) -> slice:
     """Index slice for fractions ``(start, end)`` of ``height`` (at least one row)."""
     return slice(round(rows[0] * height), max(round(rows[1] * height), round(rows[0] * height) + 1))
+
+
+def crop(x: Tensor, box: tuple[float, float, float, float]) -> Tensor:
+    """Region ``(top, bottom, left, right)`` (fractions of the side) of images or latents ``[..., H, W]``."""
+    return x[..., region_rows(x.shape[-2], box[:2]), region_rows(x.shape[-1], box[2:])]
 
 
 def identity_loss(x0_hat: Tensor, ref_latent: Tensor, mask: Tensor, rows: tuple[float, float] = (0.0, 0.5),

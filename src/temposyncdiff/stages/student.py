@@ -43,7 +43,7 @@ from temposyncdiff.diffusion.distill import (
     teacher_couplings,
     trajectory_loss,
 )
-from temposyncdiff.diffusion.losses import identity_loss, region_weight, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, identity_loss, region_weight, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -52,7 +52,7 @@ from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule, weights_digest
-from temposyncdiff.stages.teacher import DEFAULT_REGIONS, crop, held_out_utterances, model_stats
+from temposyncdiff.stages.teacher import held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
 from temposyncdiff.utils.weights import load_net
 

@@ -25,10 +25,11 @@ from omegaconf import DictConfig, open_dict
 from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
 from temposyncdiff.cli.train import train
 from temposyncdiff.diffusion.distill import student_sampler
+from temposyncdiff.diffusion.losses import DEFAULT_REGIONS
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.stages.student import compare, frozen_net, generate, ms_per_frame, truncate
-from temposyncdiff.stages.teacher import DEFAULT_REGIONS, held_out_utterances
+from temposyncdiff.stages.teacher import held_out_utterances
 from temposyncdiff.utils.io import write_text
 from temposyncdiff.utils.task import log
 

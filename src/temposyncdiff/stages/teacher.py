@@ -33,7 +33,15 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.data.dataset import clip_mel_windows
 from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
-from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, region_weight, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import (
+    DEFAULT_REGIONS,
+    crop,
+    diffusion_loss,
+    identity_loss,
+    region_weight,
+    sync_loss,
+    temporal_loss,
+)
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -41,14 +49,6 @@ from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule
 from temposyncdiff.utils.weights import load_net
-
-DEFAULT_REGIONS = {"mouth": (0.58, 0.82, 0.3, 0.7), "upper": (0.0, 0.5, 0.0, 1.0)}
-
-
-def crop(x: Tensor, box: tuple[float, float, float, float]) -> Tensor:
-    """Region ``(top, bottom, left, right)`` (fractions of the side) of images ``[..., H, W]``."""
-    h, w = x.shape[-2:]
-    return x[..., round(box[0] * h) : round(box[1] * h), round(box[2] * w) : round(box[3] * w)]
 
 
 def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tuple[int, int]) -> dict[str, float]:

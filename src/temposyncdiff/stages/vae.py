@@ -6,22 +6,27 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from temposyncdiff.data.batch import Batch
+from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, region_weight
 from temposyncdiff.nets.vae import TinyVAE, kl_divergence
 from temposyncdiff.stages.base import StageModule
 
 
-def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "l1", eps: float = 1e-3) -> torch.Tensor:
+def reconstruction_loss(
+    x: torch.Tensor, y: torch.Tensor, kind: str = "l1", pixel_weight: torch.Tensor | None = None, eps: float = 1e-3
+) -> torch.Tensor:
+    """Mean per-pixel error; ``pixel_weight [H,W]`` (mean-normalised here) emphasises regions."""
     if kind == "l1":
-        return F.l1_loss(x, y)
-    if kind == "charbonnier":
-        return torch.sqrt((x - y) ** 2 + eps**2).mean()
-    if kind == "mse":
-        return F.mse_loss(x, y)
-    raise ValueError(f"unknown reconstruction loss {kind!r} (l1 | charbonnier | mse)")
+        err = (x - y).abs()
+    elif kind == "charbonnier":
+        err = torch.sqrt((x - y) ** 2 + eps**2)
+    elif kind == "mse":
+        err = (x - y) ** 2
+    else:
+        raise ValueError(f"unknown reconstruction loss {kind!r} (l1 | charbonnier | mse)")
+    return (err if pixel_weight is None else err * (pixel_weight / pixel_weight.mean())).mean()
 
 
 def frames_of(batch: Batch) -> torch.Tensor:
@@ -40,19 +45,24 @@ class VAEStage(StageModule):
         scheduler: Callable | None = None,
         recon_loss: str = "l1",
         kl_weight: float = 1e-6,
+        mouth_weight: float = 1.0,
+        mouth_box: tuple[float, float, float, float] = DEFAULT_REGIONS["mouth"],
         scale_fit_batches: int = 20,
         log_images: int = 8,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
+        self.mouth_box = tuple(mouth_box)
         self.val_psnr = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
+        self.val_psnr_mouth = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x = frames_of(batch)
         recon, mean, logvar = self.net(x)
-        rec = reconstruction_loss(recon, x, self.hparams.recon_loss)
+        weight = region_weight(*x.shape[-2:], self.mouth_box, self.hparams.mouth_weight, self.device)
+        rec = reconstruction_loss(recon, x, self.hparams.recon_loss, weight)
         kl = kl_divergence(mean, logvar)
         loss = rec + self.hparams.kl_weight * kl
         self.log_dict({"train/loss": loss, "train/recon": rec, "train/kl": kl}, prog_bar=True, batch_size=len(x))
@@ -64,8 +74,10 @@ class VAEStage(StageModule):
         pred, target = (recon + 1) / 2, (x + 1) / 2
         self.val_psnr(pred, target)
         self.val_ssim(pred, target)
+        self.val_psnr_mouth(crop(pred, self.mouth_box), crop(target, self.mouth_box))
         self.log("val/loss", reconstruction_loss(recon, x, self.hparams.recon_loss), batch_size=len(x))
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=len(x))
+        self.log("val/psnr_mouth", self.val_psnr_mouth, batch_size=len(x))
         if batch_idx == 0 and self.hparams.log_images:
             self._log_reconstructions(target[: self.hparams.log_images], pred[: self.hparams.log_images])
 
