@@ -106,7 +106,7 @@ class LipSyncError(Metric):
 
     def compute(self) -> dict[str, Any]:
         """Scalar tensors for means and counts; per-clip values as Python lists."""
-        if not self.clip_lse_d:
+        if len(self.clip_lse_d) == 0:  # a list of per-clip tensors, or one tensor once synced across ranks
             d = c = torch.zeros(0, device=self.device)
             off = torch.zeros(0, dtype=torch.long, device=self.device)
         else:
@@ -139,6 +139,7 @@ def audio_swap_control(
     n = len(clips)
     if n < 2:
         raise ValueError(f"audio_swap_control needs at least 2 clips, got {n}")
+    metric_kwargs.setdefault("sync_on_compute", False)  # the clips given are all there is: no gathering across ranks
     own, swapped = LipSyncError(**metric_kwargs), LipSyncError(**metric_kwargs)
     for i, clip in enumerate(clips):
         own.update(*score_fn(clip, clip))

@@ -130,7 +130,11 @@ def compare(
     """
     dev = next(vae.parameters()).device
     acc: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
-    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in [*runs, "truth"]} if expert is not None else {}
+    lse = (
+        {name: {k: LipSyncError(sync_on_compute=False) for k in ("", "_swap")} for name in [*runs, "truth"]}
+        if expert is not None
+        else {}
+    )  # fmt: skip  (every rank evaluates the same utterances: no gathering)
     first = next(iter(runs))
 
     def add(name: str, key: str, values: Tensor | float) -> None:
@@ -284,6 +288,9 @@ class StudentStage(StageModule):
                 f"model.steps / val_steps {sorted(set(val_steps) | {steps})} must be among train_steps {list(train_steps)}"
             )
         self.net = net
+        # the student runs without guidance, so its null audio token is never used: frozen, so that DDP (which
+        # wants a gradient for every trainable parameter) needs no find_unused_parameters
+        self.net.null_audio.requires_grad_(False)
         self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
         self._frozen: dict[str, nn.Module] = {}  # teacher, VAE, lip-sync expert: outside optimiser, EMA, checkpoints
         self._couplings: dict[str, Couplings] = {}
