@@ -215,3 +215,34 @@ def test_identity_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(identity, "default_weights_dir", lambda: tmp_path / "nowhere")
     with pytest.warns(UserWarning, match="before the ``update``"):
         assert IdentitySimilarity().compute()["status"] == "unavailable"
+
+
+def _talking(opening: np.ndarray, size: int = 32) -> np.ndarray:
+    """Skin-coloured frames with a mouth that darkens as ``opening`` (0..1) grows (a growing cavity, averaged)."""
+    frames = np.full((len(opening), size, size, 3), 200, np.uint8)
+    for k, o in enumerate(opening):
+        frames[k, 20:25, 12:20] = round(200 - 170 * o)
+    return frames
+
+
+def test_mouth_motion_follows_the_truth_and_not_other_speech():
+    from temposyncdiff.metrics.temporal import MouthMotion
+
+    phase = 2 * np.pi * np.arange(40) / 10  # syllables at 2.5 Hz; the other speech a quarter period off
+    truth_open, other_open = 0.5 + 0.5 * np.sin(phase), 0.5 + 0.5 * np.cos(phase)
+    truth = _talking(truth_open)
+    m = MouthMotion()
+    m.update(truth, truth)
+    out = m.compute()
+    assert out["corr"] == pytest.approx(1.0) and out["amplitude"] == pytest.approx(1.0) and out["num_clips"] == 1
+    half = MouthMotion()
+    half.update(_talking(truth_open * 0.5), truth)  # the same timing, half the opening
+    assert half.compute()["corr"] > 0.9 and 0.3 < half.compute()["amplitude"] < 0.7
+    other, still = MouthMotion(), MouthMotion()
+    other.update(_talking(other_open), truth)
+    still.update(_talking(np.zeros(40)), truth)
+    assert abs(other.compute()["corr"]) < 0.1
+    assert still.compute() == {"corr": 0.0, "amplitude": 0.0, "num_clips": 1}
+    empty = MouthMotion()
+    empty.update(truth[:1].repeat(5, 0), truth[:1].repeat(5, 0))  # a still truth says nothing: not counted
+    assert empty.compute() == {"corr": None, "amplitude": None, "num_clips": 0}

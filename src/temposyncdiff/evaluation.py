@@ -42,7 +42,7 @@ from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, to_unit, unavailable
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
-from temposyncdiff.metrics.temporal import FlickerMetric, seam_error
+from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
 from temposyncdiff.nets.syncnet import load_expert
 from temposyncdiff.utils.io import atomic_path, write_json, write_text
 from temposyncdiff.utils.task import log
@@ -50,8 +50,8 @@ from temposyncdiff.utils.task import log
 PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffusers", "numpy", "av", "dlib-bin",
             "dlib", "face_recognition_models")  # fmt: skip
 GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
-               "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "lse_c", "lse_d",
-               "lse_c_swapped", "lse_c_gap", "identity", "ms_per_frame", "rtf")  # fmt: skip
+               "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
+               "mouth_corr_swapped", "mouth_amplitude", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "identity", "ms_per_frame", "rtf")  # fmt: skip
 DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
                "psnr_upper_face", "ms_per_frame")  # fmt: skip
 
@@ -284,6 +284,7 @@ class GenerationScorer:
                  identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
                  identity_stride: int = 1) -> None:  # fmt: skip
         self.fidelity, self.flicker, self.seams = FidelityMetrics(regions), FlickerMetric(), []
+        self.motion = {k: MouthMotion(regions.mouth) for k in ("own", "swapped")}  # both against the own truth
         self.expert, self.lse_reason = expert, lse_reason
         self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
         self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
@@ -294,6 +295,9 @@ class GenerationScorer:
         self.fidelity.update(own, gt)
         if len(gt) > 1:
             self.flicker.update(own, gt)
+        for key, video in (("own", own), ("swapped", swapped)):
+            if video is not None:
+                self.motion[key].update(video, gt)
         if borders:  # none when the clip fits in one window
             self.seams.append((seam_error(own, borders), seam_error(gt, borders)))
         if self.expert is not None:
@@ -304,7 +308,8 @@ class GenerationScorer:
             self.identity.update(reference, own[:: self.identity_stride])
 
     def compute(self) -> dict[str, Any]:
-        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute()}
+        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
+               "mouth_motion": {k: m.compute() for k, m in self.motion.items()}}  # fmt: skip
         if self.seams:  # means over clips (of the finite ratios), as the stages log them
             out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
                            for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
@@ -416,7 +421,9 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
             "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
             "identity": r["identity"].get("mean"), "ms_per_frame": r["latency"]["ms_per_frame"]["total"],
-            "rtf": r["latency"]["real_time_factor"]}  # fmt: skip
+            "rtf": r["latency"]["real_time_factor"], "mouth_corr": r["mouth_motion"]["own"]["corr"],
+            "mouth_corr_swapped": r["mouth_motion"]["swapped"]["corr"],
+            "mouth_amplitude": r["mouth_motion"]["own"]["amplitude"]}  # fmt: skip
     if "own" in ls:
         row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"]["lse_c"],
                 "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip

@@ -100,11 +100,12 @@ def pipeline(cfg: DictConfig) -> dict:
 
 
 def key_numbers(eval_report: Path) -> list[str]:
-    """One line per generation run of the eval report: mouth PSNR, LSE-C own vs swapped audio, speed."""
+    """One line per generation run of the eval report: mouth PSNR, mouth motion and LSE-C (own vs swapped audio), speed."""
     from temposyncdiff.evaluation import table_rows
 
-    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
-              ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
+    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("mouth_corr", "mouth motion corr {:.2f}"),
+              ("mouth_corr_swapped", "(swapped audio {:.2f})"), ("mouth_amplitude", "amplitude {:.2f}"),
+              ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
     lines = ["key numbers (test split):"]
     for r in table_rows(json.loads(eval_report.read_text()))[0]:
         if r.get("status") == "ok":

@@ -1,4 +1,5 @@
-"""Temporal consistency: frame-difference flicker (and its gap to ground truth) and seam error at window borders.
+"""Temporal behaviour: frame-difference flicker (and its gap to ground truth), seam error at window borders, and
+mouth motion against the ground truth's (a lip-sync check that needs no expert weights).
 
 All differences are mean absolute pixel differences on the [0,1] scale (frames as ``metrics.image.to_unit``
 accepts them). ``compute()`` and ``seam_error`` return plain floats / ints (``json_float`` for ratios).
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from temposyncdiff.metrics.image import json_float, to_unit
+from temposyncdiff.metrics.image import RegionBoxes, json_float, to_unit
 
 
 def frame_differences(frames: Tensor | np.ndarray) -> Tensor:
@@ -84,3 +85,51 @@ class FlickerMetric(Metric):
         pred, gt = (float(s) / n if n else None for s in (self.pred_sum, self.gt_sum))
         gap = pred - gt if n else None
         return {"flicker_pred": pred, "flicker_gt": gt, "flicker_gap": gap, "num_clips": int(self.num_clips)}
+
+
+def mouth_signal(frames: Tensor | np.ndarray, box: Sequence[float]) -> Tensor:
+    """``[T]`` mean luminance of the mouth region ``box`` (``RegionBoxes`` convention) per frame, on [0,1].
+
+    An opening mouth shows its dark cavity (and teeth), so the signal moves with articulation.
+    """
+    x = RegionBoxes.crop(to_unit(frames), box).double()
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2))
+
+
+class MouthMotion(Metric):
+    """How a generated mouth moves against the ground truth's: ``update(pred, target)`` once per clip.
+
+    Per clip, over frames: the Pearson correlation of the two ``mouth_signal`` series (1: opens and closes when
+    the truth does; about 0 for a still mouth or one moving to other speech) and the ratio of their standard
+    deviations (1: as much motion as the truth). ``compute()`` -> ``corr`` and ``amplitude`` (means over clips
+    with a moving ground truth and at least 3 frames; None without any) and ``num_clips``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, box: Sequence[float] = RegionBoxes.mouth, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.box = tuple(box)
+        self.add_state("corr_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("amp_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_clips", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    @torch.no_grad()
+    def update(self, pred: Tensor | np.ndarray, target: Tensor | np.ndarray) -> None:
+        p, t = mouth_signal(pred, self.box), mouth_signal(target, self.box)
+        if len(p) != len(t):
+            raise ValueError(f"pred has {len(p)} frames, target {len(t)}")
+        if len(t) < 3 or float(t.std()) < 1e-6:
+            return  # a still truth (or too short a clip) says nothing about sync
+        amp = float(p.std() / t.std())
+        corr = float(torch.corrcoef(torch.stack([p, t]))[0, 1]) if float(p.std()) > 1e-6 else 0.0
+        self.corr_sum += corr
+        self.amp_sum += amp
+        self.num_clips += 1
+
+    def compute(self) -> dict[str, Any]:
+        n = int(self.num_clips)
+        return {"corr": float(self.corr_sum) / n if n else None, "amplitude": float(self.amp_sum) / n if n else None,
+                "num_clips": n}  # fmt: skip
