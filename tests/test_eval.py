@@ -111,6 +111,7 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     lines = key_numbers(out / "metrics" / "eval_report.json")  # tsd-pipeline's closing summary
     assert {line.split()[0] for line in lines[1:]} == {"teacher@1", "teacher@2", "ground_truth"}
     assert all("mouth PSNR" in line and "swapped" in line for line in lines[1:] if "teacher" in line)
+    assert "faster than teacher@2" in next(line for line in lines if "teacher@1" in line)  # the speed-up
 
 
 def test_load_clips_reference_and_fallback(data_root, tmp_path):

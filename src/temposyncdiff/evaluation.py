@@ -421,9 +421,10 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
             "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
             "identity": r["identity"].get("mean"), "ms_per_frame": r["latency"]["ms_per_frame"]["total"],
-            "rtf": r["latency"]["real_time_factor"], "mouth_corr": r["mouth_motion"]["own"]["corr"],
-            "mouth_corr_swapped": r["mouth_motion"]["swapped"]["corr"],
-            "mouth_amplitude": r["mouth_motion"]["own"]["amplitude"]}  # fmt: skip
+            "rtf": r["latency"]["real_time_factor"]}  # fmt: skip
+    motion = r.get("mouth_motion", {})  # absent from reports written before it existed
+    row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
+            "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
     if "own" in ls:
         row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"]["lse_c"],
                 "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip

@@ -107,10 +107,15 @@ def key_numbers(eval_report: Path) -> list[str]:
               ("mouth_corr_swapped", "(swapped audio {:.2f})"), ("mouth_amplitude", "amplitude {:.2f}"),
               ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
     lines = ["key numbers (test split):"]
-    for r in table_rows(json.loads(eval_report.read_text()))[0]:
-        if r.get("status") == "ok":
-            parts = [fmt.format(r[k]) for k, fmt in fields if isinstance(r.get(k), int | float)]
-            lines.append(f"  {r['run']:<14} " + "  ".join(parts))
+    rows = [r for r in table_rows(json.loads(eval_report.read_text()))[0] if r.get("status") == "ok"]
+    timed = [r for r in rows if isinstance(r.get("ms_per_frame"), int | float) and r["ms_per_frame"] > 0]
+    teachers = [r for r in timed if r["run"].startswith("teacher")]
+    base = max(teachers, key=lambda r: r.get("steps") or 0) if teachers else None  # the full-step teacher
+    for r in rows:
+        parts = [fmt.format(r[k]) for k, fmt in fields if isinstance(r.get(k), int | float)]
+        if base is not None and r is not base and r in timed:
+            parts.append(f"({base['ms_per_frame'] / r['ms_per_frame']:.0f}x faster than {base['run']})")
+        lines.append(f"  {r['run']:<14} " + "  ".join(parts))
     return lines
 
 
