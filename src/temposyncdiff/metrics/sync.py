@@ -65,6 +65,7 @@ class LipSyncError(Metric):
     ``compute()`` -> dict of means ``lse_d``, ``lse_c``, ``offset_zero_frac`` (fraction of clips whose best
     offset is 0), counts ``num_clips``, ``num_skipped`` (scalar tensors), and per-clip lists ``clip_lse_d``,
     ``clip_lse_c``, ``clip_offset``. With no scored clip the means are NaN. Use ``embed_clip`` to get the embeddings.
+    Per process by default (``sync_on_compute=False``); pass ``sync_on_compute=True`` to gather rank-sharded clips.
     """
 
     is_differentiable = False
@@ -72,6 +73,8 @@ class LipSyncError(Metric):
     full_state_update = False
 
     def __init__(self, vshift: int = 15, min_overlap: int = 5, **kwargs: Any) -> None:
+        # every caller scores all of its clips in each process: no gathering across ranks unless asked for
+        kwargs.setdefault("sync_on_compute", False)
         super().__init__(**kwargs)
         if vshift < 0 or min_overlap < 1:
             raise ValueError(f"need vshift >= 0 and min_overlap >= 1, got {vshift}, {min_overlap}")
@@ -139,7 +142,6 @@ def audio_swap_control(
     n = len(clips)
     if n < 2:
         raise ValueError(f"audio_swap_control needs at least 2 clips, got {n}")
-    metric_kwargs.setdefault("sync_on_compute", False)  # the clips given are all there is: no gathering across ranks
     own, swapped = LipSyncError(**metric_kwargs), LipSyncError(**metric_kwargs)
     for i, clip in enumerate(clips):
         own.update(*score_fn(clip, clip))

@@ -130,11 +130,7 @@ def compare(
     """
     dev = next(vae.parameters()).device
     acc: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
-    lse = (
-        {name: {k: LipSyncError(sync_on_compute=False) for k in ("", "_swap")} for name in [*runs, "truth"]}
-        if expert is not None
-        else {}
-    )  # fmt: skip  (every rank evaluates the same utterances: no gathering)
+    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in [*runs, "truth"]} if expert is not None else {}
     first = next(iter(runs))
 
     def add(name: str, key: str, values: Tensor | float) -> None:

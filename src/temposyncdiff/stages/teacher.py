@@ -289,8 +289,7 @@ class TeacherStage(StageModule):
         vae, expert = self.frozen("vae"), self.frozen("syncnet")
         gen = torch.Generator(device="cpu").manual_seed(hp.eval_seed)
         acc: dict[str, list[float]] = {}
-        # every rank evaluates the same utterances: no gathering across ranks
-        lse = {k: LipSyncError(sync_on_compute=False) for k in ("", "_swap", "_gt")} if expert is not None else {}
+        lse = {k: LipSyncError() for k in ("", "_swap", "_gt")} if expert is not None else {}
 
         def add(key: str, values: Tensor | float) -> None:
             acc.setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
