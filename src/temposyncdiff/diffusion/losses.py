@@ -32,10 +32,13 @@ def diffusion_loss(
 
     ``weight [B]`` scales samples (e.g. min-SNR); ``pixel_weight [h,w]`` (mean-normalised here) emphasises regions.
     """
-    err = (pred - target).pow(2)
-    if pixel_weight is not None:
-        err = err * (pixel_weight / pixel_weight.mean())
+    err = weigh_pixels((pred - target).pow(2), pixel_weight)
     return _masked_mean(err.flatten(2).mean(-1), mask, weight)
+
+
+def weigh_pixels(err: Tensor, pixel_weight: Tensor | None) -> Tensor:
+    """Per-pixel errors ``[..., h, w]`` times ``pixel_weight [h,w]`` normalised to mean 1 (unchanged for None)."""
+    return err if pixel_weight is None else err * (pixel_weight / pixel_weight.mean())
 
 
 def region_weight(

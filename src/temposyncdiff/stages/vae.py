@@ -9,7 +9,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, region_weight
+from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, region_weight, weigh_pixels
 from temposyncdiff.nets.vae import TinyVAE, kl_divergence
 from temposyncdiff.stages.base import StageModule
 
@@ -26,7 +26,7 @@ def reconstruction_loss(
         err = (x - y) ** 2
     else:
         raise ValueError(f"unknown reconstruction loss {kind!r} (l1 | charbonnier | mse)")
-    return (err if pixel_weight is None else err * (pixel_weight / pixel_weight.mean())).mean()
+    return weigh_pixels(err, pixel_weight).mean()
 
 
 def frames_of(batch: Batch) -> torch.Tensor:
