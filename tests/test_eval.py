@@ -95,6 +95,8 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     assert r["flicker"]["num_clips"] == 3 and r["seam"]["num_clips"] == 3 and r["seam"]["ratio_gt"] > 0
     assert r["lip_sync"]["own"]["num_clips"] == 3 and r["lip_sync"]["swapped"]["num_clips"] == 3
     assert isinstance(r["lip_sync"]["gap_lse_c"], float) and gen["ground_truth"]["lip_sync"]["num_clips"] == 3
+    truth = gen["ground_truth"]["lip_sync"]  # the truth with the swap control's audio: the gap a run is read against
+    assert truth["swapped"]["num_clips"] == 3 and truth["gap_lse_c"] == truth["lse_c"] - truth["swapped"]["lse_c"]
     assert (
         r["identity"]["num_frames"] == 3 * 2 if r["identity"]["status"] == "ok" else "dlib" in r["identity"]["reason"]
     )
@@ -103,6 +105,10 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     for kind, n_rows in (("generation", 4), ("denoise", 1 + 2 * 4)):
         rows = list(csv.DictReader((out / "tables" / f"eval_{kind}.csv").open()))
         assert len(rows) == n_rows
+        if kind == "generation":  # each run's gap relative to the truth's
+            rel = {row["run"]: row["lse_c_gap_rel"] for row in rows}
+            assert float(rel["teacher@2"]) == pytest.approx(r["lip_sync"]["gap_lse_c"] / truth["gap_lse_c"], rel=1e-3)
+            assert float(rel["ground_truth"]) == 1.0
         assert len((out / "tables" / f"eval_{kind}.md").read_text().splitlines()) == n_rows + 2
     for name in ("metric_vs_steps", "quality_latency"):
         with Image.open(out / "plots" / f"{name}.png") as im:

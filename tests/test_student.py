@@ -125,7 +125,7 @@ def _setup(data_root, tmp_path, overrides=()):
 
 
 def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
-    cfg, _ = _setup(data_root, tmp_path, ["model.identity_weight=0.1", "model.temporal_weight=0.1"])
+    cfg, _ = _setup(data_root, tmp_path, ["model.identity_weight=0.1", "model.temporal_weight=0.1", "model.data_weight=1"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage")
     model = hydra.utils.instantiate(model_cfg)
@@ -137,7 +137,7 @@ def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
     out = model.distill_step(next(iter(dm.train_dataloader())))
     out["loss"].backward()
     teacher = model.frozen("teacher")
-    assert {"distill", "identity", "temporal", "viseme_ce"} <= set(out) and torch.isfinite(out["loss"])
+    assert {"distill", "data", "identity", "temporal", "viseme_ce"} <= set(out) and torch.isfinite(out["loss"])
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in model.net.parameters())
     assert all(k.startswith("net.") for k in model.state_dict())  # teacher and VAE are not in checkpoints

@@ -51,7 +51,8 @@ PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffuse
             "dlib", "face_recognition_models")  # fmt: skip
 GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
                "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
-               "mouth_corr_swapped", "mouth_amplitude", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "identity", "ms_per_frame", "rtf")  # fmt: skip
+               "mouth_corr_swapped", "mouth_amplitude", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
+               "ms_per_frame", "rtf")  # fmt: skip
 DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
                "psnr_upper_face", "ms_per_frame")  # fmt: skip
 
@@ -363,10 +364,16 @@ def evaluate_generation(
     if expert is not None:
         features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
         mels = {c.id: features.log_mel(c.wave) for c in clips}
-        gt_lse = LipSyncError(vshift=g.vshift)
-        for c in clips:
-            gt_lse.update(*embed_clip(expert, to_unit(c.at(size)) * 2 - 1, mels[c.id]))
-        out["ground_truth"]["lip_sync"] = lse_summary(gt_lse)
+        gt_lse = {k: LipSyncError(vshift=g.vshift) for k in ("own", "swapped")}
+        for i, c in enumerate(clips):  # the truth with its own audio and with the swap control's audio
+            frames = to_unit(c.at(size)) * 2 - 1
+            gt_lse["own"].update(*embed_clip(expert, frames, mels[c.id]))
+            if len(clips) > 1:
+                gt_lse["swapped"].update(*embed_clip(expert, frames, features.log_mel(swapped_inputs(clips, i)[0])))
+        gt = out["ground_truth"]["lip_sync"] = lse_summary(gt_lse["own"])
+        if gt_lse["swapped"].update_called:
+            gt["swapped"] = lse_summary(gt_lse["swapped"])
+            gt["gap_lse_c"] = json_float(gt["lse_c"] - gt["swapped"]["lse_c"])
     for name, pipe, steps, info in runs(cfg, models):
         if isinstance(pipe, str):
             out["results"][name] = info | unavailable(pipe)
@@ -431,6 +438,11 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     return row
 
 
+def relative_gap(gap: Any, truth_gap: Any) -> float | None:
+    """A run's LSE-C audio-swap gap as a fraction of the ground truth's (1 = as audio-dependent as real video)."""
+    return gap / truth_gap if _finite(gap) and _finite(truth_gap) and truth_gap > 0 else None
+
+
 def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
     """(generation rows, denoising rows) flattened from the report."""
     gen, den = [], []
@@ -438,8 +450,12 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
     if "results" in g:
         gen = [gen_row(name, r) for name, r in g["results"].items()]
         gt = g["ground_truth"]["lip_sync"]
+        for row in gen:
+            row["lse_c_gap_rel"] = relative_gap(row.get("lse_c_gap"), gt.get("gap_lse_c"))
         if "lse_c" in gt:
-            gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"]})
+            gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"],
+                        "lse_c_swapped": gt.get("swapped", {}).get("lse_c"), "lse_c_gap": gt.get("gap_lse_c"),
+                        "lse_c_gap_rel": 1.0 if _finite(gt.get("gap_lse_c")) else None})  # fmt: skip
     if "levels" in d:
         items = [("-", "vae_vs_gt", d["vae_vs_gt"])]
         items += [(t, name, r) for t, level in d["levels"].items() for name, r in level.items()]

@@ -43,7 +43,15 @@ from temposyncdiff.diffusion.distill import (
     teacher_couplings,
     trajectory_loss,
 )
-from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, identity_loss, region_weight, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import (
+    DEFAULT_REGIONS,
+    crop,
+    diffusion_loss,
+    identity_loss,
+    region_weight,
+    sync_loss,
+    temporal_loss,
+)
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -258,6 +266,7 @@ class StudentStage(StageModule):
         steps: int = 2,
         viseme_weight: float = 0.1,
         mouth_weight: float = 1.0,
+        data_weight: float = 0.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
@@ -443,6 +452,8 @@ class StudentStage(StageModule):
         )
         out = {"distill": distill,
                "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0}  # fmt: skip
+        if hp.data_weight:  # the ground truth as a second target: sharper where the teacher's samples are soft
+            out["data"] = diffusion_loss(x0_hat, x0, target_mask, pixel_weight=pixel_weight)
         full = torch.where(
             known[..., None, None, None], x0, x0_hat
         )  # known frames as given (continuation borders count)
@@ -453,8 +464,8 @@ class StudentStage(StageModule):
         if hp.sync_weight:
             frames = self.frozen("vae").from_latent(full.flatten(0, 1)).unflatten(0, (b, t))
             out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
-        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "identity": hp.identity_weight,
-                   "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
+        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "data": hp.data_weight,
+                   "identity": hp.identity_weight, "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 

@@ -142,9 +142,12 @@ def markdown(rows: list[dict[str, Any]], threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-train", action="store_true", help="evaluate the variants' existing exports")
+    parser.add_argument("--variant", action="append", default=[], metavar="'NAME OVERRIDE ...'",
+                        help="one more variant: a name and its overrides, e.g. --variant 'gt model.data_weight=1'")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant (e.g. trainer.max_steps=1000)")
     args = parser.parse_args()
-    run_ablation(args.overrides, train_variants=not args.no_train)
+    extra = {name: rest for name, *rest in (v.split() for v in args.variant)}
+    run_ablation(args.overrides, {**VARIANTS, **extra}, train_variants=not args.no_train)
 
 
 if __name__ == "__main__":
