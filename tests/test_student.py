@@ -125,7 +125,9 @@ def _setup(data_root, tmp_path, overrides=()):
 
 
 def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
-    cfg, _ = _setup(data_root, tmp_path, ["model.identity_weight=0.1", "model.temporal_weight=0.1", "model.data_weight=1"])
+    cfg, _ = _setup(
+        data_root, tmp_path, ["model.identity_weight=0.1", "model.temporal_weight=0.1", "model.data_weight=1"]
+    )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage")
     model = hydra.utils.instantiate(model_cfg)
