@@ -195,5 +195,6 @@ def test_ablation_writes_the_table(data_root, tmp_path):
                                                          ("student/full", 2), ("student/no_temporal", 1),
                                                          ("student/no_temporal", 2)]  # fmt: skip
     assert rows[3]["temporal"] > 0 and rows[5]["temporal"] == 0 and all(r["ms_per_frame"] > 0 for r in rows)
+    assert rows[3]["data"] == 1.0  # the quickstart student's ground-truth term
     table = (tmp_path / "out" / "tables" / "student_ablation.md").read_text()
     assert "student/no_temporal" in table and (tmp_path / "out" / "tables" / "student_ablation.csv").is_file()

@@ -51,7 +51,13 @@ def test_student_optuna_search_runs_trials(data_root, tmp_path):
         cfg = compose("train", ["experiment=quickstart/student", "hparams_search=student_optuna", "model.steps=4"],
                       return_hydra_config=True)  # fmt: skip
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    assert set(params) == {"model.identity_weight", "model.temporal_weight", "model.mouth_weight", "model.steps"}
+    assert set(params) == {
+        "model.identity_weight",
+        "model.temporal_weight",
+        "model.mouth_weight",
+        "model.data_weight",
+        "model.steps",
+    }
     assert cfg.optimized_metric == "val/student4/psnr_mouth" and cfg.export is False
 
     _, ckpt = _setup(data_root, tmp_path)  # tiny VAE, teacher and lip-sync expert under tmp_path/ckpt

@@ -1,7 +1,7 @@
 """Student ablation: variants trained with ``tsd-train`` (shared teacher and couplings), then one evaluation.
 
 ``python -m temposyncdiff.stages.student_ablation [--no-train] [hydra overrides ...]`` trains every variant
-(with / without the identity term, with / without the temporal term) from ``experiment=quickstart/student`` plus the
+(with / without the identity, the temporal and the ground-truth term) from ``experiment=quickstart/student`` plus the
 overrides, then generates the same held-out utterances from the same noise with the teacher at 10/25/50 steps and
 each variant at 1/2/4 steps (``stages.student.compare``) and times each end to end per frame at batch 1.
 Writes ``<outputs>/tables/student_ablation.{md,csv}``.
@@ -33,9 +33,11 @@ from temposyncdiff.stages.teacher import held_out_utterances
 from temposyncdiff.utils.io import write_text
 from temposyncdiff.utils.task import log
 
-VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"]}
-COLUMNS = ("model", "steps", "identity", "temporal", "psnr", "psnr_mouth", "ssim", "psnr_rec", "ssim_rec",
-           "psnr_vs_teacher", "psnr_mouth_gap", "lse_c", "lse_c_gap", "flicker", "flicker_gap", "ms_per_frame", "speedup")  # fmt: skip
+VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"],
+            "no_data": ["model.data_weight=0"]}  # fmt: skip
+COLUMNS = ("model", "steps", "identity", "temporal", "data", "psnr", "psnr_mouth", "ssim", "psnr_rec", "ssim_rec",
+           "psnr_vs_teacher", "psnr_mouth_gap", "lse_c", "lse_c_gap", "lse_c_gt_gap", "flicker", "flicker_gap",
+           "ms_per_frame", "speedup")  # fmt: skip
 
 
 def compose_run(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
@@ -92,11 +94,11 @@ def run_ablation(
     for n in sorted(teacher_steps, reverse=True):  # the first run (most teacher steps) is the reference
         runs[f"teacher{n}"] = partial(generate, teacher, make_scheduler=partial(make_sampler, tmeta["sampler"], tsched),
                                       steps=n, guidance_scale=tmeta["guidance_scale"], overlap=overlap)  # fmt: skip
-        info[f"teacher{n}"] = {"model": "teacher", "steps": n, "identity": "", "temporal": "", "net": teacher}
+        info[f"teacher{n}"] = {"model": "teacher", "steps": n, "net": teacher}  # no loss weights: blank cells
     for name, path in exports.items():
         net, meta = frozen_net(path, "student")
         vm = compose_run([*overrides, *variants[name]]).model
-        weights = {"identity": vm.identity_weight, "temporal": vm.temporal_weight}
+        weights = {"identity": vm.identity_weight, "temporal": vm.temporal_weight, "data": vm.data_weight}
         for n in student_steps:
             sampler = partial(student_sampler, NoiseSchedule(**meta["schedule"]).scheduler.config)
             runs[f"{name}@{n}"] = partial(
