@@ -101,8 +101,12 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
         r["identity"]["num_frames"] == 3 * 2 if r["identity"]["status"] == "ok" else "dlib" in r["identity"]["reason"]
     )
     assert r["latency"]["frames"] == 48 and r["latency"]["ms_per_frame"]["denoiser"] > 0
+    still = gen["baselines"]["reference_still"]  # the reference copied to every frame: no motion, no audio
+    assert still["fidelity"]["num_frames"] == 48 and still["flicker"]["flicker_pred"] == 0
+    assert still["mouth_motion"]["own"]["corr"] in (0.0, None) and still["lip_sync"]["gap_lse_c"] == 0
+    assert "latency" not in still
 
-    for kind, n_rows in (("generation", 4), ("denoise", 1 + 2 * 4)):
+    for kind, n_rows in (("generation", 5), ("denoise", 1 + 2 * 4)):
         rows = list(csv.DictReader((out / "tables" / f"eval_{kind}.csv").open()))
         assert len(rows) == n_rows
         if kind == "generation":  # each run's gap relative to the truth's
@@ -115,7 +119,7 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
             assert im.format == "PNG" and im.width > 100 and im.height > 100
     assert not list(out.rglob(".*"))  # no temporary files left
     lines = key_numbers(out / "metrics" / "eval_report.json")  # tsd-pipeline's closing summary
-    assert {line.split()[0] for line in lines[1:]} == {"teacher@1", "teacher@2", "ground_truth"}
+    assert {line.split()[0] for line in lines[1:]} == {"teacher@1", "teacher@2", "reference_still", "ground_truth"}
     assert all("mouth PSNR" in line and "swapped" in line for line in lines[1:] if "teacher" in line)
     assert "faster than teacher@2" in next(line for line in lines if "teacher@1" in line)  # the speed-up
 

@@ -374,16 +374,20 @@ def evaluate_generation(
         if gt_lse["swapped"].update_called:
             gt["swapped"] = lse_summary(gt_lse["swapped"])
             gt["gap_lse_c"] = json_float(gt["lse_c"] - gt["swapped"]["lse_c"])
+
+    def scorer_for(size: int) -> GenerationScorer:
+        reason = lse_reason
+        if expert is not None and expert.config["image_size"] != size:
+            reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
+        identity = IdentitySimilarity(embedder=embedder) if embedder else None
+        return GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
+                                g.identity.stride)  # fmt: skip
+
     for name, pipe, steps, info in runs(cfg, models):
         if isinstance(pipe, str):
             out["results"][name] = info | unavailable(pipe)
             continue
-        size, reason = pipe.image_size, lse_reason
-        if expert is not None and expert.config["image_size"] != size:
-            reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
-        identity = IdentitySimilarity(embedder=embedder) if embedder else None
-        scorer = GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
-                                  g.identity.stride)  # fmt: skip
+        size, scorer = pipe.image_size, scorer_for(pipe.image_size)
         pipe.steps, timings = steps, Timings()
         for i, clip in enumerate(clips):
             face, ref = pipe.reference(clip.reference)
@@ -397,7 +401,24 @@ def evaluate_generation(
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
         out["results"][name] = info | {"status": "ok", **scorer.compute(), "latency": timings.report(seconds)}
         log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
+    pipe = next((p for p in models.values() if not isinstance(p, str)), None)
+    if g.reference_still and pipe is not None:
+        still = reference_still(clips, pipe, scorer_for(pipe.image_size), mels)
+        out["baselines"] = {"reference_still": still}
+        log.info("generation baseline reference_still: %s", _row_text(gen_row("reference_still", still)))
     return out
+
+
+def reference_still(clips: list[Clip], pipe: TalkingHeadPipeline, scorer: GenerationScorer,
+                    mels: dict[str, Tensor]) -> dict[str, Any]:  # fmt: skip
+    """The baseline of copying the reference: its face crop as every frame, scored like a run (no latency)."""
+    for clip in clips:
+        face, _ = pipe.reference(clip.reference)
+        gt = clip.at(pipe.image_size)
+        still = np.repeat(face.crop[None], len(gt), axis=0)
+        borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
+        scorer.update(gt, still, face.crop, borders, mels.get(clip.id), still)
+    return {"model": "reference_still", "kind": "baseline", "status": "ok", **scorer.compute()}
 
 
 # ---- report, tables, plots ------------------------------------------------------------------------------------------
@@ -425,10 +446,11 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     f, ls = r["fidelity"], r["lip_sync"]
     row |= {f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
             for region in ("full", "mouth", "upper_face") for k in ("psnr", "ssim")}  # fmt: skip
+    latency = r.get("latency", {})  # baselines generate nothing: no latency
     row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
             "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
-            "identity": r["identity"].get("mean"), "ms_per_frame": r["latency"]["ms_per_frame"]["total"],
-            "rtf": r["latency"]["real_time_factor"]}  # fmt: skip
+            "identity": r["identity"].get("mean"), "ms_per_frame": latency.get("ms_per_frame", {}).get("total"),
+            "rtf": latency.get("real_time_factor")}  # fmt: skip
     motion = r.get("mouth_motion", {})  # absent from reports written before it existed
     row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
             "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
@@ -448,7 +470,7 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
     gen, den = [], []
     g, d = report.get("generation", {}), report.get("denoise", {})
     if "results" in g:
-        gen = [gen_row(name, r) for name, r in g["results"].items()]
+        gen = [gen_row(name, r) for name, r in {**g["results"], **g.get("baselines", {})}.items()]
         gt = g["ground_truth"]["lip_sync"]
         for row in gen:
             row["lse_c_gap_rel"] = relative_gap(row.get("lse_c_gap"), gt.get("gap_lse_c"))
