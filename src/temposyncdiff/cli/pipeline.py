@@ -116,7 +116,7 @@ def key_numbers(eval_report: Path) -> list[str]:
         parts = [fmt.format(r[k]) for k, fmt in fields if isinstance(r.get(k), int | float)]
         if base is not None and r is not base and r in timed:
             parts.append(f"({base['ms_per_frame'] / r['ms_per_frame']:.0f}x faster than {base['run']})")
-        lines.append(f"  {r['run']:<14} " + "  ".join(parts))
+        lines.append(f"  {r['run']:<16} " + "  ".join(parts))
     return lines
 
 
