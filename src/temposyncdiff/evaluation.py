@@ -477,7 +477,7 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
         if "lse_c" in gt:
             gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"],
                         "lse_c_swapped": gt.get("swapped", {}).get("lse_c"), "lse_c_gap": gt.get("gap_lse_c"),
-                        "lse_c_gap_rel": 1.0 if _finite(gt.get("gap_lse_c")) else None})  # fmt: skip
+                        "lse_c_gap_rel": relative_gap(gt.get("gap_lse_c"), gt.get("gap_lse_c"))})  # fmt: skip
     if "levels" in d:
         items = [("-", "vae_vs_gt", d["vae_vs_gt"])]
         items += [(t, name, r) for t, level in d["levels"].items() for name, r in level.items()]
