@@ -11,13 +11,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 
 from temposyncdiff.cli.eval import evaluate
 from temposyncdiff.cli.pipeline import key_numbers
 from temposyncdiff.data.manifest import read_manifest
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
-from temposyncdiff.evaluation import GenerationScorer, denoise_from, load_clips, write_outputs
+from temposyncdiff.errors import UserError
+from temposyncdiff.evaluation import (
+    BaselineUnavailable,
+    GenerationScorer,
+    denoise_from,
+    evaluate_generation,
+    load_clips,
+    synthetic_retake,
+    write_outputs,
+)
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.metrics.image import RegionBoxes
@@ -105,8 +115,15 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     assert still["fidelity"]["num_frames"] == 48 and still["flicker"]["flicker_pred"] == 0
     assert still["mouth_motion"]["own"]["corr"] in (0.0, None) and still["lip_sync"]["gap_lse_c"] == 0
     assert "latency" not in still
+    recon, take = gen["baselines"]["vae_reconstruction"], gen["baselines"]["synthetic_retake"]
+    for oracle in (recon, take):  # made from the truth: no audio-swap control, no latency
+        assert oracle["status"] == "ok" and oracle["fidelity"]["num_frames"] == 48 and "latency" not in oracle
+        assert oracle["lip_sync"]["swapped"]["status"] == "unavailable"
+        assert oracle["mouth_motion"]["swapped"]["status"] == "unavailable"
+        assert oracle["mouth_motion"]["own"]["corr"] > 0.5  # the truth's own lips
+    assert 18 < take["fidelity"]["full"]["psnr"] < 30  # the same face and lips with other head motion and blinks
 
-    for kind, n_rows in (("generation", 5), ("denoise", 1 + 2 * 4)):
+    for kind, n_rows in (("generation", 7), ("denoise", 1 + 2 * 4)):
         rows = list(csv.DictReader((out / "tables" / f"eval_{kind}.csv").open()))
         assert len(rows) == n_rows
         if kind == "generation":  # each run's gap relative to the truth's
@@ -119,7 +136,14 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
             assert im.format == "PNG" and im.width > 100 and im.height > 100
     assert not list(out.rglob(".*"))  # no temporary files left
     lines = key_numbers(out / "metrics" / "eval_report.json")  # tsd-pipeline's closing summary
-    assert {line.split()[0] for line in lines[1:]} == {"teacher@1", "teacher@2", "reference_still", "ground_truth"}
+    assert {line.split()[0] for line in lines[1:]} == {
+        "teacher@1",
+        "teacher@2",
+        "reference_still",
+        "vae_reconstruction",
+        "synthetic_retake",
+        "ground_truth",
+    }
     assert all("mouth PSNR" in line and "swapped" in line for line in lines[1:] if "teacher" in line)
     assert "faster than teacher@2" in next(line for line in lines if "teacher@1" in line)  # the speed-up
 
@@ -138,6 +162,16 @@ def test_load_clips_reference_and_fallback(data_root, tmp_path):
     shutil.copy(data_root / "data" / "manifests" / "synth_meta.json", tmp_path / "one_meta.json")
     (clip,) = load_clips(single, 4)
     assert "no other utterance" in clip.reference_from and np.array_equal(clip.reference, clip.frames[0])
+
+
+def test_baselines_refuse_what_they_cannot_make(data_root, tmp_path):
+    (clip,) = load_clips(data_root / "data" / "manifests" / "synth_val.jsonl", 1, max_frames=4)
+    clip.video = str(shutil.copy(clip.video, tmp_path / "own_video.mp4"))  # not in a synthetic corpus
+    with pytest.raises(BaselineUnavailable, match="not an utterance of a synthetic corpus"):
+        synthetic_retake(clip, None)
+    cfg = OmegaConf.create({"eval": {"generation": {"baselines": ["reference_still", "mean_face"]}}})
+    with pytest.raises(UserError, match=r"unknown eval.generation.baselines \['mean_face'\]"):
+        evaluate_generation(cfg, [clip], {})
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "ddpm"])

@@ -104,3 +104,26 @@ def test_speech_does_not_depend_on_what_was_spoken_before():
     assert np.array_equal(first.samples, again.samples) and first.phonemes == again.phonemes
     with pytest.raises(ValueError, match="no voice 'xx-nope'"):  # raised in the child, re-raised here
         engine.synthesize("hello", voice="xx-nope")
+
+
+def test_retake_changes_only_head_motion_and_blinks(synth_corpus, tmp_path):
+    mp4 = sorted(synth_corpus.glob("*/*.mp4"))[1]
+    truth, _ = read_frames(mp4)
+    takes = [synth.retake(mp4, draw) for draw in (1, 2)]
+
+    def psnr(a: np.ndarray, b: np.ndarray) -> float:
+        return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+    for take in takes:
+        assert take.shape == truth.shape and take.dtype == np.uint8
+        assert psnr(take, truth) < 29  # the head moves and blinks otherwise (21-26 dB on the fixture corpus)
+        assert psnr(take.mean(0), truth.mean(0)) > 27  # the same person in the same place on average (29-34 dB)
+    assert psnr(*takes) < 29  # each draw its own motion
+    # the take's own generator in place of the new draw's gives the original frames (33 dB: H.264 at 64 px)
+    cfg = synth.SynthConfig(out=str(synth_corpus), identities=3, utterances=3, image_size=64, seed=7)
+    identity, rng, audio, segments, _ = synth._speech(cfg, int(mp4.parent.name[3:]), int(mp4.stem) - 1)
+    same = np.stack(list(synth._render(cfg, identity, np.load(mp4.with_suffix(".mouth.npy")), audio, rng)))
+    assert psnr(same, truth) > 31
+    (tmp_path / "spk000").mkdir()
+    with pytest.raises(ValueError, match="not an utterance of a synthetic corpus"):
+        synth.retake(tmp_path / "spk000" / "00001.mp4")

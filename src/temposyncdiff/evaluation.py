@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import io
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,12 +33,12 @@ from torch import Tensor
 from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.cache import load_visemes, resize_frames
 from temposyncdiff.data.manifest import read_manifest
-from temposyncdiff.data.video import read_frames
+from temposyncdiff.data.video import read_frames, write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
+from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, to_uint8
 from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, to_unit, unavailable
@@ -68,6 +69,7 @@ class Clip:
     visemes: np.ndarray
     reference: np.ndarray
     reference_from: str
+    video: str | None = None  # the utterance's file
     _sized: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def at(self, size: int) -> np.ndarray:
@@ -99,7 +101,7 @@ def load_clips(manifest: str | Path, max_utterances: int | None, max_frames: int
             ref_frames, _ = read_frames(other["video_mp4"], fps)
             k = min(reference_frame, len(ref_frames) - 1)
             reference, source = ref_frames[k], f"{other['id']}#{k}"
-        clips.append(Clip(row["id"], frames[:n], wave, visemes[:n], reference, source))
+        clips.append(Clip(row["id"], frames[:n], wave, visemes[:n], reference, source, row["video_mp4"]))
     return clips
 
 
@@ -309,8 +311,9 @@ class GenerationScorer:
             self.identity.update(reference, own[:: self.identity_stride])
 
     def compute(self) -> dict[str, Any]:
+        none = unavailable("no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none")
         out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
-               "mouth_motion": {k: m.compute() for k, m in self.motion.items()}}  # fmt: skip
+               "mouth_motion": {k: m.compute() if m.update_called else none for k, m in self.motion.items()}}  # fmt: skip
         if self.seams:  # means over clips (of the finite ratios), as the stages log them
             out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
                            for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
@@ -321,8 +324,7 @@ class GenerationScorer:
             out["lip_sync"] = unavailable(self.lse_reason)
         else:
             own = lse_summary(self.lse["own"])
-            swapped = (lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called
-                       else unavailable("the audio-swap control needs 2 utterances"))  # fmt: skip
+            swapped = lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called else none
             out["lip_sync"] = {"own": own, "swapped": swapped}
             if own["num_clips"] and swapped.get("num_clips"):
                 out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
@@ -356,6 +358,8 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Each run generates every clip from its reference with its own audio (and another's: the audio-swap control)."""
     g = cfg.eval.generation
+    if unknown := set(g.baselines) - set(BASELINES):
+        raise UserError(f"unknown eval.generation.baselines {sorted(unknown)}; choose from {list(BASELINES)}")
     regions = RegionBoxes(**cfg.regions)
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
@@ -402,23 +406,69 @@ def evaluate_generation(
         out["results"][name] = info | {"status": "ok", **scorer.compute(), "latency": timings.report(seconds)}
         log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
     pipe = next((p for p in models.values() if not isinstance(p, str)), None)
-    if g.reference_still and pipe is not None:
-        still = reference_still(clips, pipe, scorer_for(pipe.image_size), mels)
-        out["baselines"] = {"reference_still": still}
-        log.info("generation baseline reference_still: %s", _row_text(gen_row("reference_still", still)))
+    if pipe is not None and g.baselines:
+        out["baselines"] = {}
+        size = pipe.image_size
+        for name in g.baselines:
+            make, truth_free = BASELINES[name]
+            try:
+                frames = [make(clip, pipe)[: len(clip.frames)] for clip in clips]
+            except BaselineUnavailable as err:
+                out["baselines"][name] = {"model": name, "kind": "baseline"} | unavailable(str(err))
+                log.info("generation baseline %s: unavailable (%s)", name, err)
+                continue
+            scorer = scorer_for(size)
+            for clip, video in zip(clips, frames):
+                face, _ = pipe.reference(clip.reference)
+                gt = clip.at(size)
+                borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
+                scorer.update(gt, video, face.crop, borders, mels.get(clip.id), video if truth_free else None)
+            out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scorer.compute()}
+            log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
 
 
-def reference_still(clips: list[Clip], pipe: TalkingHeadPipeline, scorer: GenerationScorer,
-                    mels: dict[str, Tensor]) -> dict[str, Any]:  # fmt: skip
-    """The baseline of copying the reference: its face crop as every frame, scored like a run (no latency)."""
-    for clip in clips:
-        face, _ = pipe.reference(clip.reference)
-        gt = clip.at(pipe.image_size)
-        still = np.repeat(face.crop[None], len(gt), axis=0)
-        borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
-        scorer.update(gt, still, face.crop, borders, mels.get(clip.id), still)
-    return {"model": "reference_still", "kind": "baseline", "status": "ok", **scorer.compute()}
+class BaselineUnavailable(Exception):
+    """A baseline that cannot be made for these utterances (the reason is the message)."""
+
+
+def reference_still(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+    """The reference's face crop as every frame: what copying the reference scores."""
+    face, _ = pipe.reference(clip.reference)
+    return np.repeat(face.crop[None], len(clip.frames), axis=0)
+
+
+def vae_reconstruction(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+    """The truth through the VAE: the ceiling of every model that decodes with it."""
+    gt = to_unit(clip.at(pipe.image_size)).mul(2).sub(1).to(pipe.device)
+    return to_uint8(_chunks(pipe.vae.from_latent, _chunks(pipe.vae.to_latent, gt)))
+
+
+def synthetic_retake(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+    """The synthetic utterance drawn again with other head motion and blinks, through H.264 as the truth went.
+
+    Exactly the right face, lips and speech-driven nod: what a perfect generator scores when it cannot know
+    the take's head motion and blinks (random draws of the corpus, not in the audio or the reference).
+    """
+    from temposyncdiff.data.synth import FPS, retake
+
+    try:
+        frames = retake(clip.video or "")
+    except ValueError as err:
+        raise BaselineUnavailable(f"{clip.id}: {err}") from err
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "retake.mp4"
+        write_video(tmp, frames, FPS, encoder_threads=1)
+        decoded, _ = read_frames(tmp, FPS)
+    return resize_frames(decoded, pipe.image_size).transpose(0, 2, 3, 1)
+
+
+# name -> (its frames for a clip, made without the clip's truth: then they are its audio-swap control's frames too)
+BASELINES: dict[str, tuple[Callable[[Clip, TalkingHeadPipeline], np.ndarray], bool]] = {
+    "reference_still": (reference_still, True),
+    "vae_reconstruction": (vae_reconstruction, False),
+    "synthetic_retake": (synthetic_retake, False),
+}
 
 
 # ---- report, tables, plots ------------------------------------------------------------------------------------------
@@ -455,7 +505,7 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
             "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
     if "own" in ls:
-        row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"]["lse_c"],
+        row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"].get("lse_c"),
                 "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip
     return row
 

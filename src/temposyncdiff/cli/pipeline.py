@@ -100,11 +100,12 @@ def pipeline(cfg: DictConfig) -> dict:
 
 
 def key_numbers(eval_report: Path) -> list[str]:
-    """One line per generation run of the eval report: mouth PSNR, mouth motion and LSE-C (own vs swapped audio), speed."""
+    """One line per generation run of the eval report: mouth and upper-face PSNR, mouth motion and LSE-C (own vs
+    swapped audio), speed."""
     from temposyncdiff.evaluation import table_rows
 
-    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("mouth_corr", "mouth motion corr {:.2f}"),
-              ("mouth_corr_swapped", "(swapped audio {:.2f})"), ("mouth_amplitude", "amplitude {:.2f}"),
+    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("psnr_upper_face", "upper face {:.2f} dB"),
+              ("mouth_corr", "mouth motion corr {:.2f}"), ("mouth_corr_swapped", "(swapped audio {:.2f})"), ("mouth_amplitude", "amplitude {:.2f}"),
               ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
               ("lse_c_gap_rel", "LSE-C gap {:.2f}x the truth's"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
     lines = ["key numbers (test split):"]
@@ -116,7 +117,7 @@ def key_numbers(eval_report: Path) -> list[str]:
         parts = [fmt.format(r[k]) for k, fmt in fields if isinstance(r.get(k), int | float)]
         if base is not None and r is not base and r in timed:
             parts.append(f"({base['ms_per_frame'] / r['ms_per_frame']:.0f}x faster than {base['run']})")
-        lines.append(f"  {r['run']:<16} " + "  ".join(parts))
+        lines.append(f"  {r['run']:<18} " + "  ".join(parts))
     return lines
 
 

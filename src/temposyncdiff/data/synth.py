@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,10 +111,39 @@ def frame_energy(wave: np.ndarray, num_frames: int) -> np.ndarray:
     return (rms / (rms.max() + 1e-9)).astype(np.float32)
 
 
-def _utterance(job: tuple[dict, int, int]) -> tuple[str, float, int]:
-    """Make one utterance (runs in a worker process)."""
+def _speech(cfg: SynthConfig, ident: int, utt: int) -> tuple[Identity, np.random.Generator, np.ndarray, list, list]:
+    """An utterance's identity, its speech (audio with lead-in and tail, phoneme segments, word timings) and its
+    generator, left where the head motion and blinks are drawn from it."""
     from temposyncdiff.data.audio import resample  # torch import stays in the workers
 
+    id_rng = np.random.default_rng([cfg.seed, ident])
+    identity, voice = Identity.random(id_rng), voice_for(id_rng)
+    rng = np.random.default_rng([cfg.seed, ident, utt + 1])
+    text = make_sentence(rng)
+    speech = Espeak().synthesize(text, **voice)
+    wave = resample(speech.samples, speech.sample_rate, SAMPLE_RATE)
+    n_lead = int(rng.uniform(0.12, 0.3) * SAMPLE_RATE)
+    total = -(-(n_lead + len(wave) + int(0.12 * SAMPLE_RATE)) // ALIGN_SAMPLES) * ALIGN_SAMPLES
+    audio = np.zeros(total, np.float32)
+    audio[n_lead : n_lead + len(wave)] = 0.9 * wave / max(np.abs(wave).max(), 1e-6)
+    lead = n_lead / SAMPLE_RATE
+    segments = expand_segments([(espeak_visemes(p), s + lead, e + lead) for p, s, e in speech.phonemes])
+    words = [(w, round(s + lead, 2), round(e + lead, 2)) for w, s, e in speech.words]
+    return identity, rng, audio, segments, words
+
+
+def _render(cfg: SynthConfig, identity: Identity, mouth: np.ndarray, audio: np.ndarray,
+            rng: np.random.Generator) -> Iterator[np.ndarray]:  # fmt: skip
+    """Frames of a face speaking with ``mouth``; blinks and head motion are drawn from ``rng``."""
+    num_frames = len(mouth)
+    blink = blink_track(rng, num_frames)
+    pose = pose_track(rng, num_frames, frame_energy(audio, num_frames))
+    renderer = FaceRenderer(identity, cfg.image_size, cfg.supersample)
+    return (renderer.render(mouth[k], float(blink[k]), tuple(pose[k])) for k in range(num_frames))
+
+
+def _utterance(job: tuple[dict, int, int]) -> tuple[str, float, int]:
+    """Make one utterance (runs in a worker process)."""
     cfg, ident, utt = job
     cfg = SynthConfig(**cfg)
     talk = Path(cfg.out) / f"spk{ident:03d}"
@@ -122,32 +152,34 @@ def _utterance(job: tuple[dict, int, int]) -> tuple[str, float, int]:
     if mp4.exists() and (talk / f"{name}.mouth.npy").exists():
         return str(mp4), 0.0, 0
     start = time.perf_counter()
-    id_rng = np.random.default_rng([cfg.seed, ident])
-    identity, voice = Identity.random(id_rng), voice_for(id_rng)
-    rng = np.random.default_rng([cfg.seed, ident, utt + 1])
-    text = make_sentence(rng)
-    speech = Espeak().synthesize(text, **voice)
-    wave = resample(speech.samples, speech.sample_rate, SAMPLE_RATE)
-    lead = rng.uniform(0.12, 0.3)
-    n_lead = int(lead * SAMPLE_RATE)
-    total = -(-(n_lead + len(wave) + int(0.12 * SAMPLE_RATE)) // ALIGN_SAMPLES) * ALIGN_SAMPLES
-    audio = np.zeros(total, np.float32)
-    audio[n_lead : n_lead + len(wave)] = 0.9 * wave / max(np.abs(wave).max(), 1e-6)
-    num_frames = total * int(FPS) // SAMPLE_RATE
-    lead = n_lead / SAMPLE_RATE
-    segments = expand_segments([(espeak_visemes(p), s + lead, e + lead) for p, s, e in speech.phonemes])
+    identity, rng, audio, segments, words = _speech(cfg, ident, utt)
+    num_frames = len(audio) * int(FPS) // SAMPLE_RATE
     visemes = frame_visemes(segments, num_frames, FPS)
     mouth = mouth_track(segments, num_frames)
-    blink = blink_track(rng, num_frames)
-    pose = pose_track(rng, num_frames, frame_energy(audio, num_frames))
-    renderer = FaceRenderer(identity, cfg.image_size, cfg.supersample)
-    frames = (renderer.render(mouth[k], float(blink[k]), tuple(pose[k])) for k in range(num_frames))
-    words = [(w, round(s + lead, 2), round(e + lead, 2)) for w, s, e in speech.words]
     write_transcript(talk / f"{name}.txt", Transcript(text=" ".join(w for w, _, _ in words), words=words))
     _save_npy(talk / f"{name}.visemes.npy", visemes)
-    write_video(mp4, frames, FPS, audio, SAMPLE_RATE, encoder_threads=1)
+    write_video(mp4, _render(cfg, identity, mouth, audio, rng), FPS, audio, SAMPLE_RATE, encoder_threads=1)
     _save_npy(talk / f"{name}.mouth.npy", mouth)  # written last: it marks a finished utterance
     return str(mp4), time.perf_counter() - start, num_frames
+
+
+def retake(video: str | Path, draw: int = 1) -> np.ndarray:
+    """The corpus utterance ``<out>/spkNNN/MMMMM.mp4`` drawn again with other head motion and blinks.
+
+    Identity, speech, lips and the loudness-driven nod are those of the original; ``draw`` (>= 1) picks the new
+    head motion and blinks. uint8 ``[N,H,W,3]`` as rendered, before H.264. What a generator that makes exactly the
+    right face and lips, but cannot know the take's head motion and blinks, would produce.
+    """
+    video = Path(video)
+    meta = video.parent.parent / META_NAME
+    if not meta.is_file() or not video.parent.name.startswith("spk") or not video.stem.isdigit():
+        raise ValueError(f"{video} is not an utterance of a synthetic corpus (no {meta})")
+    cfg = SynthConfig(out=str(meta.parent), **json.loads(meta.read_text())["settings"])
+    ident, utt = int(video.parent.name[3:]), int(video.stem) - 1
+    identity, _, audio, segments, _ = _speech(cfg, ident, utt)
+    mouth = mouth_track(segments, len(audio) * int(FPS) // SAMPLE_RATE)
+    rng = np.random.default_rng([cfg.seed, ident, utt + 1, draw])
+    return np.stack(list(_render(cfg, identity, mouth, audio, rng)))
 
 
 def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> dict:

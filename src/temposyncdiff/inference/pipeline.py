@@ -209,7 +209,7 @@ class TalkingHeadPipeline:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 images = self.vae.from_latent(fresh.flatten(0, 1))
-            out = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+            out = to_uint8(images)
             timings.add("decoder", t0)
             for frame in out:
                 timings.frames += 1
@@ -249,6 +249,11 @@ def _fit(visemes: np.ndarray, a: int, b: int) -> np.ndarray:
     part = visemes[a:b]
     out[: len(part)] = part
     return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded ``[N,3,H,W]`` images in [-1,1] -> uint8 ``[N,H,W,3]`` frames."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def num_output_frames(num_samples: int, sample_rate: int = 16000, fps: float = 25.0) -> int:
