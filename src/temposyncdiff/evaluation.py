@@ -33,6 +33,7 @@ from torch import Tensor
 from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.cache import load_visemes, resize_frames
 from temposyncdiff.data.manifest import read_manifest
+from temposyncdiff.data.synth import FPS, retake
 from temposyncdiff.data.video import read_frames, write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_borders, window_plan
@@ -450,16 +451,13 @@ def synthetic_retake(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
     Exactly the right face, lips and speech-driven nod: what a perfect generator scores when it cannot know
     the take's head motion and blinks (random draws of the corpus, not in the audio or the reference).
     """
-    from temposyncdiff.data.synth import FPS, retake
-
     try:
         frames = retake(clip.video or "")
-    except ValueError as err:
+    except (ValueError, UserError) as err:  # not a corpus utterance; no espeak-ng to speak it again
         raise BaselineUnavailable(f"{clip.id}: {err}") from err
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "retake.mp4"
-        write_video(tmp, frames, FPS, encoder_threads=1)
-        decoded, _ = read_frames(tmp, FPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_video(Path(tmp) / "retake.mp4", frames, FPS, encoder_threads=1)
+        decoded, _ = read_frames(Path(tmp) / "retake.mp4", FPS)
     return resize_frames(decoded, pipe.image_size).transpose(0, 2, 3, 1)
 
 
