@@ -168,7 +168,7 @@ def test_baselines_refuse_what_they_cannot_make(data_root, tmp_path):
     (clip,) = load_clips(data_root / "data" / "manifests" / "synth_val.jsonl", 1, max_frames=4)
     clip.video = str(shutil.copy(clip.video, tmp_path / "own_video.mp4"))  # not in a synthetic corpus
     with pytest.raises(BaselineUnavailable, match="not an utterance of a synthetic corpus"):
-        synthetic_retake(clip, None)
+        synthetic_retake(clip, None, None)
     cfg = OmegaConf.create({"eval": {"generation": {"baselines": ["reference_still", "mean_face"]}}})
     with pytest.raises(UserError, match=r"unknown eval.generation.baselines \['mean_face'\]"):
         evaluate_generation(cfg, [clip], {})

@@ -39,6 +39,7 @@ from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
+from temposyncdiff.inference.inputs import ReferenceFace
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, to_uint8
 from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
@@ -70,7 +71,7 @@ class Clip:
     visemes: np.ndarray
     reference: np.ndarray
     reference_from: str
-    video: str | None = None  # the utterance's file
+    video: str  # the utterance's file
     _sized: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def at(self, size: int) -> np.ndarray:
@@ -312,9 +313,11 @@ class GenerationScorer:
             self.identity.update(reference, own[:: self.identity_stride])
 
     def compute(self) -> dict[str, Any]:
-        none = unavailable("no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none")
+        no_swap = unavailable(
+            "no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none"
+        )
         out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
-               "mouth_motion": {k: m.compute() if m.update_called else none for k, m in self.motion.items()}}  # fmt: skip
+               "mouth_motion": {k: m.compute() if m.update_called else no_swap for k, m in self.motion.items()}}  # fmt: skip
         if self.seams:  # means over clips (of the finite ratios), as the stages log them
             out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
                            for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
@@ -325,7 +328,7 @@ class GenerationScorer:
             out["lip_sync"] = unavailable(self.lse_reason)
         else:
             own = lse_summary(self.lse["own"])
-            swapped = lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called else none
+            swapped = lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called else no_swap
             out["lip_sync"] = {"own": own, "swapped": swapped}
             if own["num_clips"] and swapped.get("num_clips"):
                 out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
@@ -409,19 +412,18 @@ def evaluate_generation(
     pipe = next((p for p in models.values() if not isinstance(p, str)), None)
     if pipe is not None and g.baselines:
         out["baselines"] = {}
-        size = pipe.image_size
+        faces = [pipe.reference(clip.reference)[0] for clip in clips]  # once for every baseline
         for name in g.baselines:
             make, truth_free = BASELINES[name]
             try:
-                frames = [make(clip, pipe)[: len(clip.frames)] for clip in clips]
+                frames = [make(clip, face, pipe)[: len(clip.frames)] for clip, face in zip(clips, faces)]
             except BaselineUnavailable as err:
                 out["baselines"][name] = {"model": name, "kind": "baseline"} | unavailable(str(err))
                 log.info("generation baseline %s: unavailable (%s)", name, err)
                 continue
-            scorer = scorer_for(size)
-            for clip, video in zip(clips, frames):
-                face, _ = pipe.reference(clip.reference)
-                gt = clip.at(size)
+            scorer = scorer_for(pipe.image_size)
+            for clip, face, video in zip(clips, faces, frames):
+                gt = clip.at(pipe.image_size)
                 borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
                 scorer.update(gt, video, face.crop, borders, mels.get(clip.id), video if truth_free else None)
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scorer.compute()}
@@ -433,26 +435,25 @@ class BaselineUnavailable(Exception):
     """A baseline that cannot be made for these utterances (the reason is the message)."""
 
 
-def reference_still(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+def reference_still(clip: Clip, face: ReferenceFace, pipe: TalkingHeadPipeline) -> np.ndarray:
     """The reference's face crop as every frame: what copying the reference scores."""
-    face, _ = pipe.reference(clip.reference)
     return np.repeat(face.crop[None], len(clip.frames), axis=0)
 
 
-def vae_reconstruction(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+def vae_reconstruction(clip: Clip, face: ReferenceFace, pipe: TalkingHeadPipeline) -> np.ndarray:
     """The truth through the VAE: the ceiling of every model that decodes with it."""
     gt = to_unit(clip.at(pipe.image_size)).mul(2).sub(1).to(pipe.device)
     return to_uint8(_chunks(pipe.vae.from_latent, _chunks(pipe.vae.to_latent, gt)))
 
 
-def synthetic_retake(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
+def synthetic_retake(clip: Clip, face: ReferenceFace, pipe: TalkingHeadPipeline) -> np.ndarray:
     """The synthetic utterance drawn again with other head motion and blinks, through H.264 as the truth went.
 
     Exactly the right face, lips and speech-driven nod: what a perfect generator scores when it cannot know
     the take's head motion and blinks (random draws of the corpus, not in the audio or the reference).
     """
     try:
-        frames = retake(clip.video or "")
+        frames = retake(clip.video)
     except (ValueError, UserError) as err:  # not a corpus utterance; no espeak-ng to speak it again
         raise BaselineUnavailable(f"{clip.id}: {err}") from err
     with tempfile.TemporaryDirectory() as tmp:
@@ -461,8 +462,8 @@ def synthetic_retake(clip: Clip, pipe: TalkingHeadPipeline) -> np.ndarray:
     return resize_frames(decoded, pipe.image_size).transpose(0, 2, 3, 1)
 
 
-# name -> (its frames for a clip, made without the clip's truth: then they are its audio-swap control's frames too)
-BASELINES: dict[str, tuple[Callable[[Clip, TalkingHeadPipeline], np.ndarray], bool]] = {
+# name -> (its frames for a clip and its reference face, made without the clip's truth: then they are its audio-swap control's frames too)
+BASELINES: dict[str, tuple[Callable[[Clip, ReferenceFace, TalkingHeadPipeline], np.ndarray], bool]] = {
     "reference_still": (reference_still, True),
     "vae_reconstruction": (vae_reconstruction, False),
     "synthetic_retake": (synthetic_retake, False),

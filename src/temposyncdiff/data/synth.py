@@ -132,6 +132,11 @@ def _speech(cfg: SynthConfig, ident: int, utt: int) -> tuple[Identity, np.random
     return identity, rng, audio, segments, words
 
 
+def _num_frames(audio: np.ndarray) -> int:
+    """Video frames of an utterance's audio (its length is a whole number of frames, ``ALIGN_SAMPLES``)."""
+    return len(audio) * int(FPS) // SAMPLE_RATE
+
+
 def _render(cfg: SynthConfig, identity: Identity, mouth: np.ndarray, audio: np.ndarray,
             rng: np.random.Generator) -> Iterator[np.ndarray]:  # fmt: skip
     """Frames of a face speaking with ``mouth``; blinks and head motion are drawn from ``rng``."""
@@ -153,7 +158,7 @@ def _utterance(job: tuple[dict, int, int]) -> tuple[str, float, int]:
         return str(mp4), 0.0, 0
     start = time.perf_counter()
     identity, rng, audio, segments, words = _speech(cfg, ident, utt)
-    num_frames = len(audio) * int(FPS) // SAMPLE_RATE
+    num_frames = _num_frames(audio)
     visemes = frame_visemes(segments, num_frames, FPS)
     mouth = mouth_track(segments, num_frames)
     write_transcript(talk / f"{name}.txt", Transcript(text=" ".join(w for w, _, _ in words), words=words))
@@ -177,7 +182,7 @@ def retake(video: str | Path, draw: int = 1) -> np.ndarray:
     cfg = SynthConfig(out=str(meta.parent), **json.loads(meta.read_text())["settings"])
     ident, utt = int(video.parent.name[3:]), int(video.stem) - 1
     identity, _, audio, segments, _ = _speech(cfg, ident, utt)
-    mouth = mouth_track(segments, len(audio) * int(FPS) // SAMPLE_RATE)
+    mouth = mouth_track(segments, _num_frames(audio))
     rng = np.random.default_rng([cfg.seed, ident, utt + 1, draw])
     return np.stack(list(_render(cfg, identity, mouth, audio, rng)))
 
