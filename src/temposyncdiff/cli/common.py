@@ -2,7 +2,51 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import hydra
+
+from temposyncdiff.utils.task import EXIT_USER_ERROR
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 VERSION_BASE = "1.3"
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> str | None:
+    """Compose ``config_name`` with ``overrides`` as Hydra will; the first line of the reason if that fails."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
+            compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        noise = (
+            "full_key:",
+            "object_type",
+            "reference_type",
+            "See https",
+            "To append",
+            "Config search path",
+            "provider=",
+        )
+        text = f"{err}\n{err.__cause__ or ''}"
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
+        return " ".join(lines) or type(err).__name__
+    return None
+
+
+def hydra_main(config_name: str, fn: Callable[..., Any]) -> None:
+    """Run ``fn`` as a Hydra task. A single run's overrides are checked first, so a typo'd key or bad value
+    is one line on stderr and exit 2 instead of Hydra's report; flags (``-m``, ``--help``) go to Hydra as they are."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        reason = check_overrides(config_name, args)
+        if reason:
+            print(f"error: bad command-line setting: {reason}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name=config_name)(fn)()

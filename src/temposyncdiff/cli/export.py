@@ -5,20 +5,18 @@ from __future__ import annotations
 import logging
 import warnings
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.export.onnx import export_onnx
 from temposyncdiff.utils.task import log, task
+from temposyncdiff.utils.threads import set_threads
 
 
 @task
 def export(cfg: DictConfig) -> dict:
     """Export the stage's denoiser, its audio encoder and the VAE to ONNX, verified against PyTorch."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     for name in ("onnx_ir", "onnxscript"):  # hundreds of INFO lines per graph (passes, deduplicated initialisers)
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="# The axis name")  # the inputs share the batch axis, as meant
@@ -30,7 +28,7 @@ def export(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
-    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name="export")(export)()
+    hydra_main("export", export)
 
 
 if __name__ == "__main__":

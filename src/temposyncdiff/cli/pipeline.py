@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import write_json
 from temposyncdiff.utils.task import log, task
@@ -125,7 +124,7 @@ def key_numbers(eval_report: Path) -> list[str]:
 def main() -> None:
     """``experiment=<name>`` picks the recipe conf/pipeline/<name>.yaml."""
     sys.argv = [a.replace("experiment=", "pipeline=", 1) if a.startswith("experiment=") else a for a in sys.argv]
-    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name="pipeline")(pipeline)()
+    hydra_main("pipeline", pipeline)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,23 @@ class DiskFullError(UserError, OSError):
     """No space left (or quota exceeded) while writing an output; the previous file is left as it was."""
 
 
+def safe_name(name: object, key: str) -> str:
+    """``name`` if it can be one path component under the project's own folder; else a one-line ``UserError``.
+
+    Refuses empty names, ``.``/``..``, path separators and control characters, so ``run_name=../../x``
+    cannot write (or replace) anything outside the folder that the name is joined to.
+    """
+    text = str(name) if name is not None else ""
+    if (
+        not text.strip()
+        or text in (".", "..")
+        or any(sep in text for sep in ("/", "\\", os.sep))
+        or any(ord(c) < 32 for c in text)
+    ):
+        raise UserError(f"{key}={text!r}: not a plain name (no '/', '\\', '..' or empty names)")
+    return text
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
