@@ -205,3 +205,41 @@ def test_aux_losses_have_gradients():
     loss = sync_loss(expert, frames, torch.randn(B, 6, 80, 16), torch.ones(B, 6, dtype=torch.bool))
     loss.backward()
     assert torch.isfinite(loss) and frames.grad.abs().sum() > 0
+
+
+def test_pose_source_is_masked_inside_the_box():
+    """A net built with pose_mask sees the pose latents outside the box only; without pose it refuses to run."""
+    net = tiny_net(pose_mask=(0.25, 0.5, 0.75, 1.0))
+    x, t = torch.randn(B, T, C, S, S, generator=torch.Generator().manual_seed(1)), torch.full((B,), 500)
+    pose = torch.randn(B, T, C, S, S, generator=torch.Generator().manual_seed(2))
+    inside = pose.clone()
+    inside[..., S // 2 :, S // 4 : 3 * S // 4] += 5.0  # change only what the mask hides
+    outside = pose.clone()
+    outside[..., : S // 2, :] += 5.0
+    with torch.no_grad():
+        base = net(x, t, **inputs(), pose=pose)
+        assert torch.equal(base, net(x, t, **inputs(), pose=inside))
+        assert not torch.allclose(base, net(x, t, **inputs(), pose=outside))
+        with pytest.raises(ValueError, match="pose"):
+            net(x, t, **inputs())
+    with pytest.raises(ValueError, match="pose_mask"):
+        tiny_net(pose_mask=(0.5, 0.5, 0.4, 1.0))
+
+
+def test_generate_long_gives_pose_per_window_and_the_reference_by_default():
+    calls = []
+
+    def fake(x, t, ref_latent, audio_emb, visemes, motion, motion_mask, pose):
+        calls.append(pose.clone())
+        return torch.zeros_like(x)
+
+    fake.pose_mask = (0.0, 0.5, 1.0, 1.0)
+    sch, n, w = NoiseSchedule(prediction_type="sample"), 7, 4
+    pose = torch.arange(n, dtype=torch.float32)[None, :, None, None, None].expand(B, n, C, S, S)
+    ref = torch.full((B, C, S, S), -1.0)
+    make = lambda: make_sampler("ddim", sch.scheduler.config)  # noqa: E731
+    generate_long(fake, ref, None, None, n, w, 1, (C, S, S), make, 1, pose=pose)
+    assert [p[0, :, 0, 0, 0].tolist() for p in calls] == [[s + i for i in range(w)] for s, _ in window_plan(n, w, 1)]
+    calls.clear()
+    generate_long(fake, ref, None, None, n, w, 1, (C, S, S), make, 1)  # a photo: the reference is every frame's pose
+    assert all((p == -1).all() for p in calls)

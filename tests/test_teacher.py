@@ -66,6 +66,17 @@ def test_teacher_trains_validates_and_exports(data_root, tmp_path):
         assert key in header
 
 
+def test_teacher_with_a_pose_source_trains_and_validates(data_root, tmp_path):
+    """pose_mask: training masks the target's own latents, validation re-voices the held-out frames."""
+    cfg, ckpt = _setup(data_root, tmp_path, latents=True)
+    cfg.model.net.pose_mask = [0.2, 0.5, 0.8, 1.0]
+    train(cfg)
+    net, _ = load_net(ckpt / "teacher_best.pt", "teacher")
+    assert net.pose_mask == (0.2, 0.5, 0.8, 1.0)
+    header = next(iter((tmp_path / "run" / "csv").rglob("metrics.csv"))).read_text().splitlines()[0]
+    assert "val/psnr_mouth_swap" in header
+
+
 def test_teacher_step_without_cached_latents(data_root, tmp_path):
     cfg, _ = _setup(data_root, tmp_path, latents=False)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

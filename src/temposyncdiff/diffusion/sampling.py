@@ -109,14 +109,19 @@ def generate_long(
     steps: int,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    pose: Tensor | None = None,
 ) -> Tensor:
     """Latents ``[B, num_frames, C, h, w]`` for per-frame conditions of any length (``[B, num_frames, ...]``).
 
     Windows follow ``window_plan``; each gets the previous frames as motion frames (see module docstring).
+    ``pose`` (per-frame pose source latents) is passed to nets built with a ``pose_mask``; without it such a net
+    takes the reference as every frame's pose (a photo brought to life).
     """
     b, device = ref_latent.shape[0], ref_latent.device
     length = max(num_frames, window)
-    audio_emb, visemes = _pad_time(audio_emb, length), _pad_time(visemes, length)
+    if pose is None and getattr(denoise_fn, "pose_mask", None) is not None:
+        pose = ref_latent[:, None].expand(-1, length, -1, -1, -1)
+    audio_emb, visemes, pose = _pad_time(audio_emb, length), _pad_time(visemes, length), _pad_time(pose, length)
     out = torch.zeros(b, length, *latent_shape, device=device)
     for start, known in window_plan(length, window, overlap):
         sl = slice(start, start + window)
@@ -129,6 +134,8 @@ def generate_long(
             "motion": out[:, sl].clone(),
             "motion_mask": mask,
         }
+        if pose is not None:
+            cond["pose"] = pose[:, sl]
         x = sample(
             denoise_fn, (b, window, *latent_shape), cond, make_scheduler(), steps, guidance_scale, generator, device
         )

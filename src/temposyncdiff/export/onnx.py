@@ -75,10 +75,13 @@ def _graphs(net: nn.Module, vae: nn.Module, image_size: int, seed: int) -> dict[
         return torch.randn(shape, generator=g)
 
     def step(b: int) -> dict[str, Tensor]:
-        return {"x_t": randn(b, t, c, s, s), "t": torch.rand(b, generator=g) * 1000, "ref_latent": randn(b, c, s, s),
-                "audio_emb": randn(b, t, enc["dim"]), "visemes": torch.randint(0, net.num_visemes, (b, t), generator=g),
-                "motion": randn(b, t, c, s, s), "motion_mask": torch.rand(b, t, generator=g) < 0.5,
-                "drop_cond": torch.arange(b) % 2 == 1}  # fmt: skip
+        inputs = {"x_t": randn(b, t, c, s, s), "t": torch.rand(b, generator=g) * 1000, "ref_latent": randn(b, c, s, s),
+                  "audio_emb": randn(b, t, enc["dim"]), "visemes": torch.randint(0, net.num_visemes, (b, t), generator=g),
+                  "motion": randn(b, t, c, s, s), "motion_mask": torch.rand(b, t, generator=g) < 0.5,
+                  "drop_cond": torch.arange(b) % 2 == 1}  # fmt: skip
+        if net.pose_mask is not None:  # the forward's next positional argument
+            inputs["pose"] = randn(b, t, c, s, s)
+        return inputs
 
     batch, steps = {0: "batch"}, [step(b) for b in (2, 1, 3)]
     return {
@@ -181,12 +184,14 @@ class OnnxDenoiser(nn.Module):
     def __init__(self, session, audio: OnnxAudioEncoder, window: int) -> None:
         super().__init__()
         self.session, self.audio, self.window = session, audio, window
+        self.pose_mask = "pose" if "pose" in {i.name for i in session.get_inputs()} else None  # as Denoiser.pose_mask
 
     def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         return self.audio(mel)
 
     def forward(self, x_t: Tensor, t: Tensor, ref_latent: Tensor, audio_emb: Tensor | None = None,
-                visemes: Tensor | None = None, motion: Tensor | None = None, motion_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+                visemes: Tensor | None = None, motion: Tensor | None = None, motion_mask: Tensor | None = None,
+                pose: Tensor | None = None) -> Tensor:  # fmt: skip
         b, n = x_t.shape[:2]
         if (audio_emb is None) != (visemes is None):
             raise ValueError("the ONNX denoiser drops audio and visemes together (both None or neither)")
@@ -199,6 +204,8 @@ class OnnxDenoiser(nn.Module):
             "motion_mask": torch.zeros(b, n, dtype=torch.bool) if motion_mask is None else motion_mask.bool(),
             "drop_cond": torch.full((b,), drop),
         }  # fmt: skip
+        if self.pose_mask is not None:
+            inputs["pose"] = pose.float()
         return _run(self.session, inputs)[0]
 
 

@@ -6,6 +6,12 @@ the per-frame audio embedding and the viseme token form one vector per frame tha
 block (FiLM on the group norm); at ``cross_attention_levels`` each frame's pixels also attend to the window's
 audio/viseme tokens (with a learned relative-frame embedding). Temporal attention (or a temporal conv) mixes
 the T frames at every pixel at ``temporal_levels``. Null audio / viseme tokens serve classifier-free guidance.
+
+With ``pose_mask`` (a box of frame fractions, e.g. the lower face), each frame also gets a pose source: the
+latent of a frame whose pose and upper face the output should keep (the target frame itself in training, the
+driving video's frame when re-voicing, the reference when animating a photo), with the box zeroed and a mask
+channel marking it. The net then only has to draw the masked mouth and jaw from the audio (as Wav2Lip,
+MuseTalk and LatentSync do), instead of the whole frame, which a minute of footage cannot teach.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ def sinusoidal(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
     args = x.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def box_mask(box: tuple[float, float, float, float], h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[h, w]`` float mask, 1 on every latent cell that the frame-fraction box ``(x0, y0, x1, y1)`` touches."""
+    x0, y0, x1, y1 = box
+    m = torch.zeros(h, w, device=device)
+    m[math.floor(y0 * h) : math.ceil(y1 * h), math.floor(x0 * w) : math.ceil(x1 * w)] = 1.0
+    return m
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -132,6 +146,7 @@ class Denoiser(nn.Module):
     Returns the prediction (epsilon, v or x0, as trained) ``[B,T,C,h,w]``. ``motion [B,T,C,h,w]`` with
     ``motion_mask [B,T]`` gives frames already known (long-audio continuation); ``drop_cond [B]`` replaces the
     audio and viseme condition of those samples by the null tokens (None audio/visemes: null for all).
+    ``pose [B,T,C,h,w]`` (required when built with ``pose_mask``) is the per-frame pose source, unmasked.
     ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
     """
 
@@ -152,6 +167,7 @@ class Denoiser(nn.Module):
         motion_frames: bool = True,
         dropout: float = 0.0,
         audio_encoder: dict | None = None,
+        pose_mask: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__()
         if temporal not in (None, "none", "attention", "conv"):
@@ -161,9 +177,15 @@ class Denoiser(nn.Module):
                            attention_levels=list(attention_levels), cross_attention_levels=list(cross_attention_levels),
                            temporal=temporal, temporal_levels=list(temporal_levels), heads=heads, cond_dim=cond_dim,
                            audio_dim=audio_dim, num_visemes=num_visemes, window=window, motion_frames=motion_frames,
-                           dropout=dropout, audio_encoder=dict(audio_encoder) if audio_encoder else None)  # fmt: skip
+                           dropout=dropout, audio_encoder=dict(audio_encoder) if audio_encoder else None,
+                           pose_mask=list(pose_mask) if pose_mask else None)  # fmt: skip
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
+        if pose_mask is not None and not (
+            0 <= pose_mask[0] < pose_mask[2] <= 1 and 0 <= pose_mask[1] < pose_mask[3] <= 1
+        ):
+            raise ValueError(f"pose_mask must be (x0, y0, x1, y1) fractions with x0 < x1 and y0 < y1, got {pose_mask}")
+        self.pose_mask = tuple(pose_mask) if pose_mask is not None else None
         self.audio = AudioEncoder(**audio_encoder) if audio_encoder is not None else None
         if self.audio is not None and self.audio.config["dim"] != audio_dim:
             raise ValueError(f"audio_encoder dim {self.audio.config['dim']} != audio_dim {audio_dim}")
@@ -180,6 +202,7 @@ class Denoiser(nn.Module):
             return Block(cin, cout, cond_dim, heads, spatial, level in cross_attention_levels, tmp, dropout)
 
         in_ch = latent_channels * (3 if motion_frames else 2) + int(motion_frames)
+        in_ch += (latent_channels + 1) * (pose_mask is not None)
         self.stem = nn.Conv2d(in_ch, channels[0], 3, padding=1)
         self.down, skips, ch = nn.ModuleList(), [channels[0]], channels[0]
         for i, c in enumerate(channels):
@@ -240,6 +263,7 @@ class Denoiser(nn.Module):
         motion: Tensor | None = None,
         motion_mask: Tensor | None = None,
         drop_cond: Tensor | None = None,
+        pose: Tensor | None = None,
     ) -> Tensor:
         b, n, c, h, w = x_t.shape
         ctx = self.condition(t, audio_emb, visemes, (b, n), drop_cond)
@@ -250,6 +274,11 @@ class Denoiser(nn.Module):
             known = x_t.new_zeros(x_t.shape) if motion is None else motion * m
             # known frames: the net sees only their clean latents (their noisy input differs in training and sampling)
             inputs = [x_t * (1 - m), inputs[1], known, m.expand(-1, -1, 1, h, w)]
+        if self.pose_mask is not None:
+            if pose is None:
+                raise ValueError("this Denoiser was built with pose_mask: pass pose (the pose source latents)")
+            hole = box_mask(self.pose_mask, h, w, x_t.device).to(x_t.dtype)
+            inputs += [pose * (1 - hole), hole.expand(b, n, 1, h, w)]
         x = self.stem(torch.cat(inputs, dim=2).flatten(0, 1))
         skips = [x]
         for layer in self.down:

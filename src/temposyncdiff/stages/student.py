@@ -86,16 +86,19 @@ def batch_keys(batch: Batch) -> list[str]:
 
 @torch.no_grad()
 def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator,
-             make_scheduler: Callable, steps: int, guidance_scale: float, overlap: int) -> Tensor:  # fmt: skip
+             make_scheduler: Callable, steps: int, guidance_scale: float, overlap: int,
+             pose: Tensor | None = None) -> Tensor:  # fmt: skip
     """Latents ``[B,N,C,h,w]`` from whole-utterance mel windows with ``net``'s own audio encoder (teacher or student).
 
-    ``visemes`` None: the audio encoder's viseme head (as at inference without a transcript).
+    ``visemes`` None: the audio encoder's viseme head (as at inference without a transcript). ``pose``: the pose
+    source latents ``[B,N,C,h,w]``, used by nets built with a ``pose_mask`` (None: the reference).
     """
     emb, logits = net.embed_audio(mel_windows)
     if visemes is None:
         visemes = logits.argmax(-1)
+    pose = pose if net.pose_mask is not None else None
     return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
-                         tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator)  # fmt: skip
+                         tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator, pose)  # fmt: skip
 
 
 def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
@@ -129,7 +132,8 @@ def compare(
 ) -> dict[str, dict[str, float]]:
     """Metrics per run; every run generates each utterance with its own and the next one's audio from the same noise.
 
-    ``runs[name](ref_latent [2,C,h,w], mel [2,N,n_mels,W], visemes [2,N] | None, generator) -> latents``; the first
+    ``runs[name](ref_latent [2,C,h,w], mel [2,N,n_mels,W], visemes [2,N] | None, generator, pose=) -> latents``
+    (nets built with a ``pose_mask`` re-voice the utterance: its own frames are the pose source); the first
     run is the reference that the others are also compared with (``psnr_vs_ref``). With an ``expert``: LSE of each
     run's own- and swapped-audio videos against the own audio, and ``lse_c_gt[_gap]`` of the ground truth (its
     gap: the truth scored with its own minus with the other utterance's audio). Latents of runs named in
@@ -169,7 +173,8 @@ def compare(
             key = f"{name}/{utt['id']}"
             z = cache.get(key) if cache is not None and name in cached else None
             if z is None:
-                z = fn(ref, mel, visemes, torch.Generator(dev).manual_seed(seed + i))
+                pose = latents.to(dev)[None].expand(2, -1, -1, -1, -1)
+                z = fn(ref, mel, visemes, torch.Generator(dev).manual_seed(seed + i), pose=pose)
                 if cache is not None and name in cached:
                     cache[key] = z
             video = (decode(vae, z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
@@ -315,6 +320,7 @@ class StudentStage(StageModule):
         teacher, vae = self._frozen["teacher"], self._frozen["vae"]
         for name, mine, theirs in (("latent_channels", self.net.latent_channels, teacher.latent_channels),
                                    ("window", self.net.window, teacher.window),
+                                   ("pose_mask", self.net.pose_mask, teacher.pose_mask),
                                    ("VAE latent channels", vae.latent_channels, teacher.latent_channels)):  # fmt: skip
             if mine != theirs:
                 raise UserError(f"{hp.teacher_weights}: teacher has {name}={theirs}, the student setup has {mine}")
@@ -412,6 +418,8 @@ class StudentStage(StageModule):
         known = torch.where(r[:, 1] < hp.motion_prob, (r[:, 2] * (t - 1)).long() + 1, 0)
         cond = {"ref_latent": ref, "audio_emb": emb, "visemes": visemes, "motion": x0,
                 "motion_mask": torch.arange(t, device=self.device) < known[:, None]}  # fmt: skip
+        if teacher.pose_mask is not None:
+            cond["pose"] = x0
         scheduler = make_sampler(hp.teacher_sampler, self.teacher_schedule.scheduler.config)
         noise, sample = teacher_couplings(
             teacher, tuple(x0.shape), cond, scheduler, hp.teacher_steps, self.guidance, generator
@@ -446,6 +454,8 @@ class StudentStage(StageModule):
             "motion": x0,
             "motion_mask": known,
         }
+        if self.net.pose_mask is not None:
+            cond["pose"] = x0
         pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         distill, x0_hat = trajectory_loss(
             self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight

@@ -58,7 +58,8 @@ def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tu
     audio = torch.zeros(1, t, net.config["audio_dim"], device=dev)
     stats = {"params_denoiser": sum(p.numel() for n, p in net.named_parameters() if not n.startswith("audio."))}
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        net(x, torch.tensor([500], device=dev), ref, audio, torch.zeros(1, t, dtype=torch.long, device=dev))
+        visemes = torch.zeros(1, t, dtype=torch.long, device=dev)
+        net(x, torch.tensor([500], device=dev), ref, audio, visemes, pose=x if net.pose_mask is not None else None)
     stats["flops_per_frame"] = fc.get_total_flops() / t
     if net.audio is not None:
         stats["params_audio"] = sum(p.numel() for p in net.audio.parameters())
@@ -213,7 +214,10 @@ class TeacherStage(StageModule):
         ts = sch.sample_timesteps(b, generator=generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         x_t = sch.add_noise(x0, noise, ts)
-        pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop)
+        pose = x0 if self.net.pose_mask is not None else None  # the target's own pose, its mouth masked by the net
+        pred = self.net(
+            x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop, pose=pose
+        )
         target_mask = mask & ~known
         pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
@@ -260,10 +264,12 @@ class TeacherStage(StageModule):
         generator: torch.Generator | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        pose: Tensor | None = None,
     ) -> Tensor:
         """Latents ``[B,N,C,h,w]`` for references ``[B,C,h,w]`` and whole-utterance mel windows ``[B,N,n_mels,W]``.
 
         ``visemes`` None: the audio encoder's own viseme tokens (as at inference without a transcript).
+        ``pose [B,N,C,h,w]``: the pose source latents, for nets built with a ``pose_mask``.
         """
         hp, net = self.hparams, self.net
         emb, logits = net.embed_audio(mel_windows)
@@ -272,7 +278,7 @@ class TeacherStage(StageModule):
         return generate_long(
             net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, hp.overlap, tuple(ref_latent.shape[1:]),
             lambda: make_sampler(hp.sampler, self.schedule.scheduler.config), steps or hp.steps,
-            hp.guidance_scale if guidance_scale is None else guidance_scale, generator,
+            hp.guidance_scale if guidance_scale is None else guidance_scale, generator, pose,
         )  # fmt: skip
 
     def decode(self, latents: Tensor, chunk: int = 64) -> Tensor:
@@ -305,8 +311,12 @@ class TeacherStage(StageModule):
             ref = (
                 utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
             )
+            pose = None
+            if self.net.pose_mask is not None:  # re-voicing: the utterance's own frames give pose and upper face
+                truth = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
+                pose = truth.to(dev)[None].expand(2, -1, -1, -1, -1)
             z = self.generate(ref.to(dev)[None].expand(2, -1, -1, -1), torch.stack([mel_own, mel_swap]).to(dev),
-                              visemes, gen)  # fmt: skip
+                              visemes, gen, pose=pose)  # fmt: skip
             video = (self.decode(z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
             gt = (utt["frames"] + 1) / 2
             for suffix, v in (("", video[0]), ("_swap", video[1])):

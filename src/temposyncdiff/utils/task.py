@@ -82,7 +82,7 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         out_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
         route_library_logs()
         try:
-            missing = sorted(OmegaConf.missing_keys(cfg))
+            missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
             if missing:
                 raise UserError(f"{', '.join(missing)} required: pass {' '.join(f'{k}=...' for k in missing)}")
             if cfg.get("extras", {}).get("print_config", True):
