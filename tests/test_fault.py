@@ -1,9 +1,10 @@
-"""Fault recovery: SIGKILL and resume bitwise, atomic checkpoint files, NaN stop, resumable training loader."""
+"""Fault recovery: SIGKILL and resume bitwise, atomic and weights-only checkpoint files, NaN stop, resumable loader."""
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from temposyncdiff.data.datamodule import ResumableLoader
 from temposyncdiff.data.dataset import EpochSampler
 from temposyncdiff.utils.io import DiskFullError
 from tests.conftest import REPO, compose_config
+from tests.test_train_security import Trap
 from tests.test_vae import TINY
 
 BIN = Path(sys.executable).parent
@@ -107,6 +109,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         TorchCheckpointIO().save_checkpoint({"global_step": 6}, path)  # Lightning's own writer, for contrast
     assert path.read_bytes() == b"half a checkpoint"
+
+
+def test_checkpoints_are_read_weights_only(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "trap.ckpt"
+    torch.save({"state_dict": Trap(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # whatever the caller asks
+    assert not marker.exists()
+    TorchCheckpointIO().load_checkpoint(path, weights_only=False)  # Lightning's own reader, for contrast
+    assert marker.exists()
 
 
 class NaNAt(L.Callback):

@@ -32,10 +32,10 @@ def _cfg(data_root, tmp_path, *extra):
 def _modules(cfg):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage")
-    dm = hydra.utils.instantiate(cfg.data)
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
-    return hydra.utils.instantiate(model_cfg), dm
+    return hydra.utils.instantiate(model_cfg, _convert_="all"), dm  # plain hparams, as tsd-train makes them
 
 
 def test_step_changes_weights_and_overfit(data_root, tmp_path):
@@ -77,7 +77,7 @@ def test_ema_is_used_for_validation_and_checkpoints(data_root, tmp_path):
     trainer.fit(model, datamodule=dm)
     live_at_val, slot_at_val = probe.seen[-1]
     assert not torch.allclose(live_at_val, slot_at_val)  # validation ran on other (EMA) weights than training
-    state = torch.load(ckpt.last_model_path, weights_only=False)
+    state = torch.load(ckpt.last_model_path, weights_only=True)
     saved = torch.cat(
         [v.flatten() for k, v in state["state_dict"].items() if k.startswith("net.") and "scale_factor" not in k]
     )

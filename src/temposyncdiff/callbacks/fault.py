@@ -21,7 +21,13 @@ from temposyncdiff.utils.io import atomic_path
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each ``.ckpt`` to a temporary file and renames it, so a crash never leaves a half-written
-    ``last.ckpt`` in place of the good one (Lightning's own writer truncates the file first)."""
+    ``last.ckpt`` in place of the good one (Lightning's own writer truncates the file first); reads every
+    checkpoint weights-only, whatever the caller asks, so no checkpoint a user names can unpickle code."""
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # object stores: fsspec uploads whole objects already

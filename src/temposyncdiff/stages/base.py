@@ -13,7 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from temposyncdiff.errors import UserError
-from temposyncdiff.utils.weights import save_weights
+from temposyncdiff.utils.checkpoints import own_checkpoint, read_checkpoint
+from temposyncdiff.utils.task import log
+from temposyncdiff.utils.weights import keep_previous, save_weights
 
 
 class StageModule(L.LightningModule):
@@ -64,27 +66,39 @@ class StageModule(L.LightningModule):
         """Runs after the exported weights are loaded into ``self.net`` (e.g. to fit the VAE's latent scale)."""
 
     def export(self, directory: str | Path, checkpoint: ModelCheckpoint | None) -> list[Path]:
-        """Write the seed's files (e.g. ``vae_pretrained.pt``) from the best/last checkpoints' (EMA) weights."""
+        """Write the seed's files (e.g. ``vae_pretrained.pt``) from this run's best/last checkpoints' (EMA) weights.
+
+        Reads only checkpoints inside ``checkpoint``'s own folder, weights-only; a run with no best one there
+        gets a one-line error. Without a last one (or with ``checkpoint=None``) the live weights are exported:
+        after ``fit`` they are the final (EMA) weights a last checkpoint holds. A replaced export is kept
+        beside the new one (``keep_previous``).
+        """
+        sources: dict[str, Path | None] = {}
+        if checkpoint is not None:
+            sources = {which: own_checkpoint(checkpoint, which) for which in ("best", "last")}
+            if sources["best"] is None:
+                raise UserError(
+                    f"no best checkpoint of this run in {checkpoint.dirpath} (ModelCheckpoint saved none after "
+                    "validating; see callbacks.model_checkpoint): nothing exported"
+                )
         written = []
-        sources = {
-            "best": checkpoint.best_model_path if checkpoint else "",
-            "last": checkpoint.last_model_path if checkpoint else "",
-        }
         live = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         for which, filename in self.export_names.items():
-            path = sources.get(which) or sources["last"]
-            if path:
-                state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            path = sources.get(which)
+            if path is None:
+                self.net.load_state_dict(live)
+            else:
+                state = read_checkpoint(path)["state_dict"]
                 self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
             self.before_export()
-            meta = {
-                "stage": self.kind,
-                "source": which if path else "live",
-                "checkpoint": str(path),
-                **self.export_meta(),
-            }
+            source = {"stage": self.kind, "source": which if path else "live", "checkpoint": str(path or "")}
+            meta = {**source, **self.export_meta()}
             meta["sha256"] = weights_digest(self.net)
-            written.append(save_weights(Path(directory) / filename, self.kind, self.net, meta))
+            target = Path(directory) / filename
+            kept = keep_previous(target)
+            written.append(save_weights(target, self.kind, self.net, meta))
+            if kept is not None:
+                log.info("%s replaced; the previous export is kept as %s", target, kept.name)
         self.net.load_state_dict(live)
         return written
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
+import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -43,15 +46,62 @@ def save_weights(path: str | os.PathLike, kind: str, net: nn.Module, meta: dict[
     return Path(path)
 
 
+def keep_previous(path: str | os.PathLike) -> Path | None:
+    """Keep the file at ``path`` (before it is replaced) beside it as ``<stem>.<its mtime>.<suffix>``, e.g.
+    ``vae_pretrained.20250131-142501.pt`` (``-1``, ``-2``... on a clash); returns that path, None if there is none.
+
+    A hard link where the filesystem allows (no copy), else an atomic copy; nothing existing is replaced.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    clash = 0
+    while True:
+        kept = path.with_name(f"{path.stem}.{stamp}{f'-{clash}' if clash else ''}{path.suffix}")
+        clash += 1
+        if kept.exists():
+            continue
+        try:
+            os.link(path, kept)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this filesystem
+            with atomic_path(kept) as tmp:
+                shutil.copy2(path, tmp)
+        return kept
+
+
+def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` of a local PyTorch zip file; one-line errors naming the file.
+
+    Never unpickles code, and no message repeats torch's advice to retry with weights-only loading turned off.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found" if not path.exists() else f"{path}: not a file")
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(
+            f"{path}: not a readable {what} (not a PyTorch zip archive: corrupt, truncated or another format)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        detail = (
+            f"it names {named.group(1)}, not a tensor or plain type"
+            if named
+            else "corrupt, or pickled objects beyond tensors and plain types"
+        )
+        raise WeightsError(f"{path}: refused by the weights-only loader ({detail})") from err
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable {what} (corrupt or truncated zip archive)") from err
+
+
 def load_payload(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """Read and check an export file of the given kind; clear errors for every way it can be wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
-        raise WeightsError(f"{path}: not a readable weights-only file ({str(err).splitlines()[0]})") from err
+    payload = read_weights_only(path)
     if not isinstance(payload, dict) or "format" not in payload:
         raise WeightsError(f"{path}: not a TempoSyncDiff export (a Lightning .ckpt? use ckpt_path= for those)")
     if payload["format"] != f"temposyncdiff.{kind}":
