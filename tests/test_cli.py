@@ -43,3 +43,15 @@ def test_synth_then_manifest(tmp_path):
     out = run(["tsd-data", "manifest", "root=data/s", "name=s", "val_ratio=0.5", "test_ratio=0"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "data" / "manifests" / "s_train.jsonl").read_text().count("\n") == 2
+
+
+def test_hydra_rerun_pickle_is_refused(tmp_path):
+    """Hydra's --experimental-rerun unpickles the file it names: refused before Hydra sees it."""
+    out = subprocess.run(
+        [str(BIN / "tsd-eval"), "--experimental-rerun", str(tmp_path / "config.pickle")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "experimental-rerun" in out.stderr and "Traceback" not in out.stderr

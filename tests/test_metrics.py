@@ -246,3 +246,21 @@ def test_mouth_motion_follows_the_truth_and_not_other_speech():
     empty = MouthMotion()
     empty.update(truth[:1].repeat(5, 0), truth[:1].repeat(5, 0))  # a still truth says nothing: not counted
     assert empty.compute() == {"corr": None, "amplitude": None, "num_clips": 0}
+
+
+class _Trap:
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_lpips_backbone_that_would_run_code_is_not_loaded(tmp_path, no_network):
+    """The backbone file is unpickled in full by torchvision: a file the weights-only loader refuses never gets there."""
+    marker = tmp_path / "pwned"
+    path = lpips_backbone_file(tmp_path, "squeeze")
+    path.parent.mkdir(parents=True)
+    torch.save({"features.0.weight": _Trap(marker)}, path)
+    m = LPIPS(torch_home=tmp_path, net_type="squeeze")
+    assert not m.available and "could not load" in m.reason and not marker.exists()

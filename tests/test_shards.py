@@ -15,6 +15,7 @@ from temposyncdiff.data.batch import Batch, collate
 from temposyncdiff.data.cache import add_latents, open_cache
 from temposyncdiff.data.datamodule import TalkingHeadDataModule
 from temposyncdiff.data.dataset import ClipDataset
+from temposyncdiff.errors import UserError
 from tests.conftest import compose_config
 from tests.test_vae import TINY
 
@@ -24,6 +25,7 @@ from temposyncdiff.data.shards import (  # noqa: E402
     ClipStream,
     ShardError,
     ShardSource,
+    check_formats,
     read_shard_meta,
     write_shards,
 )
@@ -190,3 +192,19 @@ def test_errors(data_root: Path, sharded: Path, tmp_path: Path, caplog) -> None:
         _module(data_root, sharded, format="litdata", clip_len=4, stride=4).setup("fit")
     with pytest.raises(ShardError, match="no complete shard set"):
         _module(data_root, sharded, format="litdata", name="other").setup("validate")
+
+
+def test_a_shard_set_naming_an_unsafe_serializer_is_refused(data_root: Path, sharded: Path, tmp_path: Path) -> None:
+    """A crafted index.json that names LitData's pickle serializer is refused before anything is read."""
+    import json
+    import shutil
+
+    shutil.copytree(sharded / "shards", tmp_path / "shards")
+    for sub in ("clips", "utterances"):
+        for index in (tmp_path / "shards").glob(f"*/{sub}/index.json"):
+            data = json.loads(index.read_text())
+            data["config"]["data_format"] = ["pickle", *data["config"]["data_format"][1:]]
+            index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="refusing serializer"):
+        _module(data_root, tmp_path, format="litdata").setup("fit")
+    check_formats(str(sharded / "shards" / "synth_train" / "clips"))  # ours: arrays only

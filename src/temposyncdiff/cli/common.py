@@ -44,6 +44,13 @@ def hydra_main(config_name: str, fn: Callable[..., Any]) -> None:
     """Run ``fn`` as a Hydra task. A single run's overrides are checked first, so a typo'd key or bad value
     is one line on stderr and exit 2 instead of Hydra's report; flags (``-m``, ``--help``) go to Hydra as they are."""
     args = sys.argv[1:]
+    if any(a.startswith("--experimental-rerun") for a in args):  # Hydra unpickles the file it names
+        print(
+            "error: --experimental-rerun is not supported (it unpickles a file); rerun with the saved overrides "
+            "from the run's .hydra/overrides.yaml instead",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USER_ERROR)
     if not any(a.startswith("-") for a in args):
         reason = check_overrides(config_name, args)
         if reason:

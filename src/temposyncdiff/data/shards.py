@@ -64,18 +64,51 @@ def _fs(url: str) -> Any:
     return _get_fs_provider(url)
 
 
+SAFE_FORMATS = (
+    "str",
+    "text",
+    "bool",
+    "int",
+    "float",
+    "bytes",
+    "numpy",
+    "no_header_numpy",
+    "tensor",
+    "no_header_tensor",
+)
+
+
+def _read_json(url: str) -> dict:
+    """A JSON file of a shard set, local or on an object store."""
+    if not _remote(url):
+        return json.loads(Path(url).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _fs(url).download_file(url, f"{tmp}/file.json")
+        return json.loads(Path(tmp, "file.json").read_text(encoding="utf-8"))
+
+
+def check_formats(root: str) -> None:
+    """Refuse a LitData set whose index names a serializer that could unpickle (or decode) arbitrary data:
+    ``tsd-data shards`` writes plain arrays and numbers only, so anything else is not ours."""
+    url = _join(root, "index.json")
+    try:
+        formats = _read_json(url)["config"]["data_format"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{url}: not a readable LitData index ({err})") from None
+    bad = sorted({f for f in formats if str(f).split(":")[0] not in SAFE_FORMATS})
+    if bad:
+        raise UserError(
+            f"{url}: refusing serializer(s) {bad}: a shard set written by tsd-data shards holds arrays only"
+        )
+
+
 def read_shard_meta(root: str) -> dict | None:
     """The meta of the complete shard set at ``root`` (folder or object-store URI), else None."""
     url = _join(root, SHARD_META)
     try:
-        if not _remote(root):
-            meta = json.loads(Path(url).read_text(encoding="utf-8"))
-        elif _fs(url).exists(url):
-            with tempfile.TemporaryDirectory() as tmp:
-                _fs(url).download_file(url, f"{tmp}/meta.json")
-                meta = json.loads(Path(tmp, "meta.json").read_text(encoding="utf-8"))
-        else:
+        if _remote(root) and not _fs(url).exists(url):
             return None
+        meta = _read_json(url)
     except (OSError, json.JSONDecodeError):
         return None
     return meta if meta.get("version") == SHARDS_VERSION else None
@@ -190,6 +223,7 @@ class ShardSource:
 
     def _utterance(self, u: int) -> dict:
         if self._pid != os.getpid():
+            check_formats(_join(self.root, "utterances"))
             self._store = StreamingDataset(_join(self.root, "utterances"), cache_dir=self.cache_dir, batch_decode=0)
             self._pid = os.getpid()
         return self._store[u]  # batch_decode=0 as in ClipStream
@@ -219,6 +253,7 @@ class ClipStream(StreamingDataset):
     def __init__(self, root: str, meta: dict, shuffle: bool = True, seed: int = 0, reference: str = "other_clip",
                  cache_dir: str | None = None):  # fmt: skip
         # batch_decode=0: decode the item asked for only (LitData's default decodes blocks of neighbours: slower here)
+        check_formats(_join(root, "clips"))
         super().__init__(_join(root, "clips"), cache_dir=cache_dir, shuffle=shuffle, seed=seed, batch_decode=0)
         self.clips = ClipDataset(ShardSource(root, meta, cache_dir), meta["clip_len"], meta["stride"], train=True,
                                  seed=seed, reference=reference)  # fmt: skip

@@ -194,10 +194,13 @@ class LPIPS(nn.Module):
             self.reason = f"LPIPS backbone weights not found: {path}"
             return
         try:
+            # torchvision unpickles the file in full (its hub loader is not weights-only): only a file that the
+            # weights-only loader accepts, tensors and plain types alone, gets that far
+            torch.load(path, map_location="cpu", weights_only=True)
             with _hub_dir(path.parents[1]):
                 self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, normalize=True)
         except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-            self.reason = f"could not load LPIPS backbone {path}: {err}"
+            self.reason = f"could not load LPIPS backbone {path}: {str(err).splitlines()[0][:200]}"
 
     @property
     def available(self) -> bool:
