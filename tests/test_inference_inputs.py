@@ -21,6 +21,8 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.inference.inputs import (
     InputError,
     center_box,
+    check_reference_file,
+    even_size,
     load_image,
     load_speech,
     load_visemes_for,
@@ -141,7 +143,9 @@ def test_dlib_framing_of_a_real_face():
     from temposyncdiff.data.faces import FaceDetector
 
     ref = prepare_reference(PHOTO, 160, detector="dlib")
-    assert ref.method == "dlib" and ref.crop.shape == (160, 160, 3) and ref.image.shape == (600, 512, 3)
+    assert (
+        ref.method == "dlib" and ref.faces == 1 and ref.crop.shape == (160, 160, 3) and ref.image.shape == (600, 512, 3)
+    )
     x0, y0, x1, y1 = FaceDetector().detect(ref.crop)
     assert 0.35 < (x1 - x0) / 160 < 0.7  # the face fills about half the crop (margin 0.5)
     assert abs((x0 + x1) / 2 - 80) < 16 and abs((y0 + y1) / 2 - 80) < 32
@@ -176,6 +180,38 @@ def test_centre_crop(tmp_path, monkeypatch, without_dlib):
     assert ref.method == "center" and ref.crop.shape == (64, 64, 3)
     assert ref.box == center_box(120, 80) == (20, 0, 100, 80)
     assert center_box(60, 100) == (0, 13, 60, 73)  # portrait: a third of the spare height from the top
+
+
+@pytest.mark.parametrize("size", [(1, 1), (40, 20), (31, 500)])
+def test_tiny_reference_is_refused(tmp_path, size):
+    path = _save(tmp_path, Image.new("RGB", size, RED), "tiny.png")
+    for check in (lambda: check_reference_file(path), lambda: prepare_reference(path, 64, detector="center")):
+        with pytest.raises(InputError, match=rf"tiny.png: the face would be {min(size)} px .*min_face_px=32") as err:
+            check()
+        assert "\n" not in str(err.value)
+    check_reference_file(path, min_face_px=min(size))
+    assert prepare_reference(path, 64, detector="center", min_face_px=min(size)).crop.shape == (64, 64, 3)
+
+
+def test_two_faces_the_largest_is_used_and_reported(tmp_path, caplog):
+    pytest.importorskip("dlib")
+    photo = Image.open(PHOTO)  # 512 x 600
+    group = Image.new("RGB", (410, 300), (128, 128, 128))
+    group.paste(photo.resize((154, 180)), (0, 60))
+    group.paste(photo.resize((256, 300)), (154, 0))
+    with caplog.at_level(logging.WARNING):
+        ref = prepare_reference(_save(tmp_path, group, "group.png"), 64, detector="dlib")
+    x0, _, x1, _ = ref.box
+    assert ref.faces == 2 and 154 < (x0 + x1) / 2 < 410  # centred on the larger face
+    assert "2 faces found in" in caplog.text and "using the largest" in caplog.text
+
+
+def test_even_size():
+    image = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3)
+    padded = even_size(image)
+    assert padded.shape == (6, 4, 3) and np.array_equal(padded[:5, :3], image)
+    assert np.array_equal(padded[5, :3], image[4]) and np.array_equal(padded[:5, 3], image[:, 2])
+    assert even_size(padded) is padded
 
 
 @pytest.mark.parametrize("box", [(150, 120, 420, 390), (-40, -30, 200, 210)])
@@ -306,8 +342,32 @@ def test_visemes_from_transcript(tmp_path):
         load_visemes_for(25, transcript=tmp_path / "none.txt")
 
 
+@pytest.mark.parametrize(
+    ("word_end", "num_frames", "warned"), [(0.9, 25, False), (2.0, 25, True), (0.5, 100, True), (3.2, 100, False)]
+)
+def test_transcript_of_another_length_warns(tmp_path, caplog, word_end, num_frames, warned):
+    path = tmp_path / "utt.txt"
+    write_transcript(path, Transcript("MAMA", [("MAMA", 0.1, word_end)]))
+    with caplog.at_level(logging.WARNING):
+        ids = load_visemes_for(num_frames, 25.0, transcript=path)
+    assert ids.shape == (num_frames,) and ("words end at" in caplog.text) == warned
+
+
 def test_video_reference_gives_first_frame(synth_corpus):
     from temposyncdiff.data.video import read_frames
 
     mp4 = sorted(synth_corpus.glob("*/*.mp4"))[0]
     assert np.array_equal(load_image(mp4), read_frames(mp4)[0][0])
+
+
+def test_phone_visemes_for_speech_without_a_transcript():
+    """phones: the speech's own phones (pocketsphinx) give the tokens; a file or transcript still wins."""
+    pytest.importorskip("pocketsphinx")
+    from temposyncdiff.data.tts import Espeak
+
+    sp = Espeak().synthesize("the quick brown fox jumps over the lazy dog")
+    wave, rate = sp.samples, sp.sample_rate
+    n = int(len(wave) / rate * 25)
+    ids = load_visemes_for(n, 25.0, wave=wave, sample_rate=rate)
+    assert ids.dtype == np.int64 and ids.shape == (n,) and (ids != 0).mean() > 0.5
+    assert load_visemes_for(n, 25.0) is None

@@ -25,16 +25,27 @@ class FaceDetector:
         self._detector = dlib.get_frontal_face_detector()
         self.max_side = max_side
         self.max_upsample = max_upsample
+        self.faces_found = 0  # how many faces the last detection found (the largest is returned)
+
+    def scale_for(self, width: int, height: int) -> float:
+        """The factor a ``width`` x ``height`` frame is shrunk by before detection (1: not at all)."""
+        return min(1.0, self.max_side / max(width, height))
 
     def detect(self, frame: np.ndarray) -> Box | None:
         """Largest face box of an ``[H,W,3]`` uint8 RGB frame in its own pixel coordinates, or None."""
         image = Image.fromarray(np.ascontiguousarray(frame)).convert("L")
-        scale = min(1.0, self.max_side / max(image.size))
+        scale = self.scale_for(*image.size)
         if scale < 1.0:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-        gray = np.asarray(image)
+        return self.detect_gray(np.asarray(image), scale)
+
+    def detect_gray(self, gray: np.ndarray, scale: float = 1.0) -> Box | None:
+        """Largest face box of a uint8 luma image that is ``scale`` x the frame's size, in the frame's pixels."""
+        gray = np.ascontiguousarray(gray)
+        self.faces_found = 0
         for upsample in range(self.max_upsample + 1):
             rects = self._detector(gray, upsample)
+            self.faces_found = len(rects)
             if rects:
                 r = max(rects, key=lambda r: r.width() * r.height())
                 return tuple(round(v / scale) for v in (r.left(), r.top(), r.right() + 1, r.bottom() + 1))

@@ -9,19 +9,24 @@ Documented behaviours:
 - Faces: ``detector="auto"`` uses dlib when installed, else a centre crop; when dlib finds no face it
   also falls back to the centre crop, with a warning. ``detector="dlib"`` raises when dlib is missing or
   finds no face. The centre crop is the largest square, centred horizontally, a third of the spare
-  height from the top (faces in portraits sit above the middle).
+  height from the top (faces in portraits sit above the middle). With several faces the largest is used,
+  with a warning. A face crop under ``min_face_px`` (32) source pixels is an error, not a noise video.
 - Audio: any file PyAV decodes (wav, flac, mp3, m4a, mp4, ...), any rate and channel count, mixed to mono
   and resampled. Shorter than ``min_seconds`` (0.2 s = 5 frames at 25 fps) is an error; all-silent audio
   is allowed with a warning (it drives a closed mouth); no length limit unless ``max_seconds`` is set.
 - Visemes: a ``.npy`` file wins over a transcript; its length is trimmed or padded with silence to the
-  video's frame count; with neither, the pipeline uses the audio encoder's viseme head.
+  video's frame count, with a warning when it is off by more than a frame; a transcript whose words run
+  past the audio, or end over ``TRANSCRIPT_SLACK_S`` (1 s) before it, gets the same kind of warning; with
+  neither, the pipeline uses the audio encoder's viseme head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000
 SILENT_PEAK = 1e-3  # -60 dBFS: quieter than this everywhere counts as silence
+MIN_FACE_PX = 32  # a face crop with fewer source pixels across is refused
+TRANSCRIPT_SLACK_S = 1.0  # speech may go on this long after a transcript's last word without a warning
 
 
 class InputError(UserError, ValueError):
@@ -69,16 +76,45 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
         from temposyncdiff.data.video import read_frames
 
         return read_frames(path)[0][0]
+    with _open_image(path) as img:
+        if img.width * img.height > max_pixels:
+            scale = (max_pixels / (img.width * img.height)) ** 0.5
+            size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+            img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def check_reference_file(path: str | os.PathLike, min_face_px: int = MIN_FACE_PX) -> None:
+    """Refuse a missing, unreadable or too small reference image (or video) from its header, decoding no pixels."""
+    path = _require_file(path)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        from temposyncdiff.data.video import probe
+
+        info = probe(path, count_frames=False)
+        width, height = info.width, info.height
+    else:
+        with _open_image(path) as img:
+            width, height = img.size
+    _check_face_size(str(path), min(width, height), width, height, min_face_px)
+
+
+def _check_face_size(name: str, side: int, width: int, height: int, min_face_px: int) -> None:
+    if side < min_face_px:
+        raise InputError(
+            f"{name}: the face would be {side} px across in a {width}x{height} image; "
+            f"at least min_face_px={min_face_px} px is needed (use a larger photo)"
+        )
+
+
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """PIL's lazy image of ``path`` (pixels are decoded when first used); unreadable files raise InputError."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big images are downscaled below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image downscales big images
             with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    scale = (max_pixels / (img.width * img.height)) ** 0.5
-                    size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
-                    img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-                    img = img.resize(size, Image.Resampling.LANCZOS)
-                return _to_rgb(ImageOps.exif_transpose(img))
+                yield img
     except Image.DecompressionBombError as err:
         raise InputError(f"{path}: image too large to decode safely ({err})") from None
     except UnidentifiedImageError:
@@ -107,6 +143,7 @@ class ReferenceFace:
     box: Box  # (x0, y0, x1, y1) of the crop in ``image``; may reach past its edges
     method: str  # "dlib" or "center"
     image: np.ndarray  # the whole upright uint8 RGB image, for paste-back
+    faces: int  # faces the detector found (the largest is used); 0 when it found none or did not run
 
 
 def center_box(width: int, height: int) -> Box:
@@ -122,11 +159,13 @@ def prepare_reference(
     detector: str = "auto",
     margin: float = 0.5,
     lift: float = 0.1,
+    min_face_px: int = MIN_FACE_PX,
 ) -> ReferenceFace:
     """Crop the face of ``image`` (path or uint8 RGB array) to ``size`` px, framed as ``data.prepare`` frames videos
     (same ``margin`` and ``lift`` defaults).
 
     ``detector``: "auto" (dlib when installed and a face is found, else centre crop), "dlib" or "center".
+    A crop with fewer than ``min_face_px`` source pixels across is an InputError.
     """
     if detector not in ("auto", "dlib", "center"):
         raise InputError(f"detector={detector!r}: choose auto, dlib or center")
@@ -134,26 +173,36 @@ def prepare_reference(
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     h, w = image.shape[:2]
-    face = None if detector == "center" else _detect(image, name, required=detector == "dlib")
+    face, found = (None, 0) if detector == "center" else _detect(image, name, required=detector == "dlib")
     box = center_box(w, h) if face is None else square_crop_box(face, w, h, margin, lift)
-    return ReferenceFace(crop_resize(image, box, size), box, "center" if face is None else "dlib", image)
+    x0, y0, x1, y1 = box
+    _check_face_size(name, min(min(x1, w) - max(x0, 0), min(y1, h) - max(y0, 0)), w, h, min_face_px)
+    return ReferenceFace(crop_resize(image, box, size), box, "center" if face is None else "dlib", image, found)
 
 
-def _detect(image: np.ndarray, name: str, required: bool) -> Box | None:
-    """dlib's face box, or None (with a log line) where the centre crop should be used instead."""
+def _detect(image: np.ndarray, name: str, required: bool) -> tuple[Box | None, int]:
+    """dlib's largest face box (None, with a log line, where a centre crop is to be used) and the faces it found."""
     try:
         detector = FaceDetector()
     except ImportError as err:
         if required:
             raise InputError(f"detector=dlib: {err}") from None
         log.info("dlib is not installed; using a centre crop of %s", name)
-        return None
+        return None, 0
     face = detector.detect(image)
     if face is None and required:
         raise InputError(f"no face found in {name}; pass detector=center to use a centre crop")
     if face is None:
         log.warning("no face found in %s; using a centre crop", name)
-    return face
+    elif detector.faces_found > 1:
+        log.warning("%d faces found in %s; using the largest, at %s (x0, y0, x1, y1)", detector.faces_found, name, face)
+    return face, detector.faces_found
+
+
+def even_size(image: np.ndarray) -> np.ndarray:
+    """``image`` with an odd height or width padded by one edge row or column (H.264 yuv420p needs even sizes)."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else image
 
 
 def paste_back(original: np.ndarray, box: Box, generated: np.ndarray, feather: float = 0.1) -> np.ndarray:
@@ -214,21 +263,37 @@ def load_visemes_for(
     fps: float = 25.0,
     transcript: str | os.PathLike | None = None,
     viseme_file: str | os.PathLike | None = None,
+    wave: np.ndarray | None = None,
+    sample_rate: int = 16000,
 ) -> np.ndarray | None:
-    """Per-frame viseme ids (int64 ``[num_frames]``) from a viseme ``.npy`` or an LRS3 transcript with timings.
+    """Per-frame viseme ids (int64 ``[num_frames]``) from a viseme ``.npy``, an LRS3 transcript with timings or,
+    given ``wave``, the speech's phones decoded by pocketsphinx (speaker-independent, no transcript needed).
 
-    The ``.npy`` wins when both are given. None when neither is: the pipeline then uses the audio
+    The ``.npy`` wins, then the transcript. None when none is given: the pipeline then uses the audio
     encoder's viseme head.
     """
     if viseme_file is not None:
         return _read_viseme_file(_require_file(viseme_file), num_frames)
     if transcript is None:
-        return None
+        if wave is None:
+            return None
+        from temposyncdiff.data.phones import visemes_for_audio
+
+        return visemes_for_audio(wave, sample_rate, num_frames, fps)
     path = _require_file(transcript)
     parsed = read_transcript(path)
     if not parsed.words:
         raise InputError(
             f"{path}: transcript has no word timings (WORD START END table); pass one with timings or none"
+        )
+    last, seconds = max(end for _, _, end in parsed.words), num_frames / fps
+    if last > seconds + 1 / fps or last < seconds - TRANSCRIPT_SLACK_S:
+        log.warning(
+            "%s: words end at %.2f s but the audio is %.2f s; visemes past the audio are dropped, "
+            "frames after the last word are silent",
+            path,
+            last,
+            seconds,
         )
     return transcript_to_frames(parsed, num_frames, fps)
 

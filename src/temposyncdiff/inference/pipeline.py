@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.errors import UserError
-from temposyncdiff.inference.inputs import ReferenceFace, prepare_reference
+from temposyncdiff.inference.inputs import MIN_FACE_PX, ReferenceFace, prepare_reference
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net
@@ -72,6 +72,7 @@ class TalkingHeadPipeline:
         device: str | torch.device = "cpu",
         seed: int = 0,
         detector: str = "auto",
+        min_face_px: int = MIN_FACE_PX,
     ) -> None:
         if denoiser.audio is None:
             raise ValueError("the denoiser has no audio encoder")
@@ -80,7 +81,7 @@ class TalkingHeadPipeline:
         self.schedule, self.sampler, self.steps = dict(schedule), sampler, steps
         self.sampler_kwargs = dict(sampler_kwargs or {})  # e.g. the student's set_alpha_to_one
         self.guidance_scale, self.overlap, self.window = guidance_scale, overlap, denoiser.window
-        self.image_size, self.seed, self.detector = image_size, seed, detector
+        self.image_size, self.seed, self.detector, self.min_face_px = image_size, seed, detector, min_face_px
         enc = denoiser.audio.config
         self.audio = audio or AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
         if overlap >= self.window:
@@ -126,7 +127,7 @@ class TalkingHeadPipeline:
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def reference(self, image: str | Path | np.ndarray) -> tuple[ReferenceFace, torch.Tensor]:
-        face = prepare_reference(image, self.image_size, detector=self.detector)
+        face = prepare_reference(image, self.image_size, detector=self.detector, min_face_px=self.min_face_px)
         x = (
             torch.from_numpy(np.ascontiguousarray(face.crop).copy())
             .permute(2, 0, 1)
@@ -164,8 +165,13 @@ class TalkingHeadPipeline:
         wave_source: Iterable[np.ndarray] | np.ndarray,
         visemes: np.ndarray | None = None,
         timings: Timings | None = None,
+        pose: Callable[[int, int], np.ndarray] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield uint8 ``[H,W,3]`` frames; ``wave_source`` is the whole 16 kHz waveform or an iterable of chunks.
+
+        ``pose(start, stop)`` gives the uint8 face crops ``[stop - start, H, W, 3]`` of the frames to re-voice (a
+        driving video; nets built with a ``pose_mask`` keep all but the masked box of them); without it, such a net
+        takes the reference as every frame's pose.
 
         Windows are placed as ``diffusion.sampling.window_plan`` places them: each starts ``overlap`` frames
         before the end of what exists, the last one is moved back to end on the last frame; the frames it
@@ -202,7 +208,8 @@ class TalkingHeadPipeline:
             motion = torch.zeros(1, self.window, *self.latent_shape, device=self.device)
             if known:
                 motion[:, :known] = history[:, -known:]
-            latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings)
+            pose_latents = self._pose(pose, start, stop, timings) if pose is not None else None
+            latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents)
             new_end = min(stop, num_frames) if ended else stop
             fresh = latents[:, known : new_end - start]
             history = torch.cat([history, fresh], dim=1)[:, -self.window :]
@@ -218,11 +225,28 @@ class TalkingHeadPipeline:
                 yield frame
             end = new_end
 
-    def _denoise(self, ref, emb, tokens, motion, known, generator, timings) -> torch.Tensor:
+    def _pose(
+        self, pose: Callable[[int, int], np.ndarray], start: int, stop: int, timings: Timings
+    ) -> torch.Tensor | None:
+        """Latents ``[1, window, C, h, w]`` of the pose frames [start, stop) (the last one repeated past their end)."""
+        if getattr(self.net, "pose_mask", None) is None:
+            return None
+        t0 = time.perf_counter()
+        crops = np.asarray(pose(start, stop))
+        crops = np.concatenate([crops, np.repeat(crops[-1:], stop - start - len(crops), axis=0)])
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+        with torch.inference_mode():
+            z = self.vae.to_latent(x)[None]
+        timings.add("pose_encoder", t0)
+        return z
+
+    def _denoise(self, ref, emb, tokens, motion, known, generator, timings, pose=None) -> torch.Tensor:
         start = time.perf_counter()
         mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
         mask[:, :known] = True
         cond = {"ref_latent": ref, "audio_emb": emb, "visemes": tokens, "motion": motion, "motion_mask": mask}
+        if getattr(self.net, "pose_mask", None) is not None:  # without a driving video the photo gives every pose
+            cond["pose"] = pose if pose is not None else ref[:, None].expand(-1, self.window, -1, -1, -1)
         scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
         with torch.inference_mode():
             x = sample(self.net, (1, self.window, *self.latent_shape), cond, scheduler, self.steps, self.guidance_scale,
