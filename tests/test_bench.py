@@ -190,3 +190,35 @@ def test_exports_bring_their_nets_and_sampler_settings(tmp_path):
     assert (path.sampler, path.guidance_scale, path.calls_per_step, path.overlap, steps) == ("dpmpp", 3.0, 2, 2, [2])
     assert facts["weights"] == str(tmp_path / "teacher.pt") and student_path.calls_per_step == 1
     assert torch.equal(path.net.stem.weight, teacher.net.stem.weight)
+
+
+def test_prepare_memory_rows_and_outputs(tmp_path):
+    """task=prepare_memory on two tiny made-up videos: one child process each, peak RSS, outputs."""
+    pytest.importorskip("dlib")
+    from temposyncdiff.cli.bench import prepare_memory
+
+    cfg = compose_config(
+        "bench",
+        [
+            "task=prepare_memory",
+            "prepare_memory.seconds=[1.2,2.4]",
+            "prepare_memory.heights=[240]",
+            f"prepare_memory.work_dir={tmp_path}",
+        ],
+        tmp_path,
+        tmp_path / "run",
+    )
+    report = prepare_memory(cfg)
+    rows = report["rows"]
+    assert [(r["seconds"], r["width"], r["height"], r["frames"]) for r in rows] == [
+        (1.2, 426, 240, 30),
+        (2.4, 426, 240, 60),
+    ]
+    for r in rows:
+        assert r["rc"] == 0 and r["utterances"] == 1 and "error" not in r
+        assert report["imports_rss_mb"] * 0.9 < r["peak_rss_mb"] < report["imports_rss_mb"] + 300 and r["cpu_s"] > 0
+    assert set(report["growth_mb_per_min"]) == {240} and report["machine"]["cores"]
+    assert json.loads((tmp_path / "outputs" / "metrics" / "prepare_memory.json").read_text())["rows"] == rows
+    table = (tmp_path / "outputs" / "tables" / "prepare_memory.md").read_text()
+    assert "| 426x240 | 2.4 | 60 |" in table and "MB per minute of video" in table
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("prepare_memory_")] == []  # videos removed

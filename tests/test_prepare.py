@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from temposyncdiff.cli.data import run
 from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-from temposyncdiff.data.prepare import META_NAME, prepare_videos, split_utterances
+from temposyncdiff.data.prepare import META_NAME, prepare_video, prepare_videos, split_utterances
 from temposyncdiff.data.video import probe, read_audio_track, read_frames
+from tests.conftest import compose_config
 
 pytest.importorskip("dlib")
 
@@ -101,7 +104,8 @@ def test_layout_and_report(prepared):
     assert "unreadable" in reasons["corrupt.mp4"] and all("\n" not in r for r in reasons.values())
     meta = json.loads((out / META_NAME).read_text())
     assert meta["skipped"] == result["skipped"] and meta["settings"]["image_size"] == SIZE
-    assert meta["talks"]["vfr_clip_1"].endswith("vfr clip (1).mov") and len(logs) == 5
+    assert meta["talks"]["vfr_clip_1"].endswith("vfr clip (1).mov") and len(logs) == 6
+    assert logs[-1].startswith("skipped 3 of 5 inputs: ") and "silent.mkv: no audio track" in logs[-1]
 
 
 def test_streams_and_durations(prepared):
@@ -182,3 +186,69 @@ def test_manifest_over_prepared_videos(prepared, tmp_path):
     )
     rows = read_manifest(tmp_path / "manifests" / "own_train.jsonl")
     assert meta["counts"]["train"] == len(rows) == 3 and all(r["fps"] == 25.0 and r["width"] == 128 for r in rows)
+
+
+def test_memory_does_not_hold_the_video(prepared, tmp_path):
+    """Frames stream through two decoding passes: the peak is a few frames, not the 83 MB of RGB in pan.mp4."""
+    import tracemalloc
+
+    src, _, _, _ = prepared
+    tracemalloc.start()
+    try:
+        count = prepare_video(
+            src / "pan.mp4",
+            tmp_path / "pan",
+            FaceDetector(),
+            image_size=SIZE,
+            max_utterance_s=MAX_S,
+            min_utterance_s=MIN_S,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 2 and peak < 15e6, peak / 1e6  # one 640x480 RGB frame is 0.9 MB; the whole video 83 MB
+
+
+def _cli_error(cfg, caplog) -> str:
+    """The one line a ``tsd-data`` command logs before exiting with status 2."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 2 and len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "\n" not in line
+    return line
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, caplog):
+    def prepare(*overrides: str) -> str:
+        cfg = compose_config(
+            "data", ["data_command=prepare", f"out={tmp_path / 'out'}", *overrides], tmp_path, tmp_path / "r"
+        )
+        return _cli_error(cfg, caplog)
+
+    assert "inputs required" in prepare()
+    assert "no such file or folder" in prepare(f"inputs={tmp_path / 'missing.mp4'}")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no videos here")
+    assert "no video files" in prepare(f"inputs={tmp_path / 'empty'}")
+    PHOTO.save(tmp_path / "photo.jpg")
+    line = prepare(f"inputs={tmp_path / 'photo.jpg'}")
+    assert "photo.jpg: not a video" in line and "audio" not in line
+    bad = tmp_path / "bad"
+    make_video(bad / "noface.mp4", [np.full((120, 160, 3), 90, np.uint8)] * 30, audio=tone(1.2, 16000, 1), rate=16000)
+    make_video(bad / "silent.mp4", [render(0.5, size=(320, 240), x=(20, 20), y=(0, 0), scale=(0.4, 0.4))] * 30)
+    line = prepare(f"inputs={bad}")
+    assert line.startswith("error: nothing prepared: skipped 2 of 2 inputs: ")
+    assert "noface.mp4: no face found" in line and "silent.mp4: no audio track" in line
+    assert json.loads((tmp_path / "out" / META_NAME).read_text())["videos"] == 0
+
+
+def test_cache_of_an_unknown_corpus_name_is_an_error(tmp_path, caplog):
+    manifests = tmp_path / "data" / "manifests"
+    manifests.mkdir(parents=True)
+    (manifests / "synth_train.jsonl").write_text("")
+    cfg = compose_config("data", ["data_command=cache", "data.name=synht"], tmp_path, tmp_path / "r")
+    line = _cli_error(cfg, caplog)
+    assert "no manifest of data.name=synht" in line and "names there: synth" in line
+    assert not (tmp_path / "data" / "cache").exists()

@@ -1,4 +1,5 @@
-"""tsd-bench [task=latency|data] [bench=cpu|gpu|latency_cpu]: generation latency table, or cache-vs-mp4 loading speed.
+"""tsd-bench [task=latency|data|prepare_memory] [bench=cpu|gpu|latency_cpu]: generation latency table, cache-vs-mp4
+loading speed, or tsd-data prepare's peak memory vs video length.
 
 task=latency times the generation path of every model in ``bench.models`` (teacher, student) per component and
 end to end at each of its step counts, over the grid threads x batch x dtype x runtime (narrowed per component or
@@ -16,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.errors import UserError
 from temposyncdiff.latency import (
     COMPONENTS,
@@ -201,16 +202,39 @@ def data(cfg: DictConfig) -> dict:
     return result
 
 
+def prepare_memory(cfg: DictConfig) -> dict:
+    from temposyncdiff.data.prepare_bench import bench_prepare, report_markdown
+
+    b = cfg.prepare_memory
+    report = bench_prepare(
+        b.seconds,
+        b.heights,
+        fps=b.fps,
+        audio_rate=b.audio_rate,
+        work_dir=b.work_dir,
+        settings=OmegaConf.to_container(b.settings),
+        log=log.info,
+    )
+    report["machine"] = machine_info(torch.device("cpu"))
+    write_json(b.out_json, report)
+    write_text(b.out_table, table := report_markdown(report, report["machine"]))
+    log.info("prepare memory -> %s, %s\n%s", b.out_json, b.out_table, table)
+    return report
+
+
+TASKS = {"latency": latency, "data": data, "prepare_memory": prepare_memory}
+
+
 @task
 def run(cfg: DictConfig) -> dict:
-    if cfg.task not in ("latency", "data"):
-        raise UserError(f"task={cfg.task}: choose latency or data")
+    if cfg.task not in TASKS:
+        raise UserError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
     Path(cfg.paths.outputs_dir).mkdir(parents=True, exist_ok=True)
-    return latency(cfg) if cfg.task == "latency" else data(cfg)
+    return TASKS[cfg.task](cfg)
 
 
 def main() -> None:
-    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name="bench")(run)()
+    hydra_main("bench", run)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,26 @@ import torchaudio
 from temposyncdiff.data.video import MediaError, read_audio_track
 
 
-def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
-    """Band-limited resampling of a float32 ``[..., S]`` array."""
+def resample(wave: np.ndarray, orig_sr: int, new_sr: int, block_s: float = 30.0) -> np.ndarray:
+    """Band-limited resampling of a float32 ``[..., S]`` array.
+
+    Long signals go in ``block_s`` blocks with enough context for the filter (the same samples as in one call;
+    one call on 10 min at 48 kHz briefly needs ~600 MB).
+    """
     if orig_sr == new_sr:
         return np.asarray(wave, dtype=np.float32)
-    out = torchaudio.functional.resample(
-        torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_sr, new_sr
-    )
-    return out.numpy()
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g  # every `down` input samples give `up` output samples
+    block = max(1, round(block_s * orig_sr / down)) * down
+    context = (math.ceil(6.1 * down / min(up, down)) // down + 2) * down  # > torchaudio's filter half-width + down
+    out, n = [], x.shape[-1]
+    for start in range(0, n, block):
+        a = max(0, start - context)
+        y = torchaudio.functional.resample(x[..., a : min(n, start + block + context)], orig_sr, new_sr)
+        lo = (start - a) // down * up
+        out.append(y[..., lo : lo + block // down * up] if start + block < n else y[..., lo:])
+    return torch.cat(out, dim=-1).numpy()
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000, num_samples: int | None = None) -> np.ndarray:
@@ -33,8 +45,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, num_samples: i
 
     ``num_samples`` trims (AAC end padding) or zero-pads to an expected length, e.g. the video duration.
     """
-    wave, rate = read_audio_track(path)
-    mono = resample(wave.mean(axis=0), rate, sample_rate)
+    wave, rate = read_audio_track(path, mono=True)
+    mono = resample(wave[0], rate, sample_rate)
     if not np.isfinite(mono).all():
         raise MediaError(f"{path}: audio contains NaN or inf samples")
     if num_samples is not None:

@@ -2,7 +2,9 @@
 
 Each source video becomes ``<out_root>/<talk_id>/<NNNNN>.mp4`` (talk_id = sanitised file stem). A talk is
 written into a hidden temporary folder and renamed when complete, so a rerun skips finished talks and
-redoes interrupted ones. Bad videos (unreadable, no audio, no face) are skipped with a one-line reason.
+redoes interrupted ones. Bad inputs (not a video, unreadable, no audio, no face) are skipped with a one-line
+reason; when none is prepared that is an error. Frames stream through two decoding passes (face track, then
+crops), so memory does not grow with a video's length (only its 16 kHz audio is held whole: 3.8 MB a minute).
 """
 
 from __future__ import annotations
@@ -13,30 +15,47 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
+import av
 import numpy as np
 
 from temposyncdiff.data.audio import load_audio
-from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-from temposyncdiff.data.video import MediaError, probe, read_frames, write_video
+from temposyncdiff.data.faces import Box, FaceDetector, crop_resize, square_crop_box
+from temposyncdiff.data.video import MediaError, VideoFrames, probe, resample_index, write_video
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import write_json
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 META_NAME = "prepare_meta.json"
 
 
-class PrepareError(ValueError):
-    """A video that cannot be prepared; the message is the reason."""
+class PrepareError(UserError, ValueError):
+    """A video that cannot be prepared (the message is the reason), or inputs of which none could be."""
 
 
 def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], exclude: Path | None = None) -> list[Path]:
-    """A folder's video files (recursive, sorted, none under ``exclude``) or the given list of files."""
-    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
-        found = (p for p in Path(inputs).rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    """A folder's video files (recursive, sorted, none under ``exclude``) or the given list of files.
+
+    A single path that does not exist, a folder without video files and an empty list are a ``PrepareError``.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs)
+        if not path.is_dir():
+            if not path.exists():
+                raise PrepareError(f"inputs={path}: no such file or folder")
+            return [path]
+        found = (p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
         skip = exclude.resolve() if exclude else None
-        return sorted(p for p in found if not (skip and p.resolve().is_relative_to(skip)))
-    return [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+        videos = sorted(p for p in found if not (skip and p.resolve().is_relative_to(skip)))
+        if not videos:
+            raise PrepareError(f"inputs={path}: no video files ({' '.join(VIDEO_EXTS)}) in this folder")
+        return videos
+    videos = [Path(p) for p in inputs]
+    if not videos:
+        raise PrepareError("inputs=[]: no videos given")
+    return videos
 
 
 def talk_id_for(path: Path) -> str:
@@ -44,33 +63,57 @@ def talk_id_for(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem).strip("_") or "video"
 
 
-def face_track(
-    frames: np.ndarray,
+def scan_faces(
+    reader: VideoFrames,
     detector: FaceDetector,
-    detect_every: int = 5,
-    smooth_window: int = 9,
+    every_s: float,
     min_face_ratio: float = 0.5,
-) -> np.ndarray:
-    """Face box per frame ``[N,4]``: detect every ``detect_every`` frames, interpolate, moving-average smooth."""
-    n = len(frames)
-    sampled = sorted({*range(0, n, max(1, detect_every)), n - 1})
-    found, missed = [], 0
-    for i in sampled:  # stop as soon as too many misses make the ratio unreachable
-        box = detector.detect(frames[i])
+    expected: int | None = None,
+) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """Pass 1: every frame's timestamp, and face boxes ``[K,4]`` at their times ``[K]`` (frames kept: none).
+
+    The detector runs on the first frame at or after every ``every_s`` seconds and on the last frame, on a
+    downscaled luma copy. With ``expected`` (the number of such samples the probe predicts) it stops as soon
+    as too many misses make ``min_face_ratio`` unreachable.
+    """
+    times: list[float] = []
+    found: list[tuple[float, Box]] = []
+    missed, due, last = 0, 0.0, None
+
+    def detect(t: float, frame: av.VideoFrame) -> None:
+        nonlocal missed
+        scale = detector.scale_for(frame.width, frame.height)
+        gray = reader.gray(frame, max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+        box = detector.detect_gray(gray, scale)
         if box is not None:
-            found.append((i, box))
-        elif (missed := missed + 1) > (1 - min_face_ratio) * len(sampled):
-            break
+            found.append((t, box))
+        elif (missed := missed + 1) > (1 - min_face_ratio) * (expected or math.inf):
+            raise PrepareError(_face_reason(len(found), missed, min_face_ratio))
+
+    for t, frame in reader:
+        times.append(t)
+        last = None
+        if t - times[0] >= due - 1e-6:
+            detect(t, frame)
+            due = (math.floor((t - times[0]) / every_s + 1e-6) + 1) * every_s
+        else:
+            last = frame
+    if last is not None:
+        detect(times[-1], last)
+    if len(found) < max(1, min_face_ratio * (len(found) + missed)):
+        raise PrepareError(_face_reason(len(found), missed, min_face_ratio))
+    return times, np.array([t for t, _ in found]), np.array([box for _, box in found], dtype=np.float64)
+
+
+def _face_reason(found: int, missed: int, min_face_ratio: float) -> str:
     if not found:
-        raise PrepareError(f"no face found ({missed} of {len(sampled)} sampled frames checked)")
-    if len(found) < min_face_ratio * len(sampled):
-        checked = len(found) + missed
-        raise PrepareError(
-            f"face found in only {len(found)} of {checked} sampled frames checked (min_face_ratio={min_face_ratio})"
-        )
-    at = np.array([i for i, _ in found])
-    boxes = np.array([box for _, box in found], dtype=np.float64)
-    track = np.stack([np.interp(np.arange(n), at, boxes[:, k]) for k in range(4)], axis=1)
+        return f"no face found ({missed} sampled frames checked)"
+    return f"face found in only {found} of {found + missed} sampled frames checked (min_face_ratio={min_face_ratio})"
+
+
+def face_track(times: np.ndarray, at: np.ndarray, boxes: np.ndarray, smooth_window: int = 9) -> np.ndarray:
+    """Face box per output frame ``[N,4]`` (frame times ``[N]``): boxes found at times ``at``, interpolated, smoothed."""
+    track = np.stack([np.interp(times, at, boxes[:, k]) for k in range(4)], axis=1)
     if smooth_window > 1:
         half = smooth_window // 2
         padded = np.pad(track, ((half, smooth_window - 1 - half), (0, 0)), mode="edge")
@@ -119,30 +162,50 @@ def prepare_video(
     margin: float = 0.5,
     min_face_ratio: float = 0.5,
 ) -> int:
-    """Prepare one video into ``talk_dir`` (written whole or not at all); returns the utterance count."""
-    if probe(path, count_frames=False).audio_sample_rate is None:
+    """Prepare one video into ``talk_dir`` (written whole or not at all); returns the utterance count.
+
+    Two decoding passes keep memory flat in the video's length: the first finds the face track, the
+    second crops each frame and streams it into its utterance's writer. Only the audio is held whole.
+    """
+    info = probe(path, count_frames=False)
+    if info.num_frames <= 1:
+        raise PrepareError("not a video (a single image)")
+    if info.audio_sample_rate is None:
         raise PrepareError("no audio track")
-    frames, _ = read_frames(path, fps)
-    n = len(frames)
+    every_s = max(1, detect_every) / fps
+    expected = math.floor(info.duration_s / every_s) + 2 if info.duration_s > 0 else None
+    reader = VideoFrames(path)
+    times, at, boxes = scan_faces(reader, detector, every_s, min_face_ratio, expected)
+    index, _ = resample_index(times, reader.rate, fps)
+    index = np.arange(len(times)) if index is None else index
+    n = len(index)
     audio = load_audio(path, sample_rate, num_samples=round(n / fps * sample_rate))
     ranges = split_utterances(audio, sample_rate, fps, n, max_utterance_s, min_utterance_s)
     if not ranges:
         raise PrepareError(f"shorter than min_utterance_s={min_utterance_s} ({n / fps:.2f} s)")
-    track = face_track(frames, detector, detect_every, smooth_window, min_face_ratio)
-    h, w = frames.shape[1:3]
+    track = face_track(np.asarray(times)[index], at, boxes, smooth_window)
 
-    def crops(a: int, b: int) -> Iterator[np.ndarray]:
-        for i in range(a, b):
-            yield crop_resize(frames[i], square_crop_box(track[i], w, h, margin), image_size)
+    def crops() -> Iterator[np.ndarray]:  # pass 2: output frames in order, each source frame converted once
+        repeats, k = np.bincount(index, minlength=len(times)), 0
+        for i, (_, frame) in enumerate(reader):
+            if i < len(repeats) and repeats[i]:
+                rgb = reader.rgb(frame)
+                for _ in range(repeats[i]):
+                    yield crop_resize(rgb, square_crop_box(track[k], rgb.shape[1], rgb.shape[0], margin), image_size)
+                    k += 1
+        raise PrepareError(f"the video changed while being prepared ({k} of {n} frames decoded again)")
 
     partial = talk_dir.with_name(f".{talk_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    stream, done = crops(), 0
     try:
         for k, (a, b) in enumerate(ranges, start=1):
             clip = audio[round(a * sample_rate / fps) : round(b * sample_rate / fps)]
-            write_video(partial / f"{k:05d}.mp4", crops(a, b), fps, clip, sample_rate)
+            write_video(partial / f"{k:05d}.mp4", islice(stream, a - done, b - done), fps, clip, sample_rate)
+            done = b
         os.replace(partial, talk_dir)
     finally:
+        stream.close()
         shutil.rmtree(partial, ignore_errors=True)
     return len(ranges)
 
@@ -165,9 +228,11 @@ def prepare_videos(
 
     Returns ``{"videos", "utterances", "existing", "skipped": [{"path", "reason"}]}``; ``videos`` and
     ``utterances`` count every talk in the output, ``existing`` the talks a previous run had finished.
+    Skipped inputs are summed up in one last line; when no input is prepared (or done before), that line
+    is a ``PrepareError`` instead.
     """
     if image_size % 2:
-        raise ValueError(f"image_size must be even for H.264 yuv420p, got {image_size}")
+        raise PrepareError(f"image_size={image_size}: must be even (H.264 yuv420p)")
     out_root = Path(out_root)
     settings = dict(
         image_size=image_size, fps=fps, sample_rate=sample_rate, max_utterance_s=max_utterance_s,
@@ -177,8 +242,9 @@ def prepare_videos(
     detector = FaceDetector()
     result: dict = {"videos": 0, "utterances": 0, "existing": 0, "skipped": []}
     talks: dict[str, str] = {}
+    paths = find_videos(inputs, exclude=out_root)
     start = time.time()
-    for path in find_videos(inputs, exclude=out_root):
+    for path in paths:
         talk_id, k = talk_id_for(path), 1
         while talk_id in talks:  # same stem in another folder
             k += 1
@@ -205,4 +271,12 @@ def prepare_videos(
         result["utterances"] += count
     meta = {**result, "out_root": str(out_root), "talks": talks, "settings": settings}
     write_json(out_root / META_NAME, {**meta, "elapsed_s": round(time.time() - start, 2)})
+    if skipped := result["skipped"]:
+        listed = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        summary = f"skipped {len(skipped)} of {len(paths)} inputs: {listed}" + (
+            f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        )
+        if not result["videos"]:
+            raise PrepareError(f"nothing prepared: {summary} (report: {out_root / META_NAME})")
+        log(summary)
     return result

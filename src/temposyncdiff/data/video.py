@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -79,45 +79,91 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
         )
 
 
-def read_frames(path: str | os.PathLike, fps: float | None = None) -> tuple[np.ndarray, float]:
-    """Decode all frames as uint8 ``[N,H,W,3]`` RGB; with ``fps``, resample by timestamp to constant rate.
+class VideoFrames:
+    """Iterate a file's video frames in presentation order as ``(seconds, av.VideoFrame)``, one at a time.
+
+    A corrupt packet after the first frame ends the stream quietly (what was decoded counts), so two passes
+    over one file see the same frames. ``rate`` is the stream's average frame rate (0 when unknown), set once
+    iteration starts; ``rgb``/``gray`` convert a frame with one reused converter (~10x faster than to_ndarray).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self.rate = 0.0
+        self._convert = VideoReformatter()
+
+    def __iter__(self) -> Iterator[tuple[float, av.VideoFrame]]:
+        with _open(self.path) as container:
+            if not container.streams.video:
+                raise MediaError(f"{self.path}: no video stream")
+            vs = container.streams.video[0]
+            vs.thread_type = "AUTO"
+            self.rate = float(vs.average_rate or 0)
+            n = 0
+            try:
+                for frame in container.decode(vs):
+                    if frame.pts is not None:
+                        t = float(frame.pts * vs.time_base)
+                    else:
+                        t = n / self.rate if self.rate else float(n)
+                    yield t, frame
+                    n += 1
+            except av.error.FFmpegError as err:
+                if not n:
+                    raise MediaError(f"{self.path}: corrupt video stream ({err})") from err
+            if not n:
+                raise MediaError(f"{self.path}: video stream has no frames")
+
+    def rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        """``[H,W,3]`` uint8 RGB."""
+        return self._convert.reformat(frame, format="rgb24").to_ndarray()
+
+    def gray(self, frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+        """``[height,width]`` uint8 luma, scaled by swscale (cheap: no full-size RGB copy)."""
+        return self._convert.reformat(frame, width=width, height=height, format="gray").to_ndarray()
+
+
+def resample_index(times: Sequence[float], rate: float, fps: float | None) -> tuple[np.ndarray | None, float]:
+    """The decoded frame each output frame shows at constant ``fps``, and the output rate (None: all, as decoded).
 
     Resampling picks, for each output time k/fps, the last decoded frame whose timestamp is <= it,
-    so variable-frame-rate input becomes constant-rate output of the same duration.
+    so variable-frame-rate input becomes constant-rate output of the same duration. ``rate`` is the
+    stream's average rate (0: estimated from the timestamps).
     """
-    with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{path}: no video stream")
-        vs = container.streams.video[0]
-        vs.thread_type = "AUTO"
-        frames, times = [], []
-        to_rgb = VideoReformatter()  # one reused converter: ~10x faster than frame.to_ndarray(format=...)
-        try:
-            for frame in container.decode(vs):
-                frames.append(to_rgb.reformat(frame, format="rgb24").to_ndarray())
-                times.append(float(frame.pts * vs.time_base) if frame.pts is not None else len(times))
-        except av.error.FFmpegError as err:
-            if not frames:
-                raise MediaError(f"{path}: corrupt video stream ({err})") from err
-        if not frames:
-            raise MediaError(f"{path}: video stream has no frames")
-        src_fps = float(vs.average_rate or 0) or (len(frames) / max(times[-1] - times[0], 1e-6))
-    video = np.stack(frames)
+    src_fps = rate or len(times) / max(times[-1] - times[0], 1e-6)
     if fps is None or abs(fps - src_fps) < 1e-3 and _is_regular(times, src_fps):
-        return video, (fps or src_fps)
+        return None, (fps or src_fps)
     t = np.asarray(times) - times[0]
     duration = t[-1] + 1.0 / src_fps
     n_out = max(1, int(round(duration * fps)))
     idx = np.searchsorted(t, np.arange(n_out) / fps + 1e-6, side="right") - 1
-    return video[np.clip(idx, 0, len(video) - 1)], fps
+    return np.clip(idx, 0, len(t) - 1), fps
 
 
-def _is_regular(times: list[float], fps: float) -> bool:
+def _is_regular(times: Sequence[float], fps: float) -> bool:
     return len(times) < 2 or float(np.max(np.abs(np.diff(times) - 1.0 / fps))) < 0.25 / fps
 
 
-def read_audio_track(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream as float32 ``[C, S]`` at its own rate (resampling is audio.py's job)."""
+def read_frames(path: str | os.PathLike, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode all frames as uint8 ``[N,H,W,3]`` RGB; with ``fps``, resample by timestamp to constant rate.
+
+    Holds the whole video in memory: for short clips (a long video streams through ``VideoFrames``).
+    """
+    reader = VideoFrames(path)
+    frames, times = [], []
+    for t, frame in reader:
+        frames.append(reader.rgb(frame))
+        times.append(t)
+    index, rate = resample_index(times, reader.rate, fps)
+    video = np.stack(frames)
+    return (video if index is None else video[index]), rate
+
+
+def read_audio_track(path: str | os.PathLike, mono: bool = False) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream as float32 ``[C, S]`` at its own rate (resampling is audio.py's job).
+
+    ``mono`` averages the channels of each decoded block (``[1, S]``: a long stereo track never held whole).
+    """
     with _open(path) as container:
         if not container.streams.audio:
             raise MediaError(f"{path}: no audio stream")
@@ -128,10 +174,10 @@ def read_audio_track(path: str | os.PathLike) -> tuple[np.ndarray, int]:
                 arr = frame.to_ndarray()
                 if arr.dtype.kind in "iu":
                     arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-                if frame.format.is_planar:
-                    chunks.append(arr.astype(np.float32))
-                else:  # packed: [1, S*C] interleaved
-                    chunks.append(arr.reshape(-1, len(frame.layout.channels)).T.astype(np.float32))
+                if not frame.format.is_planar:  # packed: [1, S*C] interleaved
+                    arr = arr.reshape(-1, len(frame.layout.channels)).T
+                arr = arr.astype(np.float32)
+                chunks.append(arr.mean(axis=0, keepdims=True) if mono else arr)
         except av.error.FFmpegError as err:
             if not chunks:
                 raise MediaError(f"{path}: corrupt audio stream ({err})") from err
