@@ -6,7 +6,8 @@ Reference image: frame ``reference_frame`` of the next utterance (by id) of the 
 never sees the frames it must reproduce; an utterance whose talk has no other one in the split uses its own first
 frame (recorded per utterance in the report). Models: each ``models`` entry is a denoiser export run at each of its
 step counts (``<name>@<steps>``); a missing checkpoint is reported unavailable, as is every metric that cannot be
-computed honestly (LPIPS without backbone weights, identity without dlib, LSE without the lip-sync expert).
+computed honestly (LPIPS without backbone weights, identity and lip landmarks without dlib, LSE without the lip-sync
+expert).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, to_ui
 from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, to_unit, unavailable
+from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
 from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
 from temposyncdiff.nets.syncnet import load_expert
@@ -54,7 +56,8 @@ PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffuse
             "dlib", "face_recognition_models")  # fmt: skip
 GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
                "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
-               "mouth_corr_swapped", "mouth_amplitude", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
+               "mouth_corr_swapped", "mouth_amplitude", "lip_corr", "lip_corr_swapped", "lip_amplitude", "lip_silence",
+               "lip_silence_gap", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
                "ms_per_frame", "rtf")  # fmt: skip
 DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
                "psnr_upper_face", "ms_per_frame")  # fmt: skip
@@ -287,16 +290,20 @@ class GenerationScorer:
 
     def __init__(self, regions: RegionBoxes, expert: SyncExpert | None = None, lse_reason: str = "",
                  identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
-                 identity_stride: int = 1) -> None:  # fmt: skip
+                 identity_stride: int = 1, lips: MouthOpening | None = None,
+                 lips_reason: str = "no landmark model given") -> None:  # fmt: skip
         self.fidelity, self.flicker, self.seams = FidelityMetrics(regions), FlickerMetric(), []
         self.motion = {k: MouthMotion(regions.mouth) for k in ("own", "swapped")}  # both against the own truth
         self.expert, self.lse_reason = expert, lse_reason
         self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
         self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
+        self.lips, self.lips_reason = lips, lips_reason
 
     def update(self, gt: np.ndarray, own: np.ndarray, reference: np.ndarray, borders: list[int],
-               mel: Tensor | None = None, swapped: np.ndarray | None = None) -> None:  # fmt: skip
-        """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``."""
+               mel: Tensor | None = None, swapped: np.ndarray | None = None, wave: np.ndarray | None = None,
+               clip_id: str | None = None) -> None:  # fmt: skip
+        """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``;
+        ``wave`` (its 16 kHz audio) locates the silences for the lip-landmark metric."""
         self.fidelity.update(own, gt)
         if len(gt) > 1:
             self.flicker.update(own, gt)
@@ -311,6 +318,8 @@ class GenerationScorer:
                     self.lse[key].update(*embed_clip(self.expert, to_unit(video) * 2 - 1, mel))
         if self.identity is not None:
             self.identity.update(reference, own[:: self.identity_stride])
+        if self.lips is not None:
+            self.lips.update(own, gt, wave, swapped, clip_id)
 
     def compute(self) -> dict[str, Any]:
         no_swap = unavailable(
@@ -334,6 +343,7 @@ class GenerationScorer:
                 out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
                                     "gap_lse_d": json_float(swapped["lse_d"] - own["lse_d"])}  # fmt: skip
         out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
+        out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
         return out
 
 
@@ -357,6 +367,16 @@ def _embedder(g: DictConfig) -> tuple[FaceEmbedder | None, str]:
         return None, str(err)
 
 
+def _landmarks(g: DictConfig) -> tuple[LipLandmarks | None, str]:
+    c = g.lip_landmarks
+    if not c.enabled:
+        return None, "disabled (eval.generation.lip_landmarks.enabled=false)"
+    try:
+        return LipLandmarks(c.weights_dir, c.min_side, c.detect_every), ""
+    except (ImportError, OSError, RuntimeError) as err:
+        return None, str(err)
+
+
 def evaluate_generation(
     cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str]
 ) -> dict[str, Any]:
@@ -364,9 +384,12 @@ def evaluate_generation(
     g = cfg.eval.generation
     if unknown := set(g.baselines) - set(BASELINES):
         raise UserError(f"unknown eval.generation.baselines {sorted(unknown)}; choose from {list(BASELINES)}")
+    if g.pose_source not in ("video", "photo"):
+        raise UserError(f"eval.generation.pose_source={g.pose_source!r}: choose video | photo")
     regions = RegionBoxes(**cfg.regions)
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
+    landmarks, lips_reason = _landmarks(g)
     out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {}}
     mels: dict[str, Tensor] = {}
     if expert is not None:
@@ -388,8 +411,14 @@ def evaluate_generation(
         if expert is not None and expert.config["image_size"] != size:
             reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
         identity = IdentitySimilarity(embedder=embedder) if embedder else None
+        lips = None
+        if landmarks is not None:
+            c = g.lip_landmarks
+            lips = MouthOpening(
+                landmarks, min_face_frac=c.min_face_frac, silence_db=c.silence_db, silence_min_ms=c.silence_min_ms
+            )
         return GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
-                                g.identity.stride)  # fmt: skip
+                                g.identity.stride, lips, lips_reason)  # fmt: skip
 
     for name, pipe, steps, info in runs(cfg, models):
         if isinstance(pipe, str):
@@ -399,13 +428,17 @@ def evaluate_generation(
         pipe.steps, timings = steps, Timings()
         for i, clip in enumerate(clips):
             face, ref = pipe.reference(clip.reference)
-            own = np.stack(list(pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings)))
+            truth = clip.at(size)
+            pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
+            own = np.stack(
+                list(pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose))
+            )
             swapped = None
             if len(clips) > 1:
                 wave, vis = swapped_inputs(clips, i)
-                swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None)))
+                swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None, pose=pose)))
             borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
-            scorer.update(clip.at(size), own, face.crop, borders, mels.get(clip.id), swapped)
+            scorer.update(truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
         out["results"][name] = info | {"status": "ok", **scorer.compute(), "latency": timings.report(seconds)}
         log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
@@ -425,7 +458,9 @@ def evaluate_generation(
             for clip, face, video in zip(clips, faces, frames):
                 gt = clip.at(pipe.image_size)
                 borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
-                scorer.update(gt, video, face.crop, borders, mels.get(clip.id), video if truth_free else None)
+                scorer.update(
+                    gt, video, face.crop, borders, mels.get(clip.id), video if truth_free else None, clip.wave, clip.id
+                )
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scorer.compute()}
             log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
@@ -503,6 +538,14 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     motion = r.get("mouth_motion", {})  # absent from reports written before it existed
     row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
             "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
+    lips = r.get("lip_landmarks", {})
+    row |= {
+        "lip_corr": lips.get("own", {}).get("corr"),
+        "lip_corr_swapped": lips.get("swapped", {}).get("corr"),
+        "lip_amplitude": lips.get("own", {}).get("amplitude"),
+        "lip_silence": lips.get("silence", {}).get("ratio"),
+        "lip_silence_gap": lips.get("silence", {}).get("gap"),
+    }
     if "own" in ls:
         row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"].get("lse_c"),
                 "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip

