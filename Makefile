@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,faces,sweep,export,wandb,scale
+EXTRAS ?= dev,faces,phones,sweep,export,wandb,scale
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test test-all lint format clean-outputs

@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
+from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.utils.task import log, task
 
 COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache", "shards")
@@ -41,18 +41,37 @@ def prepare(cfg: DictConfig) -> dict:
 def visemes(cfg: DictConfig) -> dict:
     from temposyncdiff.data.transcript_visemes import write_viseme_files
 
-    return write_viseme_files(cfg.root, cfg.viseme_root, fps=cfg.fps, overwrite=cfg.overwrite, log=log.info)
+    keys = ("fps", "overwrite", "source", "align_text")
+    return write_viseme_files(cfg.root, cfg.viseme_root, log=log.info, **{k: cfg[k] for k in keys})
 
 
 def cache(cfg: DictConfig) -> dict:
-    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents."""
-    from temposyncdiff.data.cache import add_latents
+    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents.
 
-    datamodule = hydra.utils.instantiate(
-        cfg.data, _convert_="all"
-    )  # plain types: checkpoints stay weights-only loadable
+    Builds the cache whatever data.format/use_cache say for training; no manifest of data.name is an error.
+    """
+    from pathlib import Path
+
+    from temposyncdiff.data.cache import add_latents
+    from temposyncdiff.data.datamodule import SPLITS, DataConfigError
+
+    # plain types: checkpoints stay weights-only loadable
+    datamodule = hydra.utils.instantiate(cfg.data, format="cache", use_cache=True, _convert_="all")
+    splits = []
+    for split in SPLITS:
+        try:
+            datamodule.rows(split)
+            splits.append(split)
+        except DataConfigError:
+            continue  # no or empty manifest: prepare_data skips it too
+    if not splits:
+        hp = datamodule.hparams
+        names = sorted({p.stem.rsplit("_", 1)[0] for s in SPLITS for p in Path(hp.manifest_dir).glob(f"*_{s}.jsonl")})
+        raise DataConfigError(
+            f"{hp.manifest_dir}: no manifest of data.name={hp.name} ({hp.name}_{{train,val,test}}.jsonl missing or "
+            f"empty); " + (f"names there: {', '.join(names)}" if names else "run tsd-data manifest first")
+        )
     datamodule.prepare_data()
-    splits = [s for s in ("train", "val", "test") if datamodule.cache_path(s).is_dir()]
     if cfg.vae:
         from temposyncdiff.utils.weights import load_net
 
@@ -100,7 +119,7 @@ def main() -> None:
         print(f"usage: tsd-data {{{'|'.join(COMMANDS)}}} [key=value ...]   (see conf/data_command/)", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], f"data_command={args[0]}", *args[1:]]
-    hydra.main(version_base=VERSION_BASE, config_path=CONFIG_DIR, config_name="data")(run)()
+    hydra_main("data", run)
 
 
 if __name__ == "__main__":

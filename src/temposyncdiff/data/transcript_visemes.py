@@ -12,6 +12,8 @@ Rules: word-initial KN WR GH PS; TION SION OUGH EIGH TCH IGH; digraphs TH SH CH 
 OO EE EA OU OW AI AY OA OI OY AU AW EW IE EI EY UE, R-coloured AR ER IR UR OR; single letters
 (C and G soften before E I Y; Y is a consonant only word-initially; a doubled consonant is said once);
 a final E is silent and, after vowel + consonant, makes that vowel long (CAKE -> EY, NOTE -> OW).
+
+The corpus writer ``write_viseme_files`` also takes visemes decoded from each video's audio (``phones.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import numpy as np
 from temposyncdiff.data.transcript import Transcript, TranscriptError, read_transcript
 from temposyncdiff.data.video import MediaError, probe
 from temposyncdiff.data.visemes import arpabet_visemes, expand_segments, frame_visemes
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_path
+
+VISEME_SOURCES = ("transcript", "phones")  # tsd-data visemes source=
 
 VOWELS = frozenset("AA AE AH AO AW AY EH ER EY IH IY OW OY UH UW".split())
 VOWEL_WEIGHT = 2.0  # a stressed vowel lasts about twice as long as a consonant or an unstressed vowel
@@ -142,16 +147,23 @@ class Pronouncer:
 _DEFAULT = Pronouncer()
 
 
-def word_visemes(
+def word_phones(
     word: str, start: float, end: float, pronouncer: Pronouncer | None = None
 ) -> list[tuple[str, float, float]]:
-    """(viseme, start_s, end_s) segments for one word, phones spread by rough duration (stressed vowels 2x)."""
+    """(ARPAbet phone, start_s, end_s) for one word, spread over its span by rough duration (stressed vowels 2x)."""
     phones = (pronouncer or _DEFAULT).phones(word)
     if not phones or end <= start:
         return []
     weights = np.array([VOWEL_WEIGHT if p.rstrip("012") in VOWELS and p[-1] != "0" else 1.0 for p in phones])
     edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(weights)]) / weights.sum()
-    return expand_segments([(arpabet_visemes(p), float(a), float(b)) for p, a, b in zip(phones, edges[:-1], edges[1:])])
+    return [(p, float(a), float(b)) for p, a, b in zip(phones, edges[:-1], edges[1:])]
+
+
+def word_visemes(
+    word: str, start: float, end: float, pronouncer: Pronouncer | None = None
+) -> list[tuple[str, float, float]]:
+    """(viseme, start_s, end_s) segments for one word (see ``word_phones``)."""
+    return expand_segments([(arpabet_visemes(p), a, b) for p, a, b in word_phones(word, start, end, pronouncer)])
 
 
 def transcript_to_frames(
@@ -162,16 +174,28 @@ def transcript_to_frames(
     return frame_visemes(segments, num_frames, fps)
 
 
-def _scan(root: Path) -> Iterator[dict]:
-    """Manifest-like rows for ``<root>/<talk_id>/<utt>.txt`` (frame counts are probed later)."""
-    for txt in sorted(root.glob("*/*.txt")):
-        talk = txt.parent.name
+def _scan(root: Path, source: str) -> Iterator[dict]:
+    """Manifest-like rows for each ``<root>/<talk_id>/<utt>.txt`` (source transcript) or ``.mp4`` (source phones).
+
+    Frame counts are probed later.
+    """
+    for path in sorted(root.glob("*/*.txt" if source == "transcript" else "*/*.mp4")):
+        txt = path.with_suffix(".txt")
         yield {
-            "id": f"{talk}/{txt.stem}",
-            "talk_id": talk,
-            "transcript": str(txt),
-            "video_mp4": str(txt.with_suffix(".mp4")),
+            "id": f"{path.parent.name}/{path.stem}",
+            "talk_id": path.parent.name,
+            "transcript": str(txt) if txt.is_file() else None,
+            "video_mp4": str(path.with_suffix(".mp4")),
         }
+
+
+def _phone_frames(row: dict, num_frames: int, fps: float, align_text: bool) -> np.ndarray:
+    """Visemes decoded from a row's audio track, aligned to its transcript's words when asked and there are any."""
+    from temposyncdiff.data.audio import load_audio
+    from temposyncdiff.data.phones import SAMPLE_RATE, visemes_for_audio
+
+    text = read_transcript(row["transcript"]).text if align_text and row.get("transcript") else None
+    return visemes_for_audio(load_audio(row["video_mp4"], SAMPLE_RATE), SAMPLE_RATE, num_frames, fps, text=text)
 
 
 def write_viseme_files(
@@ -180,21 +204,27 @@ def write_viseme_files(
     fps: float = 25.0,
     overwrite: bool = False,
     log: Callable[[str], object] = print,
+    source: str = "transcript",
+    align_text: bool = True,
 ) -> dict:
-    """Write ``<viseme_root>/<talk_id>/<utt>.npy`` (int64, one id per frame at ``fps``) for each transcript.
+    """Write ``<viseme_root>/<talk_id>/<utt>.npy`` (int64, one id per frame at ``fps``) for each utterance.
 
-    ``rows_or_root``: manifest-like dicts (``id``, ``talk_id``, ``transcript`` path or None,
-    ``num_frames`` and ``fps`` of the source video) or an LRS3-layout root to scan. Rows without a
-    transcript are ignored; existing files are kept unless ``overwrite``; unreadable transcripts or
-    videos and transcripts whose words all start after the video ends are skipped with a reason;
-    words running past the end are clipped (counted in ``clipped``).
+    ``rows_or_root``: manifest-like dicts (``id``, ``talk_id``, ``transcript`` path or None, ``video_mp4``,
+    ``num_frames`` and ``fps`` of the source video) or an LRS3-layout root to scan. ``source``:
+    ``transcript`` maps each transcript's word timings through CMUdict (rows without one are ignored; words
+    running past the video's end are clipped, counted in ``clipped``; a transcript whose words all start after
+    it is skipped); ``phones`` decodes each video's audio track with pocketsphinx (``data/phones.py``), for
+    footage without word timings, force-aligned to the transcript's words if ``align_text`` and it has any.
+    Existing files are kept unless ``overwrite``; unreadable transcripts or videos are skipped with a reason.
     """
-    rows = _scan(Path(rows_or_root)) if isinstance(rows_or_root, (str, os.PathLike)) else rows_or_root
+    if source not in VISEME_SOURCES:
+        raise UserError(f"visemes: unknown source={source!r} (one of {', '.join(VISEME_SOURCES)})")
+    rows = _scan(Path(rows_or_root), source) if isinstance(rows_or_root, (str, os.PathLike)) else rows_or_root
     pron = Pronouncer()
     written = existing = clipped = 0
     skipped: list[dict] = []
     for row in rows:
-        if not row.get("transcript"):
+        if source == "transcript" and not row.get("transcript"):
             continue
         uid = row["id"]
         out = Path(viseme_root) / row["talk_id"] / f"{uid.rsplit('/', 1)[-1]}.npy"
@@ -202,29 +232,36 @@ def write_viseme_files(
             existing += 1
             continue
         try:
-            transcript = read_transcript(row["transcript"])
+            transcript = read_transcript(row["transcript"]) if source == "transcript" else None
             if row.get("num_frames") is None:
                 info = probe(row["video_mp4"])
                 row = {**row, "num_frames": info.num_frames, "fps": info.fps}
+            num_frames = round(row["num_frames"] * fps / (row.get("fps") or fps))
+            if transcript is None:
+                ids = _phone_frames(row, num_frames, fps, align_text)
         except (TranscriptError, MediaError, OSError) as err:
             skipped.append({"id": uid, "reason": str(err)})
             log(f"visemes: skip {uid}: {err}")
             continue
-        num_frames = round(row["num_frames"] * fps / (row.get("fps") or fps))
-        duration = num_frames / fps
-        if transcript.words and min(s for _, s, _ in transcript.words) >= duration:
-            reason = f"{row['transcript']}: all words start after the video ends ({duration:.2f} s)"
-            skipped.append({"id": uid, "reason": reason})
-            log(f"visemes: skip {uid}: {reason}")
-            continue
-        clipped += any(e > duration + 1.0 / fps for _, _, e in transcript.words)
-        ids = transcript_to_frames(transcript, num_frames, fps, pron)
+        if transcript is not None:
+            duration = num_frames / fps
+            if transcript.words and min(s for _, s, _ in transcript.words) >= duration:
+                reason = f"{row['transcript']}: all words start after the video ends ({duration:.2f} s)"
+                skipped.append({"id": uid, "reason": reason})
+                log(f"visemes: skip {uid}: {reason}")
+                continue
+            clipped += any(e > duration + 1.0 / fps for _, _, e in transcript.words)
+            ids = transcript_to_frames(transcript, num_frames, fps, pron)
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
         written += 1
-    log(
-        f"visemes: {written} written, {existing} existing, {clipped} clipped, {len(skipped)} skipped, "
-        f"{len(pron.unknown)} words not in CMUdict -> {viseme_root}"
-    )
-    unknown = sorted(pron.unknown)
-    return {"written": written, "existing": existing, "clipped": clipped, "skipped": skipped, "unknown_words": unknown}
+    unknown = f", {clipped} clipped, {len(pron.unknown)} words not in CMUdict" if source == "transcript" else ""
+    log(f"visemes ({source}): {written} written, {existing} existing, {len(skipped)} skipped{unknown} -> {viseme_root}")
+    return {
+        "source": source,
+        "written": written,
+        "existing": existing,
+        "clipped": clipped,
+        "skipped": skipped,
+        "unknown_words": sorted(pron.unknown),
+    }
