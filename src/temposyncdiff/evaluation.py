@@ -44,7 +44,15 @@ from temposyncdiff.inference.inputs import ReferenceFace
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, to_uint8
 from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
-from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, to_unit, unavailable
+from temposyncdiff.metrics.image import (
+    LPIPS,
+    LPIPS_BACKBONES,
+    FidelityMetrics,
+    RegionBoxes,
+    json_float,
+    to_unit,
+    unavailable,
+)
 from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
 from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
@@ -224,7 +232,7 @@ def evaluate_denoise(cfg: DictConfig, clips: list[Clip], models: dict[str, Talki
         z = _chunks(vae.to_latent, gt)
         noisy = {t: schedule.add_noise(z, torch.randn(z.shape, generator=gen).to(dev), torch.full((len(z),), t))
                  for t in d.noise_levels}  # fmt: skip
-        data.append({"clip": clip, "gt": gt, "recon": _chunks(vae.from_latent, z), "noisy": noisy})
+        data.append({"clip": clip, "gt": gt, "z": z, "recon": _chunks(vae.from_latent, z), "noisy": noisy})
     num_frames = sum(len(x["gt"]) for x in data)
     levels: dict[str, dict] = {str(t): {"noisy": fidelity((_chunks(vae.from_latent, x["noisy"][t]), x["recon"]) for x in data)}
                                for t in d.noise_levels}  # fmt: skip
@@ -250,7 +258,7 @@ def _denoised(pipe: TalkingHeadPipeline, data: list[dict], conds: list[dict], t:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for x, cond in zip(data, conds):
         start = time.perf_counter()
-        z = _denoise_clip(pipe, x["noisy"][t], t, cond, steps, gen)
+        z = _denoise_clip(pipe, x["noisy"][t], t, cond, steps, gen, pose=x["z"])
         clock[0] += time.perf_counter() - start
         yield _chunks(pipe.vae.from_latent, z), x["recon"]
 
@@ -263,14 +271,18 @@ def _conditions(pipe: TalkingHeadPipeline, clip: Clip, n: int, visemes: str) -> 
 
 
 def _denoise_clip(
-    pipe: TalkingHeadPipeline, z_t: Tensor, t: int, cond: dict, steps: int, gen: torch.Generator
+    pipe: TalkingHeadPipeline, z_t: Tensor, t: int, cond: dict, steps: int, gen: torch.Generator, pose: Tensor
 ) -> Tensor:
-    """Denoise ``[N,C,h,w]`` window by window (no motion frames: every frame is noisy); the last window ends at N."""
+    """Denoise ``[N,C,h,w]`` window by window (no motion frames: every frame is noisy); the last window ends at N.
+
+    ``pose``: the clean latents ``[N,C,h,w]``, the pose source of nets built with a ``pose_mask``."""
     n, w = len(z_t), pipe.window
     out = torch.empty_like(z_t)
     for start, known in window_plan(n, w, 0) if n >= w else [(0, 0)]:
         sl = slice(start, min(start + w, n))
         c = {"ref_latent": cond["ref_latent"], "audio_emb": cond["audio_emb"][:, sl], "visemes": cond["visemes"][:, sl]}
+        if getattr(pipe.net, "pose_mask", None) is not None:
+            c["pose"] = pose[None, sl]
         x = denoise_from(pipe.net, z_t[None, sl], t, c, pipe.sampler, pipe.schedule, steps, pipe.guidance_scale, gen)
         out[start + known : sl.stop] = x[0, known:]
     return out
@@ -709,6 +721,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("no protocol selected: use eval=denoise, eval=generation or eval=[denoise,generation]")
     if cfg.visemes not in ("audio", "data"):
         raise UserError(f"visemes={cfg.visemes}: expected audio | data")
+    if "denoise" in protocols and cfg.lpips.net not in LPIPS_BACKBONES:
+        raise UserError(f"lpips.net={cfg.lpips.net}: expected {' | '.join(LPIPS_BACKBONES)}")
     max_frames = protocols.get("generation", {}).get("max_frames")
     clips = load_clips(cfg.manifest, cfg.max_utterances, max_frames, cfg.reference_frame)
     models = load_models(cfg)

@@ -233,9 +233,11 @@ class GenerationPath:
         mel = self.mel_windows(wave, device)
         with torch.inference_mode():
             cond = self.conditions(eager(self), mel)
+        cond = {"ref_latent": latent(batch, c, s, s), **cond, "motion": latent(batch, t, c, s, s), "motion_mask": mask}
+        if getattr(self.net, "pose_mask", None) is not None:  # photo in: the pose latents are the reference's, given
+            cond["pose"] = latent(batch, t, c, s, s)
         return {"wave": wave, "mel": mel, "x": latent(batch, t, c, s, s), "t": torch.full((batch,), 500, device=device),
-                "cond": {"ref_latent": latent(batch, c, s, s), **cond, "motion": latent(batch, t, c, s, s), "motion_mask": mask},
-                "latents": latent(batch * self.frames, c, s, s), "generator": torch.Generator(device)}  # fmt: skip
+                "cond": cond, "latents": latent(batch * self.frames, c, s, s), "generator": torch.Generator(device)}  # fmt: skip
 
     def end_to_end(self, nets: Nets, inp: dict[str, Any], steps: int) -> Tensor:
         """Features, audio encoder, ``steps`` sampler steps and the decoder for one window (new frames out)."""

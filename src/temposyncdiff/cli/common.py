@@ -17,6 +17,7 @@ VERSION_BASE = "1.3"
 
 def check_overrides(config_name: str, overrides: list[str]) -> str | None:
     """Compose ``config_name`` with ``overrides`` as Hydra will; the first line of the reason if that fails."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +25,7 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
             compose(config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:  # YAML: a broken config file
         noise = (
             "full_key:",
             "object_type",

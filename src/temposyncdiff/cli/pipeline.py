@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.errors import UserError
-from temposyncdiff.utils.io import write_json
+from temposyncdiff.utils.io import safe_name, write_json
 from temposyncdiff.utils.task import log, task
 
 
@@ -55,15 +55,19 @@ def run_step(step: DictConfig, root: Path, heartbeat_s: float = 60.0) -> float:
                 break
             except subprocess.TimeoutExpired:
                 log.info("[%s] still running (%.0f s; log: %s)", step.name, time.perf_counter() - start, log_path)
-    if code != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-15:])
-        raise UserError(f"step '{step.name}' failed (exit {code}); full log: {log_path}\n{tail}")
+    if code != 0:  # its last lines on stdout, its error line (if any) in ours: one line on stderr
+        lines = log_path.read_text(errors="replace").splitlines()
+        log.info("[%s] last lines of its log:\n%s", step.name, "\n".join(lines[-15:]))
+        said = next((line.removeprefix("error: ") for line in reversed(lines) if line.startswith("error: ")), None)
+        raise UserError(f"step '{step.name}' failed (exit {code}{f': {said}' if said else ''}); full log: {log_path}")
     return time.perf_counter() - start
 
 
 @task
 def pipeline(cfg: DictConfig) -> dict:
     """Run the recipe's steps in order and print a summary of what was done and where the results are."""
+    if cfg.get("name") is not None:  # a recipe's namespace (own_video): it becomes folder and file names
+        safe_name(cfg.name, "name")
     names = [s.name for s in cfg.steps]
     for name in list(cfg.only or []) + list(cfg.force):
         if name not in names:

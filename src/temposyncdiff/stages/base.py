@@ -51,7 +51,13 @@ class StageModule(L.LightningModule):
         opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return {"optimizer": opt}
-        sched = self.scheduler_factory(optimizer=opt)
+        try:
+            sched = self.scheduler_factory(optimizer=opt)
+        except ZeroDivisionError:  # OneCycleLR whose warm-up rounds to exactly one step
+            raise UserError(
+                "the learning-rate schedule has a warm-up of exactly one step: change trainer.max_steps "
+                "or model.scheduler.pct_start"
+            ) from None
         if isinstance(
             sched, torch.optim.lr_scheduler.OneCycleLR | torch.optim.lr_scheduler.CosineAnnealingLR
         ) or getattr(sched, "step_per_batch", False):
