@@ -8,6 +8,7 @@ import warnings
 from omegaconf import DictConfig
 
 from temposyncdiff.cli.common import hydra_main
+from temposyncdiff.errors import UserError
 from temposyncdiff.export.onnx import export_onnx
 from temposyncdiff.utils.task import log, task
 from temposyncdiff.utils.threads import set_threads
@@ -16,6 +17,8 @@ from temposyncdiff.utils.threads import set_threads
 @task
 def export(cfg: DictConfig) -> dict:
     """Export the stage's denoiser, its audio encoder and the VAE to ONNX, verified against PyTorch."""
+    if not isinstance(cfg.tolerance, int | float) or isinstance(cfg.tolerance, bool) or not cfg.tolerance >= 0:
+        raise UserError(f"tolerance={cfg.tolerance}: must be a number >= 0")
     set_threads(cfg.threads)
     for name in ("onnx_ir", "onnxscript"):  # hundreds of INFO lines per graph (passes, deduplicated initialisers)
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -105,6 +105,8 @@ def infer(cfg: DictConfig) -> dict:
 
 def check_settings(cfg: DictConfig) -> Path:
     """Refuse a bad setting, input file or out_dir with one line naming it, before any model loads; returns out_dir."""
+    if missing := [k for k in ("ref_image", "audio", "checkpoint", "out_dir") if cfg[k] is None]:
+        raise UserError(f"{missing[0]}=null: a path is required")
     safe_name(cfg.run_name, "run_name")
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,7 @@ def load_visemes(path: str | os.PathLike | None, num_frames: int) -> tuple[np.nd
         return silence, "silence"
     try:
         ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, TokenError) as err:  # TokenError: numpy parsing a corrupt header
         problem = f"unreadable ({err})"
     else:
         if ids.ndim != 1 or ids.dtype.kind not in "iu":

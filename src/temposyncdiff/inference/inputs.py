@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -302,7 +303,7 @@ def _read_viseme_file(path: Path, num_frames: int) -> np.ndarray:
     """1-D integer ids in 0..NUM_VISEMES-1, trimmed or padded with silence to ``num_frames``."""
     try:
         ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, TokenError) as err:  # TokenError: numpy parsing a corrupt header
         raise InputError(f"{path}: not a .npy array ({err})") from None
     if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
         got = f"{ids.dtype} of shape {ids.shape}" if isinstance(ids, np.ndarray) else "an .npz archive"

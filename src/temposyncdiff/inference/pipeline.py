@@ -111,6 +111,8 @@ class TalkingHeadPipeline:
         if runtime == "onnx" and torch.device(overrides.get("device") or "cpu").type != "cpu":
             raise UserError("runtime=onnx runs on the CPU: use device=cpu")
         net, meta = load_net(denoiser, kind)
+        if not isinstance(meta.get("schedule"), dict):
+            raise UserError(f"{denoiser}: its meta holds no noise schedule (not an export of a {kind} stage)")
         vae_path = vae or meta.get("vae_weights") or Path(denoiser).with_name("vae_pretrained.pt")
         vae_net, vae_meta = load_net(vae_path, "vae")
         if runtime == "onnx":

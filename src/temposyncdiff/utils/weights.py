@@ -80,7 +80,11 @@ def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found" if not path.exists() else f"{path}: not a file")
-    if not zipfile.is_zipfile(path):
+    try:
+        zipped = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # is_zipfile itself raises on some corrupt end records
+        zipped = False
+    if not zipped:
         raise WeightsError(
             f"{path}: not a readable {what} (not a PyTorch zip archive: corrupt, truncated or another format)"
         )
@@ -94,7 +98,7 @@ def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap:
             else "corrupt, or pickled objects beyond tensors and plain types"
         )
         raise WeightsError(f"{path}: refused by the weights-only loader ({detail})") from err
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # a corrupt archive or pickle: RuntimeError, EOFError, KeyError, IndexError, ...
         raise WeightsError(f"{path}: not a readable {what} (corrupt or truncated zip archive)") from err
 
 
@@ -127,9 +131,12 @@ def build_net(target: str, config: dict[str, Any]) -> nn.Module:
 def load_net(path: str | os.PathLike, kind: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the net stored in an export file; returns (net in eval mode, meta)."""
     payload = load_payload(path, kind)
-    net = build_net(payload["target"], payload["config"])
+    try:
+        net = build_net(payload["target"], payload["config"])
+    except (ImportError, AttributeError, TypeError, ValueError) as err:  # ValueError: WeightsError too
+        raise WeightsError(f"{path}: {err}") from None
     try:
         net.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, AttributeError, TypeError) as err:  # wrong shapes or keys; values that are no tensors
         raise WeightsError(f"{path}: weights do not fit {payload['target']} ({str(err).splitlines()[0]})") from err
     return net.eval(), payload["meta"]
