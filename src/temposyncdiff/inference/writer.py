@@ -22,7 +22,7 @@ from PIL import Image
 
 from temposyncdiff.data.video import write_video
 from temposyncdiff.errors import UserError
-from temposyncdiff.utils.io import _alive, write_json
+from temposyncdiff.utils.io import pid_alive, write_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def remove_leftovers(folder: str | os.PathLike) -> None:
         if not m or m["host"] != host or path.is_symlink() or not path.is_dir() or _marker(path) is None:
             continue
         pid = int(m["pid"])
-        if _alive(pid) and (pid != me or path in _open_partials):
+        if pid_alive(pid) and (pid != me or path in _open_partials):
             continue
         final = path.with_name(m["name"])
         if m["kind"] == "partial":

@@ -73,7 +73,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +89,7 @@ def _remove_leftovers(final: Path) -> None:
     mine = f".{final.name}.tmp-{socket.gethostname()}-"
     for p in final.parent.glob(f".{final.name}.*"):
         pid = p.name[len(mine) :].split("-")[0] if p.name.startswith(mine) else ""
-        stale = p.name.startswith(f".{final.name}.old-") or (pid.isdigit() and not _alive(int(pid)))
+        stale = p.name.startswith(f".{final.name}.old-") or (pid.isdigit() and not pid_alive(int(pid)))
         if stale and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
