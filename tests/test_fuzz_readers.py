@@ -157,8 +157,8 @@ READERS: dict[str, tuple[str, Callable[[Path], bytes], Callable[[Path], object]]
 }
 
 
-# known defects (xfail strict): what goes wrong, where
-DEFECTS = {"manifest": "UnicodeDecodeError: a manifest or meta file that is not UTF-8 (data/manifest.py read_manifest)"}
+# known defects (xfail strict): reader -> what goes wrong, where
+DEFECTS: dict[str, str] = {}
 
 
 @pytest.mark.timeout(120)

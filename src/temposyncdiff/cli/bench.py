@@ -229,7 +229,6 @@ TASKS = {"latency": latency, "data": data, "prepare_memory": prepare_memory}
 def run(cfg: DictConfig) -> dict:
     if cfg.task not in TASKS:
         raise UserError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
-    Path(cfg.paths.outputs_dir).mkdir(parents=True, exist_ok=True)
     return TASKS[cfg.task](cfg)
 
 

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from temposyncdiff.cli.common import hydra_main
-from temposyncdiff.utils.task import log, task
+from temposyncdiff.utils.task import EXIT_USER_ERROR, log, task
 
 COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache", "shards")
 
@@ -54,6 +54,9 @@ def cache(cfg: DictConfig) -> dict:
 
     from temposyncdiff.data.cache import add_latents
     from temposyncdiff.data.datamodule import SPLITS, DataConfigError
+    from temposyncdiff.utils.weights import load_net
+
+    vae, meta = load_net(cfg.vae, "vae") if cfg.vae else (None, {})  # a bad vae= fails before the cache is built
 
     # plain types: checkpoints stay weights-only loadable
     datamodule = hydra.utils.instantiate(cfg.data, format="cache", use_cache=True, _convert_="all")
@@ -72,10 +75,7 @@ def cache(cfg: DictConfig) -> dict:
             f"empty); " + (f"names there: {', '.join(names)}" if names else "run tsd-data manifest first")
         )
     datamodule.prepare_data()
-    if cfg.vae:
-        from temposyncdiff.utils.weights import load_net
-
-        vae, meta = load_net(cfg.vae, "vae")
+    if vae is not None:
         encoder = f"vae:{meta.get('sha256', cfg.vae)}"
         for split in splits:
             add_latents(
@@ -88,7 +88,11 @@ def shards(cfg: DictConfig) -> dict:
     """Write the cache of every split of data=<corpus> that has a manifest as LitData shards under out=."""
     from temposyncdiff.data.cache import cache_key, open_cache
     from temposyncdiff.data.datamodule import SPLITS, DataConfigError
-    from temposyncdiff.data.shards import ShardError, write_shards
+
+    try:
+        from temposyncdiff.data.shards import ShardError, write_shards
+    except ImportError as err:
+        raise DataConfigError(f"tsd-data shards needs litdata ({err}): pip install -e '.[scale]'") from err
 
     datamodule = hydra.utils.instantiate(cfg.data, shard_dir=cfg.out, _convert_="all")
     hp, written = datamodule.hparams, {}
@@ -116,8 +120,10 @@ def main() -> None:
     """Turn ``tsd-data <command>`` into the Hydra override ``data_command=<command>``, then run."""
     args = sys.argv[1:]
     if not args or args[0] not in COMMANDS:
-        print(f"usage: tsd-data {{{'|'.join(COMMANDS)}}} [key=value ...]   (see conf/data_command/)", file=sys.stderr)
-        sys.exit(2)
+        what = f"unknown command {args[0]!r}" if args and "=" not in args[0] else "no command given"
+        usage = f"usage: tsd-data {{{'|'.join(COMMANDS)}}} [key=value ...] (see conf/data_command/)"
+        print(f"error: {what}; {usage}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.argv = [sys.argv[0], f"data_command={args[0]}", *args[1:]]
     hydra_main("data", run)
 

@@ -78,7 +78,10 @@ def load_visemes(path: str | os.PathLike | None, num_frames: int) -> tuple[np.nd
     except (OSError, ValueError, EOFError, TokenError) as err:  # TokenError: numpy parsing a corrupt header
         problem = f"unreadable ({err})"
     else:
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        if not isinstance(ids, np.ndarray):  # an .npz archive
+            ids.close()
+            problem = "an .npz archive, not a .npy array"
+        elif ids.ndim != 1 or ids.dtype.kind not in "iu":
             problem = f"expected a 1-D integer array, got {ids.dtype} {ids.shape}"
         elif len(ids) != num_frames:
             problem = f"{len(ids)} ids for {num_frames} video frames"
@@ -120,9 +123,9 @@ def cache_key(rows: list[dict], image_size: int, audio: AudioFeatures, fps: floa
 def _read_meta(cache_dir: Path) -> dict | None:
     try:
         meta = json.loads((cache_dir / META_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON or not UTF-8
         return None
-    ok = meta.get("version") == CACHE_VERSION and meta.get("complete") is True
+    ok = isinstance(meta, dict) and meta.get("version") == CACHE_VERSION and meta.get("complete") is True
     files = ("frames.npy", "mel.npy", "visemes.npy", INDEX_NAME)
     return meta if ok and all((cache_dir / f).is_file() for f in files) else None
 
@@ -250,7 +253,8 @@ def _decoded(jobs: list, workers: int) -> Iterator[Iterable[Utterance | str]]:
 
 
 class CacheReader:
-    """Read side of a cache; the memmaps open lazily in each process, so DataLoader workers can fork or spawn."""
+    """Read side of a cache; its arrays are checked against the meta on opening and memory-mapped anew in each
+    process, so DataLoader workers can fork or spawn."""
 
     def __init__(self, cache_dir: str | os.PathLike):
         self.root = Path(cache_dir)
@@ -258,23 +262,48 @@ class CacheReader:
         if meta is None:
             raise CacheError(f"{self.root}: no complete cache here (build it with tsd-data cache)")
         self.meta = meta
-        index = json.loads((self.root / INDEX_NAME).read_text(encoding="utf-8"))
-        self.ids = [u["id"] for u in index]
-        self.talk_ids = [u["talk_id"] for u in index]
-        self.offsets, self.num_frames, self.mel_offsets, self.mel_lens = (
-            np.array([u[k] for u in index], dtype=np.int64) for k in ("offset", "num_frames", "mel_offset", "mel_len")
-        )
-        self.image_size: int = meta["image_size"]
-        self.fps: float = meta["fps"]
-        self.audio = AudioFeatures(**meta["audio"])
+        try:
+            index = json.loads((self.root / INDEX_NAME).read_text(encoding="utf-8"))
+            self.ids = [u["id"] for u in index]
+            self.talk_ids = [u["talk_id"] for u in index]
+            self.offsets, self.num_frames, self.mel_offsets, self.mel_lens = (
+                np.array([u[k] for u in index], dtype=np.int64)
+                for k in ("offset", "num_frames", "mel_offset", "mel_len")
+            )
+            self.image_size: int = meta["image_size"]
+            self.fps: float = meta["fps"]
+            self.audio = AudioFeatures(**meta["audio"])
+            frames, size = meta["total_frames"], self.image_size
+            self._layout = {  # name -> the dtype and shape the meta promises
+                "frames": (np.uint8, (frames, 3, size, size)),
+                "mel": (np.float16, (meta["total_mel"], self.audio.n_mels)),
+                "visemes": (np.int64, (frames,)),
+            }
+            if latents := meta.get("latents"):
+                self._layout["latents"] = (np.float16, (frames, *latents["shape"][1:]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise CacheError(f"{self.root}: unreadable cache index or meta ({reason}); rebuild it") from err
         self._arrays: dict[str, np.ndarray] = {}
         self._pid: int | None = None
+        for name in self._layout:  # check every array's header now: a bad one is this line, not a worker's traceback
+            self._array(name)
 
     def _array(self, name: str) -> np.ndarray:
         if self._pid != os.getpid():
             self._arrays, self._pid = {}, os.getpid()
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.root / f"{name}.npy", mmap_mode="r")
+            path, (dtype, shape) = self.root / f"{name}.npy", self._layout[name]
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError, TokenError) as err:  # truncated, object dtype, corrupt header
+                reason = " ".join(str(err).split())
+                raise CacheError(f"{path}: unreadable cache array ({reason}); rebuild the cache") from err
+            if array.dtype != dtype or array.shape != shape:
+                raise CacheError(
+                    f"{path}: holds {array.dtype} {array.shape}, its meta says {np.dtype(dtype)} {shape}; rebuild it"
+                )
+            self._arrays[name] = array
         return self._arrays[name]
 
     @property

@@ -70,7 +70,10 @@ def _scan(root: Path, layout: str) -> tuple[list[tuple[str, str, Path]], list[di
 
 
 def _reason(err: Exception, path: Path) -> str:
-    msg = str(err).removeprefix(f"{path}: ").replace(str(path), path.name) or err.__class__.__name__
+    """A skip reason: the error's message without the path (and with its type when it is no ``UserError``)."""
+    msg = str(err).removeprefix(f"{path}: ").replace(str(path), path.name)
+    if not isinstance(err, UserError) or not msg:  # a bug's message means little without its type
+        msg = f"{type(err).__name__}: {msg}" if msg else type(err).__name__
     return " ".join(msg.split())
 
 
@@ -226,10 +229,14 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         raise ManifestNotFoundError(f"{path}: sidecar {meta_file} not found")
     try:
         root = Path(json.loads(meta_file.read_text(encoding="utf-8"))["root"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ManifestError(f"{meta_file}: not a manifest meta file ({err!r})") from err
+    except (ValueError, KeyError, TypeError) as err:  # ValueError: not JSON or not UTF-8
+        raise ManifestError(f"{meta_file}: not a manifest meta file ({' '.join(repr(err).split())})") from err
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ManifestError(f"{path}:{n}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         if not line.strip():
             continue
         try:
@@ -240,8 +247,11 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if missing:
             raise ManifestError(f"{path}:{n}: row lacks keys {missing}")
         for k in PATH_KEYS:
-            if row[k] is not None:
-                row[k] = os.path.normpath(root / row[k])
+            if row[k] is None and k != "video_mp4":
+                continue
+            if not isinstance(row[k], str):
+                raise ManifestError(f"{path}:{n}: {k} must be a path string, got {row[k]!r}")
+            row[k] = os.path.normpath(root / row[k])
         for k in ("video_mp4", "transcript"):
             if row[k] is not None and not Path(row[k]).is_relative_to(root):
                 raise ManifestError(f"{path}:{n}: {k} {row[k]} lies outside the manifest root {root}")

@@ -9,6 +9,7 @@ crops), so memory does not grow with a video's length (only its 16 kHz audio is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -229,7 +230,7 @@ def prepare_videos(
     Returns ``{"videos", "utterances", "existing", "skipped": [{"path", "reason"}]}``; ``videos`` and
     ``utterances`` count every talk in the output, ``existing`` the talks a previous run had finished.
     Skipped inputs are summed up in one last line; when no input is prepared (or done before), that line
-    is a ``PrepareError`` instead.
+    is a ``PrepareError`` instead, and neither the report nor a folder this run made is left behind.
     """
     if image_size % 2:
         raise PrepareError(f"image_size={image_size}: must be even (H.264 yuv420p)")
@@ -243,6 +244,7 @@ def prepare_videos(
     result: dict = {"videos": 0, "utterances": 0, "existing": 0, "skipped": []}
     talks: dict[str, str] = {}
     paths = find_videos(inputs, exclude=out_root)
+    made = [p for p in (out_root, *out_root.parents) if not p.exists()]  # the folders this run may create
     start = time.time()
     for path in paths:
         talk_id, k = talk_id_for(path), 1
@@ -269,14 +271,18 @@ def prepare_videos(
             log(f"{path}: {count} utterances -> {talk_dir}")
         result["videos"] += 1
         result["utterances"] += count
+    skipped = result["skipped"]
+    listed = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+    summary = f"skipped {len(skipped)} of {len(paths)} inputs: {listed}" + (
+        f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    )
+    if not result["videos"]:  # leave no report and no folder of this run behind
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise PrepareError(f"nothing prepared: {summary}")
     meta = {**result, "out_root": str(out_root), "talks": talks, "settings": settings}
     write_json(out_root / META_NAME, {**meta, "elapsed_s": round(time.time() - start, 2)})
-    if skipped := result["skipped"]:
-        listed = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
-        summary = f"skipped {len(skipped)} of {len(paths)} inputs: {listed}" + (
-            f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        )
-        if not result["videos"]:
-            raise PrepareError(f"nothing prepared: {summary} (report: {out_root / META_NAME})")
+    if skipped:
         log(summary)
     return result

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import shutil
+import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,9 +24,12 @@ from temposyncdiff.data.transcript import Transcript, write_transcript
 from temposyncdiff.data.tts import Espeak
 from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import espeak_visemes, expand_segments, frame_visemes
+from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_path, write_json
 
 META_NAME = "synth_meta.json"
+SPK_DIR = re.compile(r"spk\d{3,}")  # what synth writes under out=: these folders, META_NAME, nothing else
+CORPUS_FILE = re.compile(r"\d{5}\.(mp4|txt|visemes\.npy|mouth\.npy)")  # inside an SPK_DIR
 VOICES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 SUBJECTS = "my friend|the doctor|a small boy|our teacher|the old man|his mother|the pilot|a farmer|the queen|my brother|the police|every child".split("|")  # fmt: skip
@@ -46,6 +50,18 @@ class SynthConfig:
     seed: int = 0
     workers: int = 2
     supersample: int = 4
+
+    def __post_init__(self) -> None:
+        """Refuse a setting of the wrong type or range (one line naming it) before anything is written."""
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
+            raise UserError(f"out={self.out!r}: a folder path is required")
+        least = {"identities": 1, "utterances": 1, "image_size": 16, "seed": 0, "workers": 0, "supersample": 1}
+        for key, low in least.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"{key}={value}: must be a whole number >= {low}")
+        if self.image_size % 2:
+            raise UserError(f"image_size={self.image_size}: must be even (H.264 yuv420p)")
 
 
 def make_sentence(rng: np.random.Generator) -> str:
@@ -179,7 +195,7 @@ def retake(video: str | Path, draw: int = 1) -> np.ndarray:
     meta = video.parent.parent / META_NAME
     if not meta.is_file() or not video.parent.name.startswith("spk") or not video.stem.isdigit():
         raise ValueError(f"{video} is not an utterance of a synthetic corpus (no {meta})")
-    cfg = SynthConfig(out=str(meta.parent), **json.loads(meta.read_text())["settings"])
+    cfg = SynthConfig(out=str(meta.parent), **_read_settings(meta))
     ident, utt = int(video.parent.name[3:]), int(video.stem) - 1
     identity, _, audio, segments, _ = _speech(cfg, ident, utt)
     mouth = mouth_track(segments, _num_frames(audio))
@@ -187,20 +203,54 @@ def retake(video: str | Path, draw: int = 1) -> np.ndarray:
     return np.stack(list(_render(cfg, identity, mouth, audio, rng)))
 
 
+def _read_settings(meta_path: Path) -> dict:
+    """The settings a corpus' ``synth_meta.json`` records; a one-line error when it is unreadable."""
+    try:
+        settings = json.loads(meta_path.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError: not JSON or not UTF-8
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise UserError(f"{meta_path}: unreadable ({reason}); not a corpus written by tsd-data synth") from err
+    if not isinstance(settings, dict):
+        raise UserError(f"{meta_path}: its settings are not a mapping; not a corpus written by tsd-data synth")
+    return settings
+
+
+def _remove_corpus(out: Path) -> None:
+    """Delete the corpus files synth wrote under ``out`` and then its empty spk folders; when ``out`` holds anything
+    else, refuse (naming it) and delete nothing."""
+    entries = sorted(out.rglob("*"))
+    spk = {p for p in entries if p.parent == out and SPK_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()}
+    ours = {p for p in entries if p.parent in spk and CORPUS_FILE.fullmatch(p.name) and not p.is_dir()}
+    ours.add(out / META_NAME)
+    if other := [p for p in entries if p not in spk and p not in ours]:
+        raise FileExistsError(
+            f"{out}: holds files tsd-data synth did not write (e.g. {other[0]}); overwrite=true deletes only a "
+            f"corpus of its own: move them away or choose another out="
+        )
+    for path in ours:
+        path.unlink(missing_ok=True)
+    for folder in spk:
+        folder.rmdir()
+
+
 def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> dict:
-    """Write (or finish) the corpus under ``cfg.out``; returns a summary with timings and size."""
+    """Write (or finish) the corpus under ``cfg.out``; returns a summary with timings and size.
+
+    A corpus made with other settings is replaced only with ``overwrite`` and only when ``cfg.out`` holds nothing
+    but that corpus' files.
+    """
     Espeak()  # fail fast with a clear message when espeak-ng is missing
     out = Path(cfg.out)
     meta_path = out / META_NAME
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())["settings"]
+        old = _read_settings(meta_path)
         if old != settings:
             if not overwrite:
                 raise FileExistsError(
                     f"{out} holds a corpus made with other settings {old}; pass overwrite=true or another out="
                 )
-            shutil.rmtree(out)
+            _remove_corpus(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(asdict(cfg), i, u) for i in range(cfg.identities) for u in range(cfg.utterances)]
     start = time.perf_counter()

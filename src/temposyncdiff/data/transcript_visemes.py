@@ -216,10 +216,19 @@ def write_viseme_files(
     it is skipped); ``phones`` decodes each video's audio track with pocketsphinx (``data/phones.py``), for
     footage without word timings, force-aligned to the transcript's words if ``align_text`` and it has any.
     Existing files are kept unless ``overwrite``; unreadable transcripts or videos are skipped with a reason.
+    A root that does not exist or holds no utterances is a ``UserError``.
     """
     if source not in VISEME_SOURCES:
         raise UserError(f"visemes: unknown source={source!r} (one of {', '.join(VISEME_SOURCES)})")
-    rows = _scan(Path(rows_or_root), source) if isinstance(rows_or_root, (str, os.PathLike)) else rows_or_root
+    rows = rows_or_root
+    if isinstance(rows_or_root, (str, os.PathLike)):
+        root = Path(rows_or_root)
+        if not root.is_dir():
+            raise UserError(f"{root}: corpus root does not exist or is not a folder")
+        rows = list(_scan(root, source))
+        if not rows:
+            pattern = "<talk_id>/<utt>.txt transcripts" if source == "transcript" else "<talk_id>/<utt>.mp4 videos"
+            raise UserError(f"{root}: no utterances here (no {pattern}; source={source})")
     pron = Pronouncer()
     written = existing = clipped = 0
     skipped: list[dict] = []

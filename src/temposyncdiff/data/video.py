@@ -47,6 +47,13 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
         raise MediaError(f"{path}: unreadable media ({err.__class__.__name__}: {err})") from err
 
 
+def _codec(stream: av.stream.Stream, path: str | os.PathLike) -> av.CodecContext:
+    """A stream's codec context; a ``MediaError`` when PyAV has no decoder for it (unknown or corrupt codec)."""
+    if stream.codec_context is None:
+        raise MediaError(f"{path}: unsupported or corrupt {stream.type} stream (no decoder for its codec)")
+    return stream.codec_context
+
+
 def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
     """Probe a video file; counts frames by demuxing packets when asked (exact, no decoding)."""
     with _open(path) as container:
@@ -54,6 +61,7 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
             raise MediaError(f"{path}: no video stream")
         vs = container.streams.video[0]
         aus = container.streams.audio[0] if container.streams.audio else None
+        video, audio = _codec(vs, path), _codec(aus, path) if aus else None
         fps = float(vs.average_rate or vs.guessed_rate or 0)
         duration = float(vs.duration * vs.time_base) if vs.duration else float(container.duration or 0) / av.time_base
         num = vs.frames
@@ -70,12 +78,12 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
             num_frames=int(num),
             fps=round(fps, 4),
             duration_s=round(duration or num / fps, 4),
-            width=vs.codec_context.width,
-            height=vs.codec_context.height,
-            audio_sample_rate=aus.codec_context.sample_rate if aus else None,
-            audio_channels=aus.codec_context.channels if aus else None,
-            video_codec=vs.codec_context.name,
-            audio_codec=aus.codec_context.name if aus else None,
+            width=video.width,
+            height=video.height,
+            audio_sample_rate=audio.sample_rate if audio else None,
+            audio_channels=audio.channels if audio else None,
+            video_codec=video.name,
+            audio_codec=audio.name if audio else None,
         )
 
 
@@ -97,6 +105,7 @@ class VideoFrames:
             if not container.streams.video:
                 raise MediaError(f"{self.path}: no video stream")
             vs = container.streams.video[0]
+            _codec(vs, self.path)
             vs.thread_type = "AUTO"
             self.rate = float(vs.average_rate or 0)
             n = 0
@@ -168,6 +177,7 @@ def read_audio_track(path: str | os.PathLike, mono: bool = False) -> tuple[np.nd
         if not container.streams.audio:
             raise MediaError(f"{path}: no audio stream")
         stream = container.streams.audio[0]
+        _codec(stream, path)
         chunks = []
         try:
             for frame in container.decode(stream):

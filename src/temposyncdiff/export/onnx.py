@@ -32,6 +32,7 @@ from temposyncdiff.utils.weights import load_net
 TOLERANCE = 1e-4  # max abs difference from PyTorch (float32) an exported graph may show
 GRAPHS = ("vae_encoder", "vae_decoder", "audio_encoder", "denoiser")
 SIDECAR = "export.json"
+EXPORT_AGAIN = "run tsd-export again"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -236,16 +237,31 @@ def load_onnx(
     missing = [n for n in (SIDECAR, *(f"{g}.onnx" for g in GRAPHS)) if not (onnx_dir / n).is_file()]
     if missing:
         raise UserError(f"{onnx_dir}: no complete ONNX export (missing {', '.join(missing)}); {redo}")
-    meta = json.loads((onnx_dir / SIDECAR).read_text())
+    try:
+        meta = json.loads((onnx_dir / SIDECAR).read_text(encoding="utf-8"))
+        recorded = {key: meta[key]["sha256"] for key in ("checkpoint", "vae")}
+    except (ValueError, KeyError, TypeError) as err:  # ValueError: not JSON or not UTF-8
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise UserError(f"{onnx_dir / SIDECAR}: not a readable export sidecar ({reason}); {redo}") from err
     for key, path in (("checkpoint", checkpoint), ("vae", vae)):
-        if meta[key]["sha256"] != file_sha256(path):
+        if recorded[key] != file_sha256(path):
             raise UserError(f"{onnx_dir}: stale ONNX export (made from another {Path(path).name}); {redo}")
     return sessions(onnx_dir, meta, threads)
 
 
 def sessions(onnx_dir: Path, meta: dict[str, Any], threads: int | None = None) -> tuple[OnnxDenoiser, OnnxVAE]:
     """The torch-module stand-ins over the graphs in ``onnx_dir`` (``meta``: what ``export_nets`` returned)."""
-    s = {g: _session(onnx_dir / f"{g}.onnx", threads) for g in GRAPHS}
+    s = {}
+    for g in GRAPHS:
+        try:
+            s[g] = _session(onnx_dir / f"{g}.onnx", threads)
+        except UserError:
+            raise
+        except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(f"{onnx_dir / g}.onnx: not a loadable ONNX graph ({reason}); {EXPORT_AGAIN}") from err
+    if missing := [k for k in ("audio_encoder", "window", "downsample", "latent_channels") if k not in meta]:
+        raise UserError(f"{onnx_dir / SIDECAR}: incomplete export sidecar (no {', '.join(missing)}); {EXPORT_AGAIN}")
     audio = OnnxAudioEncoder(s["audio_encoder"], meta["audio_encoder"])
     return (
         OnnxDenoiser(s["denoiser"], audio, meta["window"]),
