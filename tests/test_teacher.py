@@ -46,6 +46,7 @@ def test_teacher_trains_validates_and_exports(data_root, tmp_path):
     train(cfg)
     net, meta = load_net(ckpt / "teacher_best.pt", "teacher")
     assert net.audio is not None and meta["schedule"]["prediction_type"] == "v_prediction"
+    assert meta["image_size"] == cfg.data.image_size  # inference and eval generate at the trained size
     assert (ckpt / "teacher_last.pt").is_file()
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["state_dict"] and all(k.startswith("net.") for k in state["state_dict"])  # no VAE in checkpoints

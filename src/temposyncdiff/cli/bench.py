@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from temposyncdiff.cli.common import hydra_main
@@ -59,18 +59,19 @@ def load_models(bench: DictConfig, device: torch.device) -> dict[str, tuple[Gene
     An export's sampler settings (meta) win over the entry's, as ``tsd-infer`` uses them; steps are the entry's.
     """
     torch.manual_seed(0)
-    vae = load_net(bench.vae.weights, "vae")[0] if bench.vae.weights else hydra.utils.instantiate(bench.vae.net)
+    vae, vae_meta = load_net(bench.vae.weights, "vae") if bench.vae.weights else (instantiate(bench.vae.net), {})
+    size = vae_meta.get("image_size") or bench.vae.image_size  # an export's trained size wins
     out = {}
     for name, entry in bench.models.items():
         if entry.weights:
             net, meta = load_net(entry.weights, entry.kind)
         else:
-            net, meta = hydra.utils.instantiate(entry.net, _convert_="all"), {}
+            net, meta = instantiate(entry.net, _convert_="all"), {}
         settings = {k: OmegaConf.to_container(entry[k]) if k == "sampler_kwargs" else entry[k] for k in SAMPLER_KEYS}
         settings |= {k: meta[k] for k in SAMPLER_KEYS if meta.get(k) is not None}
         schedule = meta.get("schedule") or OmegaConf.to_container(bench.schedule)
         path = GenerationPath(net.to(device), vae.to(device), schedule, **settings,
-                              latent_size=bench.vae.image_size // vae.downsample)  # fmt: skip
+                              latent_size=size // vae.downsample)  # fmt: skip
         facts = {"weights": entry.weights, "vae_weights": bench.vae.weights, "window": net.window,
                  "params": param_count(net), **settings}  # fmt: skip
         out[name] = (path, sorted(entry.steps), facts)

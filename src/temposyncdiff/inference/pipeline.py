@@ -10,6 +10,7 @@ the frames offline generation does (same noise, same windows).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net
 
+log = logging.getLogger(__name__)
 MARGIN_FRAMES = 8  # > mel half-window (2) + STFT half-window (0.4) + audio-encoder context (3) frames
 
 
@@ -123,7 +125,10 @@ class TalkingHeadPipeline:
         settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "sampler_kwargs": meta.get("sampler_kwargs"),
                     "steps": meta.get("steps", 2),
                     "guidance_scale": meta.get("guidance_scale", 1.0), "overlap": meta.get("overlap", 2),
-                    "image_size": meta.get("image_size") or vae_meta.get("image_size", 64)}  # fmt: skip
+                    "image_size": meta.get("image_size") or vae_meta.get("image_size")}  # fmt: skip
+        if settings["image_size"] is None and overrides.get("image_size") is None:  # exports older than the field
+            log.warning("%s and %s store no image size: assuming 64 px (pass image_size= if not)", denoiser, vae_path)
+            settings["image_size"] = 64
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(net, vae_net, **settings)
 

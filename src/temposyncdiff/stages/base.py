@@ -64,6 +64,13 @@ class StageModule(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
+    def image_size(self) -> int | None:
+        """The frame size the stage trained on (the data module's), stored with every export: inference and
+        evaluation generate at it."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = getattr(dm, "hparams", None) or {}
+        return int(hparams["image_size"]) if "image_size" in hparams else None
+
     def export_meta(self) -> dict[str, Any]:
         """Extra plain-typed facts stored beside the weights (stages add their own)."""
         return {}
@@ -98,7 +105,7 @@ class StageModule(L.LightningModule):
                 self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
             self.before_export()
             source = {"stage": self.kind, "source": which if path else "live", "checkpoint": str(path or "")}
-            meta = {**source, **self.export_meta()}
+            meta = {**source, "image_size": self.image_size(), **self.export_meta()}
             meta["sha256"] = weights_digest(self.net)
             target = Path(directory) / filename
             kept = keep_previous(target)
