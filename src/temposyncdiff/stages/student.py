@@ -96,7 +96,7 @@ def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Te
     emb, logits = net.embed_audio(mel_windows)
     if visemes is None:
         visemes = logits.argmax(-1)
-    pose = pose if net.pose_mask is not None else None
+    pose = pose if getattr(net, "pose_mask", None) is not None else None
     return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
                          tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator, pose)  # fmt: skip
 
