@@ -59,3 +59,40 @@ def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: 
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def save_tiny_exports(out: Path, kinds: tuple[str, ...] = ("teacher",)) -> None:
+    """A tiny random VAE and denoiser exported as the stages export them (32 px): ``vae_pretrained.pt`` and
+    ``<kind>_best.pt`` for each of ``kinds``."""
+    import torch
+
+    from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+    from temposyncdiff.nets.denoiser import Denoiser
+    from temposyncdiff.nets.vae import TinyVAE
+    from temposyncdiff.utils.weights import save_weights
+
+    torch.manual_seed(0)
+    vae = TinyVAE(channels=(8,), patch_size=4)
+    net = Denoiser(
+        channels=(16, 16),
+        attention_levels=(),
+        cross_attention_levels=(1,),
+        temporal_levels=(1,),
+        heads=2,
+        cond_dim=32,
+        audio_dim=16,
+        window=4,
+        audio_encoder={"dim": 16, "width": 16},
+    )
+    schedule = dict(NoiseSchedule().scheduler.config)
+    meta = {
+        "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance_scale": 1.0,
+        "overlap": 1,
+        "image_size": 32,
+    }
+    save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
+    for kind in kinds:
+        save_weights(out / f"{kind}_best.pt", kind, net, meta)

@@ -38,12 +38,9 @@ from temposyncdiff.data.cache import build_cache
 from temposyncdiff.data.manifest import build_manifest, read_manifest
 from temposyncdiff.data.transcript_visemes import write_viseme_files
 from temposyncdiff.data.video import read_frames, write_video
-from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.metrics.image import lpips_backbone_file
-from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from temposyncdiff.nets.vae import TinyVAE
-from temposyncdiff.utils.weights import save_weights
+from tests.conftest import save_tiny_exports
 
 BIN = Path(sys.executable).parent
 MAINS = {
@@ -104,32 +101,8 @@ def _transcript(path: Path, words: list[str], text: str = "Text:  HELLO WORLD") 
 
 def _exports(out: Path, marker: Path) -> None:
     """Tiny random exports as the stages write them (32 px), and weights files that are wrong in every way."""
-    torch.manual_seed(0)
-    vae = TinyVAE(channels=(8,), patch_size=4)
-    net = Denoiser(
-        channels=(16, 16),
-        attention_levels=(),
-        cross_attention_levels=(1,),
-        temporal_levels=(1,),
-        heads=2,
-        cond_dim=32,
-        audio_dim=16,
-        window=4,
-        audio_encoder={"dim": 16, "width": 16},
-    )
-    schedule = dict(NoiseSchedule().scheduler.config)
-    meta = {
-        "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
-        "sampler": "ddim",
-        "steps": 2,
-        "guidance_scale": 1.0,
-        "overlap": 1,
-        "image_size": 32,
-    }
     good = out / "checkpoints"
-    save_weights(good / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
-    save_weights(good / "teacher_best.pt", "teacher", net, meta)
-    save_weights(good / "student_best.pt", "student", net, meta)
+    save_tiny_exports(good, ("teacher", "student"))
     export_expert(SyncNet(image_size=32, dim=16, width=8), good / "syncnet.pt")
 
     bad = out / "bad"

@@ -16,45 +16,21 @@ from PIL import Image
 from temposyncdiff.cli.infer import check_settings, infer, main
 from temposyncdiff.data.audio import load_audio
 from temposyncdiff.data.video import probe, read_frames
-from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.inference.writer import MARKER, write_sample
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.task import EXIT_INTERRUPTED, EXIT_USER_ERROR
-from temposyncdiff.utils.weights import save_weights
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_tiny_exports
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """A tiny random VAE and denoiser exported as the stages export them."""
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt")
-    vae = TinyVAE(channels=(8,), patch_size=4)
-    net = Denoiser(
-        channels=(16, 16),
-        attention_levels=(),
-        cross_attention_levels=(1,),
-        temporal_levels=(1,),
-        heads=2,
-        cond_dim=32,
-        audio_dim=16,
-        window=4,
-        audio_encoder={"dim": 16, "width": 16},
-    )
-    schedule = dict(NoiseSchedule().scheduler.config)
-    save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
-    meta = {
-        "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
-        "sampler": "ddim",
-        "steps": 2,
-        "guidance_scale": 1.0,
-        "overlap": 1,
-        "image_size": 32,
-    }
-    save_weights(out / "teacher_best.pt", "teacher", net, meta)
+    save_tiny_exports(out)
     return out
 
 

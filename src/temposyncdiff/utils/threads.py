@@ -1,8 +1,8 @@
 """How many intra-op threads to use: the cores this process may run on that other jobs are not keeping busy.
 
 OpenMP threads wait on each other at the end of every parallel region. When another job holds one of them
-back, a net of many small kernels slows down by 50-100x (measured: tsd-infer 1.2-2 fps with 2 threads beside a
-busy job vs 120 fps with one). So ``threads: null`` means: ``OMP_NUM_THREADS`` if set, else the cores allowed
+back, a net of many small kernels slows down several times (tsd-infer at 128 px: 28 fps with 2 threads beside a
+busy job vs 112 fps with one; 1.2-2 vs 120 fps was seen on another machine). So ``threads: null`` means: ``OMP_NUM_THREADS`` if set, else the cores allowed
 (affinity and cgroup quota) minus the cores other processes are using right now (sampled from /proc/stat), at
 least one.
 """
