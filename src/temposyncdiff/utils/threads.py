@@ -2,9 +2,9 @@
 
 OpenMP threads wait on each other at the end of every parallel region. When another job holds one of them
 back, a net of many small kernels slows down several times (tsd-infer at 128 px: 28 fps with 2 threads beside a
-busy job vs 112 fps with one; 1.2-2 vs 120 fps was seen on another machine). So ``threads: null`` means: ``OMP_NUM_THREADS`` if set, else the cores allowed
-(affinity and cgroup quota) minus the cores other processes are using right now (sampled from /proc/stat), at
-least one.
+busy job vs 112 fps with one; 1.2-2 vs 120 fps was seen on another machine). So ``threads: null`` means:
+``OMP_NUM_THREADS`` if set, else the cores allowed (affinity and cgroup quota) minus the cores other processes
+are using right now (sampled from /proc/stat), at least one.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def default_threads(sample_s: float = 0.1) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, min(allowed_cores(), round(allowed_cores() - busy_cores(sample_s))))
+    cores = allowed_cores()
+    return max(1, min(cores, round(cores - busy_cores(sample_s))))
 
 
 def set_threads(threads: int | None) -> int:
