@@ -226,6 +226,44 @@ def test_pose_source_is_masked_inside_the_box():
         tiny_net(pose_mask=(0.5, 0.5, 0.4, 1.0))
 
 
+def test_lip_shapes_condition_the_net_and_its_head_predicts_them_otherwise():
+    """lip_dim: given shapes change the output; without them the head's prediction is used (the same output as
+    passing that prediction); dropped conditions and the unconditional branch ignore the shapes."""
+    net = tiny_net(lip_dim=3)
+    x, t = torch.randn(B, T, C, S, S, generator=torch.Generator().manual_seed(1)), torch.full((B,), 500)
+    lips_a, lips_b = torch.zeros(B, T, 3), torch.full((B, T, 3), 2.0)
+    cond = inputs()
+    with torch.no_grad():
+        out_a, out_b = net(x, t, **cond, lips=lips_a), net(x, t, **cond, lips=lips_b)
+        assert not torch.allclose(out_a, out_b)
+        guess = net.predict_lips(cond["audio_emb"], cond["visemes"])
+        assert guess.shape == (B, T, 3)
+        assert torch.allclose(net(x, t, **cond), net(x, t, **cond, lips=guess), atol=1e-6)
+        drop = torch.ones(B, dtype=torch.bool)
+        assert torch.equal(
+            net(x, t, **cond, drop_cond=drop, lips=lips_a), net(x, t, **cond, drop_cond=drop, lips=lips_b)
+        )
+        ref = cond["ref_latent"]
+        assert torch.equal(net(x, t, ref), net(x, t, ref, None, None, lips=None))
+    net.lip_norm.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 2.0]]))
+    assert torch.allclose(net.standardize_lips(torch.tensor([1.5, 2.0, 7.0])), torch.tensor([1.0, 0.0, 2.0]))
+    assert tiny_net().config["lip_dim"] == 0 and not hasattr(tiny_net(), "lip_head")
+
+
+def test_generate_long_gives_lip_shapes_per_window():
+    calls = []
+
+    def fake(x, t, ref_latent, audio_emb, visemes, motion, motion_mask, lips=None):
+        calls.append(lips.clone())
+        return torch.zeros_like(x)
+
+    sch, n, w = NoiseSchedule(prediction_type="sample"), 7, 4
+    lips = torch.arange(n, dtype=torch.float32)[None, :, None].expand(B, n, 3)
+    make = lambda: make_sampler("ddim", sch.scheduler.config)  # noqa: E731
+    generate_long(fake, torch.zeros(B, C, S, S), None, None, n, w, 1, (C, S, S), make, 1, lips=lips)
+    assert [c[0, :, 0].tolist() for c in calls] == [[s + i for i in range(w)] for s, _ in window_plan(n, w, 1)]
+
+
 def test_generate_long_gives_pose_per_window_and_the_reference_by_default():
     calls = []
 

@@ -46,13 +46,14 @@ def visemes(cfg: DictConfig) -> dict:
 
 
 def cache(cfg: DictConfig) -> dict:
-    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents.
+    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents; with lips=true,
+    the frames' landmark lip shapes.
 
     Builds the cache whatever data.format/use_cache say for training; no manifest of data.name is an error.
     """
     from pathlib import Path
 
-    from temposyncdiff.data.cache import add_latents
+    from temposyncdiff.data.cache import add_latents, add_lips
     from temposyncdiff.data.datamodule import SPLITS, DataConfigError
     from temposyncdiff.utils.weights import load_net
 
@@ -81,7 +82,11 @@ def cache(cfg: DictConfig) -> dict:
             add_latents(
                 datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder, log=log.info
             )
-    return {"splits": splits, "cache_dir": str(datamodule.hparams.cache_dir), "latents": bool(cfg.vae)}
+    if cfg.lips:
+        for split in splits:
+            add_lips(datamodule.cache_path(split), log=log.info)
+    return {"splits": splits, "cache_dir": str(datamodule.hparams.cache_dir), "latents": bool(cfg.vae),
+            "lips": bool(cfg.lips)}  # fmt: skip
 
 
 def shards(cfg: DictConfig) -> dict:

@@ -23,6 +23,7 @@ class Batch:
     start: Tensor  # [B] int64, first frame index of the clip in its utterance
     latents: Tensor | None = None  # [B,T,C,h,w] cached VAE latents of the frames
     ref_latent: Tensor | None = None  # [B,C,h,w]
+    lips: Tensor | None = None  # [B,T,3] landmark lip shapes (metrics.mouth.lip_shape) when the cache has them
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         """A new batch with ``fn`` applied to every tensor field."""
@@ -57,4 +58,5 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         start=torch.as_tensor([s["start"] for s in samples], dtype=torch.int64),
         latents=stack("latents"),
         ref_latent=stack("ref_latent"),
+        lips=stack("lips"),
     )

@@ -6,6 +6,7 @@ Layout of ``<cache_dir>/``::
     mel.npy         float16 [total_mel, n_mels]       all utterances' log-mel, concatenated
     visemes.npy     int64   [total_frames]
     latents.npy     float16 [total_frames, C, h, w]   optional, written by ``add_latents``
+    lips.npy        float32 [total_frames, 3]         optional, written by ``add_lips`` (``metrics.mouth.lip_shape``)
     index.json      per utterance: id, talk_id, offset, num_frames, mel_offset, mel_len, visemes source
     cache_meta.json key, settings, counts, skipped utterances, latents encoder (written last)
 
@@ -281,6 +282,8 @@ class CacheReader:
             }
             if latents := meta.get("latents"):
                 self._layout["latents"] = (np.float16, (frames, *latents["shape"][1:]))
+            if lips := meta.get("lips"):
+                self._layout["lips"] = (np.float32, (frames, len(lips["features"])))
         except (OSError, ValueError, KeyError, TypeError) as err:
             reason = " ".join(f"{type(err).__name__}: {err}".split())
             raise CacheError(f"{self.root}: unreadable cache index or meta ({reason}); rebuild it") from err
@@ -322,6 +325,11 @@ class CacheReader:
     def latents(self) -> np.ndarray | None:
         """``[total_frames, C, h, w]`` float16 latents when ``add_latents`` has run, else None."""
         return self._array("latents") if self.meta.get("latents") else None
+
+    @property
+    def lips(self) -> np.ndarray | None:
+        """``[total_frames, 3]`` float32 landmark lip shapes when ``add_lips`` has run, else None."""
+        return self._array("lips") if self.meta.get("lips") else None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_pid": None}  # never pickle memmaps
@@ -385,3 +393,49 @@ def add_latents(
     write_json(root / META_NAME, meta)
     log(f"cache: latents {shape} from {name} in {time.perf_counter() - start:.1f} s -> {root / 'latents.npy'}")
     return root / "latents.npy"
+
+
+def add_lips(cache_dir: str | os.PathLike, log: Callable[[str], Any] = print) -> Path | None:
+    """Landmark lip shapes (``metrics.mouth.lip_shape``) of every cached frame into ``lips.npy``: the truth that
+    lip-conditioned denoisers (``model.net.lip_dim``) learn to draw from and to predict from audio.
+
+    Needs dlib and its 68-point model (``pip install -e .[faces]``). Faces are tracked per utterance as the lip metric
+    tracks them; frames without a face near take the shape interpolated from their neighbours (an utterance without
+    any face: its mean is unknown, so the whole cache's median). Shapes already there are reused. Where dlib finds
+    no face in any frame (drawn faces), nothing is written and None returned: such data has no lip truth.
+    """
+    from temposyncdiff.metrics.mouth import LIP_FEATURES, LipLandmarks
+
+    reader = open_cache(cache_dir)
+    root, meta = reader.root, dict(reader.meta)
+    if (meta.get("lips") or {}).get("features") == list(LIP_FEATURES):
+        log(f"cache: lip shapes already in {root}")
+        return root / "lips.npy"
+    try:
+        landmarks = LipLandmarks()
+    except (ImportError, OSError, RuntimeError) as err:
+        raise CacheError(f"lips=true needs dlib's face landmarks: {err}") from None
+    meta["lips"] = None
+    write_json(root / META_NAME, meta)
+    start, shapes = time.perf_counter(), []
+    for off, n in zip(reader.offsets, reader.num_frames):
+        frames = np.asarray(reader.frames[off : off + n]).transpose(0, 2, 3, 1)
+        track = landmarks.track(frames)
+        shapes.append(landmarks.shapes(frames, track.boxes))
+    missing = int(sum(np.isnan(s[:, 0]).sum() for s in shapes))
+    found = np.concatenate([s[~np.isnan(s[:, 0])] for s in shapes])
+    if not len(found):
+        log(f"cache: dlib finds no face in any frame of {root}; no lip shapes written")
+        return None
+    fallback = np.median(found, axis=0)
+    for s in shapes:
+        ok = ~np.isnan(s[:, 0])
+        for k in range(s.shape[1]):
+            s[:, k] = np.interp(np.arange(len(s)), np.flatnonzero(ok), s[ok, k]) if ok.any() else fallback[k]
+    with atomic_path(root / "lips.npy") as tmp:
+        np.save(tmp, np.concatenate(shapes).astype(np.float32))
+    meta["lips"] = {"features": list(LIP_FEATURES), "frames_without_face": missing}
+    write_json(root / META_NAME, meta)
+    log(f"cache: lip shapes of {len(found) + missing} frames ({missing} without a face, interpolated) in "
+        f"{time.perf_counter() - start:.1f} s -> {root / 'lips.npy'}")  # fmt: skip
+    return root / "lips.npy"

@@ -69,6 +69,14 @@ class _CacheSource:
         latents = r.latents
         return r.frames[lo:hi], mel, r.visemes[lo:hi], None if latents is None else latents[lo:hi]
 
+    def lips(self, u: int, a: int, b: int) -> np.ndarray | None:
+        """Landmark lip shapes ``[<= b - a, 3]`` of frames [a, b) of utterance ``u`` when the cache has them."""
+        r = self.reader
+        if r.lips is None:
+            return None
+        off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
+        return r.lips[off + a : min(off + b, end)]
+
     def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]:
         k = int(self.reader.offsets[u]) + j
         latents = self.reader.latents
@@ -133,6 +141,8 @@ def clip_item(
         "id": window["id"],
         "start": window["start"],
     }
+    if "lips" in window:
+        item["lips"] = torch.from_numpy(_pad(window["lips"], clip_len).astype(np.float32))
     if "latents" in window:
         item["latents"] = torch.from_numpy(_pad(window["latents"], clip_len).astype(np.float32))
         item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))
@@ -217,6 +227,8 @@ class ClipDataset(Dataset):
                   "mel": np.asarray(mel[m0:m1]), "mel_offset": start - s0, "visemes": np.asarray(visemes)}  # fmt: skip
         if latents is not None:
             window["latents"] = np.asarray(latents)
+        if hasattr(self.src, "lips") and (lips := self.src.lips(u, start, start + self.clip_len)) is not None:
+            window["lips"] = np.asarray(lips)  # only a cache holds them (tsd-data cache lips=true)
         return window
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class Couplings:
     ref_latent: Tensor  # [M,C,h,w]
     visemes: Tensor  # [M,T] tokens given to the teacher (labels or its audio head's)
     known: Tensor  # [M] number of leading frames given as motion frames
+    lips: Tensor  # [M,T,L] standardised lip shapes given to the teacher (L = 0: a net without lip_dim)
 
     def __post_init__(self) -> None:
         self.index = {k: i for i, k in enumerate(self.keys)}

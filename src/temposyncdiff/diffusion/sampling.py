@@ -23,7 +23,7 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "lcm": (LCMScheduler, {}),
 }
-GUIDED = ("audio_emb", "visemes")  # the condition that classifier-free guidance drops
+GUIDED = ("audio_emb", "visemes", "lips")  # the condition that classifier-free guidance drops
 
 
 def make_sampler(kind: str, train_config: dict, **overrides) -> SchedulerMixin:
@@ -110,18 +110,21 @@ def generate_long(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     pose: Tensor | None = None,
+    lips: Tensor | None = None,
 ) -> Tensor:
     """Latents ``[B, num_frames, C, h, w]`` for per-frame conditions of any length (``[B, num_frames, ...]``).
 
     Windows follow ``window_plan``; each gets the previous frames as motion frames (see module docstring).
     ``pose`` (per-frame pose source latents) is passed to nets built with a ``pose_mask``; without it such a net
-    takes the reference as every frame's pose (a photo brought to life).
+    takes the reference as every frame's pose (a photo brought to life). ``lips`` (standardised lip shapes
+    ``[B, num_frames, lip_dim]``) replace the lip-conditioned net's own prediction (e.g. the truth's, to tell how
+    well the net draws a given shape from how well it predicts one).
     """
     b, device = ref_latent.shape[0], ref_latent.device
     length = max(num_frames, window)
     if pose is None and getattr(denoise_fn, "pose_mask", None) is not None:
         pose = ref_latent[:, None].expand(-1, length, -1, -1, -1)
-    audio_emb, visemes, pose = _pad_time(audio_emb, length), _pad_time(visemes, length), _pad_time(pose, length)
+    audio_emb, visemes, pose, lips = (_pad_time(x, length) for x in (audio_emb, visemes, pose, lips))
     out = torch.zeros(b, length, *latent_shape, device=device)
     for start, known in window_plan(length, window, overlap):
         sl = slice(start, start + window)
@@ -136,6 +139,8 @@ def generate_long(
         }
         if pose is not None:
             cond["pose"] = pose[:, sl]
+        if lips is not None:
+            cond["lips"] = lips[:, sl]
         x = sample(
             denoise_fn, (b, window, *latent_shape), cond, make_scheduler(), steps, guidance_scale, generator, device
         )

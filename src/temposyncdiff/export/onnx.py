@@ -192,8 +192,10 @@ class OnnxDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, ref_latent: Tensor, audio_emb: Tensor | None = None,
                 visemes: Tensor | None = None, motion: Tensor | None = None, motion_mask: Tensor | None = None,
-                pose: Tensor | None = None) -> Tensor:  # fmt: skip
+                pose: Tensor | None = None, lips: Tensor | None = None) -> Tensor:  # fmt: skip
         b, n = x_t.shape[:2]
+        if lips is not None:
+            raise ValueError("the ONNX denoiser predicts lip shapes itself (graphs take no lips input)")
         if (audio_emb is None) != (visemes is None):
             raise ValueError("the ONNX denoiser drops audio and visemes together (both None or neither)")
         drop = audio_emb is None  # the null tokens: classifier-free guidance's unconditional branch

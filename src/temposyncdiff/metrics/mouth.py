@@ -34,17 +34,29 @@ from temposyncdiff.metrics.image import unavailable
 
 LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 UPPER_INNER_LIP, LOWER_INNER_LIP = [61, 62, 63], [67, 66, 65]  # pairs facing each other
+UPPER_OUTER_LIP, LOWER_OUTER_LIP = [50, 51, 52], [58, 57, 56]
+MOUTH_CORNERS = [48, 54]
+LIP_FEATURES = ("inner_opening", "outer_opening", "width")  # ``lip_shape``'s entries
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)
 CLOSED = 0.02  # openings below this are a closed mouth within landmark noise (grace_hopper's closed lips read 0.02)
 
 
-def lip_opening(points: np.ndarray) -> float:
-    """Inner-lip gap over the inter-ocular distance from ``[68,2]`` dlib landmarks (x, y in pixels)."""
+def lip_shape(points: np.ndarray) -> np.ndarray:
+    """``[3]`` float32 (``LIP_FEATURES``) from ``[68,2]`` dlib landmarks (x, y in pixels), each over the inter-ocular
+    distance: the inner- and outer-lip gaps along the face's downward axis and the corner-to-corner width."""
     left, right = points[LEFT_EYE].mean(0), points[RIGHT_EYE].mean(0)
     across = right - left
     iod = float(np.hypot(*across))
     down = np.array([-across[1], across[0]]) / iod  # image y points down: this is the face's downward axis
-    return float(((points[LOWER_INNER_LIP] - points[UPPER_INNER_LIP]) @ down).mean() / iod)
+    inner = ((points[LOWER_INNER_LIP] - points[UPPER_INNER_LIP]) @ down).mean()
+    outer = ((points[LOWER_OUTER_LIP] - points[UPPER_OUTER_LIP]) @ down).mean()
+    width = np.hypot(*(points[MOUTH_CORNERS[1]] - points[MOUTH_CORNERS[0]]))
+    return np.array([inner, outer, width], dtype=np.float64) / iod
+
+
+def lip_opening(points: np.ndarray) -> float:
+    """Inner-lip gap over the inter-ocular distance (``lip_shape``'s first entry)."""
+    return float(lip_shape(points)[0])
 
 
 def silent_frames(
@@ -136,11 +148,14 @@ class LipLandmarks:
 
     def openings(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """``[T]`` lip openings (``lip_opening``) of uint8 ``[T,H,W,3]`` frames in boxes ``[T,4]`` (fractions)."""
-        out = np.full(len(frames), np.nan)
+        return self.shapes(frames, boxes)[:, 0]
+
+    def shapes(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``[T,3]`` lip shapes (``lip_shape``) of uint8 ``[T,H,W,3]`` frames in boxes ``[T,4]``; NaN rows: no box."""
+        out = np.full((len(frames), len(LIP_FEATURES)), np.nan)
         for k, (frame, box) in enumerate(zip(frames, boxes)):
-            if np.isnan(box).any():
-                continue
-            out[k] = lip_opening(self.points(self.upsampled(frame), box))
+            if not np.isnan(box).any():
+                out[k] = lip_shape(self.points(self.upsampled(frame), box))
         return out
 
     def points(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -12,6 +12,13 @@ latent of a frame whose pose and upper face the output should keep (the target f
 driving video's frame when re-voicing, the reference when animating a photo), with the box zeroed and a mask
 channel marking it. The net then only has to draw the masked mouth and jaw from the audio (as Wav2Lip,
 MuseTalk and LatentSync do), instead of the whole frame, which a minute of footage cannot teach.
+
+With ``lip_dim`` (a per-frame lip shape: ``metrics.mouth.lip_shape``'s landmark openings and width), a small head
+predicts the shape from the audio and viseme tokens, and the shape joins the tokens. Training gives the true shape
+(measured on the target frame) part of the time, so the net learns to draw a given shape, which the truth explains
+far better than audio; the head learns audio -> shape as a separate, low-dimensional regression. At inference the
+head's prediction drives the mouth (a speech-to-motion step, then rendering, as landmark- and 3DMM-driven talking-head
+methods split the problem). Shapes are standardised by ``lip_norm`` (the training data's mean and std).
 """
 
 from __future__ import annotations
@@ -140,6 +147,20 @@ class Block(nn.Module):
         return x
 
 
+class LipHead(nn.Module):
+    """Per-frame lip shapes ``[B,T,lip_dim]`` from the window's audio + viseme tokens ``[B,T,cond_dim]``."""
+
+    def __init__(self, cond_dim: int, lip_dim: int, width: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cond_dim)
+        self.net = nn.Sequential(
+            nn.Conv1d(cond_dim, width, 5, padding=2), nn.GELU(), nn.Conv1d(width, lip_dim, 3, padding=1)
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.net(self.norm(tokens).transpose(1, 2)).transpose(1, 2)
+
+
 class Denoiser(nn.Module):
     """``forward(x_t [B,T,C,h,w], t [B], ref_latent [B,C,h,w], audio_emb [B,T,D] | None, visemes [B,T] | None)``.
 
@@ -147,6 +168,8 @@ class Denoiser(nn.Module):
     ``motion_mask [B,T]`` gives frames already known (long-audio continuation); ``drop_cond [B]`` replaces the
     audio and viseme condition of those samples by the null tokens (None audio/visemes: null for all).
     ``pose [B,T,C,h,w]`` (required when built with ``pose_mask``) is the per-frame pose source, unmasked.
+    ``lips [B,T,lip_dim]`` (standardised; nets built with ``lip_dim``) gives the lip shapes to draw; None: the
+    net's own prediction from the audio and visemes (as at inference).
     ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
     """
 
@@ -168,6 +191,7 @@ class Denoiser(nn.Module):
         dropout: float = 0.0,
         audio_encoder: dict | None = None,
         pose_mask: tuple[float, float, float, float] | None = None,
+        lip_dim: int = 0,
     ) -> None:
         super().__init__()
         if temporal not in (None, "none", "attention", "conv"):
@@ -178,7 +202,7 @@ class Denoiser(nn.Module):
                            temporal=temporal, temporal_levels=list(temporal_levels), heads=heads, cond_dim=cond_dim,
                            audio_dim=audio_dim, num_visemes=num_visemes, window=window, motion_frames=motion_frames,
                            dropout=dropout, audio_encoder=dict(audio_encoder) if audio_encoder else None,
-                           pose_mask=list(pose_mask) if pose_mask else None)  # fmt: skip
+                           pose_mask=list(pose_mask) if pose_mask else None, lip_dim=lip_dim)  # fmt: skip
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
         if pose_mask is not None and not (
@@ -195,6 +219,10 @@ class Denoiser(nn.Module):
         self.null_audio = nn.Parameter(torch.randn(cond_dim) * 0.02)
         self.viseme_emb = nn.Embedding(num_visemes + 1, cond_dim)  # last row: null token
         self.rel_frame = nn.Parameter(torch.randn(2 * window - 1, cond_dim) * 0.02)
+        self.lip_dim = lip_dim
+        if lip_dim:
+            self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim), nn.Linear(lip_dim, cond_dim)
+            self.register_buffer("lip_norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
 
         def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
             spatial = level in attention_levels if spatial is None else spatial
@@ -234,9 +262,17 @@ class Denoiser(nn.Module):
             raise RuntimeError("this Denoiser was built without an audio_encoder")
         return self.audio(mel)
 
+    def standardize_lips(self, lips: Tensor) -> Tensor:
+        """Raw ``lip_shape`` values ``[..., lip_dim]`` -> the standardised units the net takes and predicts."""
+        return (lips - self.lip_norm[0]) / self.lip_norm[1]
+
+    def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:
+        """Standardised lip shapes ``[B,T,lip_dim]`` from audio embeddings ``[B,T,D]`` and viseme ids ``[B,T]``."""
+        return self.lip_head(self.audio_proj(audio_emb) + self.viseme_emb(visemes))
+
     def condition(self, t: Tensor, audio_emb: Tensor | None, visemes: Tensor | None, shape: tuple[int, int],
-                  drop_cond: Tensor | None = None) -> _Ctx:  # fmt: skip
-        """Per-frame FiLM vectors and cross-attention tokens from timestep, audio and visemes."""
+                  drop_cond: Tensor | None = None, lips: Tensor | None = None) -> _Ctx:  # fmt: skip
+        """Per-frame FiLM vectors and cross-attention tokens from timestep, audio, visemes and lip shapes."""
         b, n = shape
         if n > self.window:
             raise ValueError(f"window of {n} frames exceeds the net's window={self.window}")
@@ -248,6 +284,9 @@ class Denoiser(nn.Module):
         if drop_cond is not None:
             a, v = torch.where(drop_cond[:, None, None], null_a, a), torch.where(drop_cond[:, None, None], null_v, v)
         tokens = a + v  # [B,T,cd]
+        if self.lip_dim and (audio_emb is not None or visemes is not None or lips is not None):
+            lip = self.lip_proj(self.lip_head(tokens) if lips is None else lips)
+            tokens = tokens + (lip if drop_cond is None else torch.where(drop_cond[:, None, None], 0, lip))
         film = F.silu(temb[:, None] + tokens).flatten(0, 1)
         idx = torch.arange(n, device=t.device)
         rel = self.rel_frame[idx[None, :] - idx[:, None] + self.window - 1]  # [T(query), T(key), cd]
@@ -264,9 +303,10 @@ class Denoiser(nn.Module):
         motion_mask: Tensor | None = None,
         drop_cond: Tensor | None = None,
         pose: Tensor | None = None,
+        lips: Tensor | None = None,
     ) -> Tensor:
         b, n, c, h, w = x_t.shape
-        ctx = self.condition(t, audio_emb, visemes, (b, n), drop_cond)
+        ctx = self.condition(t, audio_emb, visemes, (b, n), drop_cond, lips)
         inputs = [x_t, ref_latent[:, None].expand(-1, n, -1, -1, -1)]
         if self.motion_frames:
             mask = x_t.new_zeros(b, n) if motion_mask is None else motion_mask.to(x_t.dtype)

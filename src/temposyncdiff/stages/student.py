@@ -271,6 +271,8 @@ class StudentStage(StageModule):
         steps: int = 2,
         viseme_weight: float = 0.1,
         mouth_weight: float = 1.0,
+        lip_weight: float = 1.0,
+        lip_truth_prob: float = 0.5,
         data_weight: float = 0.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
@@ -321,6 +323,7 @@ class StudentStage(StageModule):
         for name, mine, theirs in (("latent_channels", self.net.latent_channels, teacher.latent_channels),
                                    ("window", self.net.window, teacher.window),
                                    ("pose_mask", self.net.pose_mask, teacher.pose_mask),
+                                   ("lip_dim", self.net.lip_dim, teacher.lip_dim),
                                    ("VAE latent channels", vae.latent_channels, teacher.latent_channels)):  # fmt: skip
             if mine != theirs:
                 raise UserError(f"{hp.teacher_weights}: teacher has {name}={theirs}, the student setup has {mine}")
@@ -338,6 +341,8 @@ class StudentStage(StageModule):
         self.overlap = self.teacher_meta.get("overlap", 2) if hp.overlap is None else hp.overlap
         if stage != "fit":
             return
+        if self.net.lip_dim:  # the teacher's standardisation: the lip shapes in its couplings are in its units
+            self.net.lip_norm.copy_(teacher.lip_norm)
         if hp.init_from_teacher:
             own = self.net.state_dict()
             same = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -375,9 +380,8 @@ class StudentStage(StageModule):
         if dataset is None:
             dataset = getattr(self.trainer.datamodule, f"{split}_dataloader")().dataset
         keys = clip_keys(dataset)
-        settings = {
-            k: hp[k] for k in ("teacher_sampler", "teacher_steps", "coupling_seed", "motion_prob", "audio_visemes_prob")
-        }
+        keys_used = "teacher_sampler teacher_steps coupling_seed motion_prob audio_visemes_prob lip_truth_prob"
+        settings = {k: hp[k] for k in keys_used.split()}
         ident = json.dumps({"teacher": weights_digest(self._frozen["teacher"]), "guidance": self.guidance, **settings,
                             "keys": keys}, sort_keys=True)  # fmt: skip
         path = (
@@ -413,13 +417,19 @@ class StudentStage(StageModule):
         x0, ref = self.latents(batch)
         b, t = x0.shape[:2]
         emb, logits = teacher.embed_audio(batch.mel)
-        r = torch.rand(b, 3, generator=generator, device=self.device)
+        r = torch.rand(b, 4, generator=generator, device=self.device)
         visemes = torch.where(r[:, :1] < hp.audio_visemes_prob, logits.argmax(-1), batch.visemes)
         known = torch.where(r[:, 1] < hp.motion_prob, (r[:, 2] * (t - 1)).long() + 1, 0)
         cond = {"ref_latent": ref, "audio_emb": emb, "visemes": visemes, "motion": x0,
                 "motion_mask": torch.arange(t, device=self.device) < known[:, None]}  # fmt: skip
         if teacher.pose_mask is not None:
             cond["pose"] = x0
+        lips = x0.new_zeros(b, t, teacher.lip_dim)
+        if teacher.lip_dim:  # as in teacher training: the true shapes part of the time, else the teacher's guess
+            lips = teacher.predict_lips(emb, visemes)
+            if batch.lips is not None:
+                lips = torch.where(r[:, 3, None, None] < hp.lip_truth_prob, teacher.standardize_lips(batch.lips), lips)
+            cond["lips"] = lips
         scheduler = make_sampler(hp.teacher_sampler, self.teacher_schedule.scheduler.config)
         noise, sample = teacher_couplings(
             teacher, tuple(x0.shape), cond, scheduler, hp.teacher_steps, self.guidance, generator
@@ -431,6 +441,7 @@ class StudentStage(StageModule):
             "ref_latent": ref,
             "visemes": visemes,
             "known": known,
+            "lips": lips,
         }
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -456,12 +467,20 @@ class StudentStage(StageModule):
         }
         if self.net.pose_mask is not None:
             cond["pose"] = x0
+        lip_loss = None
+        if self.net.lip_dim:  # draw the teacher's shapes; the head learns the truth's (else the teacher's guesses)
+            cond["lips"] = c["lips"]
+            truth = c["lips"] if batch.lips is None else self.net.standardize_lips(batch.lips)
+            guess = self.net.predict_lips(emb, c["visemes"])
+            lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
         pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         distill, x0_hat = trajectory_loss(
             self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight
         )
         out = {"distill": distill,
                "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0}  # fmt: skip
+        if lip_loss is not None:
+            out["lips"] = lip_loss
         if hp.data_weight:  # the ground truth as a second target: sharper where the teacher's samples are soft
             out["data"] = diffusion_loss(x0_hat, x0, target_mask, pixel_weight=pixel_weight)
         full = torch.where(
@@ -474,7 +493,7 @@ class StudentStage(StageModule):
         if hp.sync_weight:
             frames = self.frozen("vae").from_latent(full.flatten(0, 1)).unflatten(0, (b, t))
             out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
-        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "data": hp.data_weight,
+        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "lips": hp.lip_weight, "data": hp.data_weight,
                    "identity": hp.identity_weight, "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out

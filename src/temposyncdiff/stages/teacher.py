@@ -103,6 +103,24 @@ def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
+    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set)."""
+    if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
+        return
+    ds = _base(datamodule.datasets["train"]) if datamodule is not None and "train" in datamodule.datasets else None
+    reader = getattr(getattr(ds, "src", None), "reader", None)
+    lips = None if reader is None else reader.lips
+    if lips is None:
+        rank_zero_warn(
+            "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
+            "tsd-data cache lips=true): the lip head learns from the diffusion loss alone"
+        )
+        return
+    lips = torch.from_numpy(np.asarray(lips, dtype=np.float32))
+    net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
+    rank_zero_info(f"teacher: lip shapes standardised by mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}")
+
+
 def _frozen(path: str, kind: str) -> nn.Module:
     net, _ = load_net(path, kind)
     for p in net.parameters():
@@ -128,6 +146,8 @@ class TeacherStage(StageModule):
         audio_visemes_prob: float = 0.2,
         viseme_weight: float = 0.1,
         mouth_weight: float = 1.0,
+        lip_weight: float = 1.0,
+        lip_truth_prob: float = 0.5,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
@@ -176,6 +196,8 @@ class TeacherStage(StageModule):
             self.net.audio.load_state_dict(audio.state_dict())
             rank_zero_info(f"teacher: audio encoder initialised from {hp.audio_weights}")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.net.lip_dim:
+            set_lip_norm(self.net, dm)
         if stage == "fit" and dm is not None:
             size = dm.hparams.image_size // vae.downsample
             s = model_stats(self.net, (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames))
@@ -215,9 +237,13 @@ class TeacherStage(StageModule):
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         x_t = sch.add_noise(x0, noise, ts)
         pose = x0 if self.net.pose_mask is not None else None  # the target's own pose, its mouth masked by the net
-        pred = self.net(
-            x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop, pose=pose
-        )
+        lips, lip_loss = None, None
+        if self.net.lip_dim and batch.lips is not None:  # draw the true shape or the head's (detached) prediction
+            truth, guess = self.net.standardize_lips(batch.lips), self.net.predict_lips(emb, visemes)
+            lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
+            lips = torch.where(rand(b)[:, None, None] < hp.lip_truth_prob, truth, guess.detach())
+        pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop,
+                        pose=pose, lips=lips)  # fmt: skip
         target_mask = mask & ~known
         pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
@@ -225,6 +251,8 @@ class TeacherStage(StageModule):
             "diffusion": diffusion_loss(pred, target, target_mask, sch.loss_weight(ts), pixel_weight),
             "viseme_ce": viseme_ce,
         }
+        if lip_loss is not None:
+            out["lips"] = lip_loss
         if hp.identity_weight or hp.temporal_weight or hp.sync_weight:
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
@@ -235,7 +263,7 @@ class TeacherStage(StageModule):
             if hp.sync_weight:
                 frames = self.frozen("vae").from_latent(x0_hat.flatten(0, 1)).unflatten(0, (b, t))
                 out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
-        weights = {"diffusion": 1.0, "viseme_ce": hp.viseme_weight, "identity": hp.identity_weight,
+        weights = {"diffusion": 1.0, "viseme_ce": hp.viseme_weight, "lips": hp.lip_weight, "identity": hp.identity_weight,
                    "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out

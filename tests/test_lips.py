@@ -1,0 +1,147 @@
+"""Lip shapes: landmark features, the cache's lips.npy, lip-conditioned teacher and student training."""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from temposyncdiff.cli.train import train
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.data.batch import collate
+from temposyncdiff.data.cache import META_NAME, add_latents, add_lips, build_cache, open_cache
+from temposyncdiff.data.dataset import ClipDataset
+from temposyncdiff.data.video import write_video
+from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
+from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.utils.weights import load_net, save_weights
+from tests.conftest import compose_config
+from tests.test_student import TINY as STUDENT
+from tests.test_teacher import TINY as TEACHER
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = {"log": lambda *_: None}
+
+
+def test_lip_shape_gaps_and_width_over_the_eye_distance():
+    pts = np.zeros((68, 2))
+    pts[36:42], pts[42:48] = (0.0, 0.0), (10.0, 0.0)
+    pts[[61, 62, 63]], pts[[67, 66, 65]] = (5.0, 8.0), (5.0, 10.0)  # inner gap 2
+    pts[[50, 51, 52]], pts[[58, 57, 56]] = (5.0, 7.0), (5.0, 12.0)  # outer gap 5
+    pts[48], pts[54] = (1.0, 9.0), (9.0, 9.0)  # corners 8 apart
+    assert lip_shape(pts) == pytest.approx([0.2, 0.5, 0.8])
+    assert len(LIP_FEATURES) == 3
+
+
+def _fake_lips(cache_dir, seed: int = 0) -> np.ndarray:
+    """Write a lips.npy of known values into a cache as add_lips would (no dlib needed)."""
+    reader = open_cache(cache_dir)
+    n = len(reader.frames)
+    lips = np.random.default_rng(seed).normal([0.03, 0.2, 0.8], [0.02, 0.03, 0.04], (n, 3)).astype(np.float32)
+    np.save(reader.root / "lips.npy", lips)
+    meta = json.loads((reader.root / META_NAME).read_text())
+    meta["lips"] = {"features": list(LIP_FEATURES), "frames_without_face": 0}
+    (reader.root / META_NAME).write_text(json.dumps(meta))
+    return lips
+
+
+def test_add_lips_measures_known_lip_gaps_and_batches_carry_them(tmp_path):
+    """A real face (grace_hopper) with the mouth opened by known gaps: the cached inner opening grows with the gap;
+    the shapes are reused, read back and batched."""
+    pytest.importorskip("dlib")
+    matplotlib = pytest.importorskip("matplotlib")
+    from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
+    from temposyncdiff.metrics.mouth import LipLandmarks
+
+    try:
+        landmarks = LipLandmarks()
+    except OSError as err:
+        pytest.skip(str(err))
+    img = np.asarray(Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg").convert("RGB"))
+    face = crop_resize(img, square_crop_box(FaceDetector().detect(img), img.shape[1], img.shape[0]), 128)
+    pts = landmarks.points(face, landmarks.track(face[None]).boxes[0])
+    lip_y, x0, x1 = round(pts[60:68, 1].mean()), int(pts[48, 0]), int(pts[54, 0]) + 1
+
+    def open_by(h: int) -> np.ndarray:
+        out = np.concatenate([face[:lip_y], np.repeat(face[lip_y - 1 : lip_y], h, axis=0), face[lip_y:]])[:128]
+        out[lip_y : lip_y + h, x0:x1] = (70, 25, 30)
+        return out
+
+    gaps = [0, 0, 2, 2, 4, 4, 6, 6, 8, 8]
+    mp4 = tmp_path / "talk" / "00001.mp4"
+    mp4.parent.mkdir()
+    write_video(mp4, [open_by(h) for h in gaps], 25.0, np.zeros(16000 * len(gaps) // 25, np.float32), 16000)
+    row = {"id": "talk/00001", "talk_id": "talk", "video_mp4": str(mp4), "num_frames": len(gaps), "fps": 25.0}
+    build_cache([row], tmp_path / "cache", 128, AudioFeatures(), **QUIET)
+    add_lips(tmp_path / "cache", **QUIET)
+    reader = open_cache(tmp_path / "cache")
+    inner = reader.lips[:, 0]
+    assert reader.lips.shape == (len(gaps), 3) and reader.meta["lips"]["frames_without_face"] == 0
+    assert np.all(np.diff(inner[::2]) > 0.01)  # wider gap, wider opening (H.264 blurs, so pairs, not each frame)
+    before = (tmp_path / "cache" / "lips.npy").stat().st_mtime_ns
+    add_lips(tmp_path / "cache", **QUIET)  # reused
+    assert (tmp_path / "cache" / "lips.npy").stat().st_mtime_ns == before
+    add_latents(tmp_path / "cache", TinyVAE(channels=(8,), patch_size=4).eval().to_latent, **QUIET)
+    assert open_cache(tmp_path / "cache").lips is not None  # adding latents keeps the shapes
+    ds = ClipDataset(open_cache(tmp_path / "cache"), 4, 4, AudioFeatures(), train=False)
+    batch = collate([ds[0], ds[1]])
+    assert batch.lips.shape == (2, 4, 3)
+    assert torch.allclose(batch.lips[1], torch.from_numpy(np.array(reader.lips[4:8])))
+
+
+def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    vae = TinyVAE(channels=(8,), latent_channels=4, patch_size=4)
+    save_weights(ckpt / "vae_pretrained.pt", "vae", vae, {"scale_factor": 1.0})
+    cfg = compose_config("train", [*TEACHER, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "model.net.lip_dim=3", "model.val_utterances=0"], data_root, tmp_path / "run")  # fmt: skip
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    for split in ("train", "val"):
+        add_latents(dm.cache_path(split), vae.eval().to_latent, **QUIET)
+    lips = _fake_lips(dm.cache_path("train"))
+    _fake_lips(dm.cache_path("val"), seed=1)
+    train(cfg)
+    net, _ = load_net(ckpt / "teacher_best.pt", "teacher")
+    assert net.lip_dim == 3
+    assert torch.allclose(net.lip_norm, torch.from_numpy(np.stack([lips.mean(0), lips.std(0, ddof=1)])), atol=1e-5)
+    header = next(iter((tmp_path / "run" / "csv").rglob("metrics.csv"))).read_text().splitlines()[0]
+    assert "train/lips" in header and "val/lips" in header
+
+
+def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4), {})
+    teacher = Denoiser(channels=(16, 16), attention_levels=(1,), cross_attention_levels=(1,), temporal_levels=(0, 1),
+                       heads=2, cond_dim=16, audio_dim=16, window=4, lip_dim=3,
+                       audio_encoder={"dim": 16, "width": 16, "context": 1})  # fmt: skip
+    teacher.lip_norm.copy_(torch.tensor([[0.03, 0.2, 0.8], [0.02, 0.03, 0.04]]))
+    sch = NoiseSchedule().scheduler.config
+    meta = {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim", "steps": 50, "guidance_scale": 2.0}
+    save_weights(ckpt / "teacher_best.pt", "teacher", teacher, meta)
+    cfg = compose_config("train", [*STUDENT, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "model.net.lip_dim=3", "model.syncnet_weights=null"], data_root, tmp_path / "run")  # fmt: skip
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("stage")
+    model = hydra.utils.instantiate(model_cfg)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    _fake_lips(dm.cache_path("train"))
+    dm.setup("fit")
+    model.setup("fit")
+    assert torch.equal(model.net.lip_norm, teacher.lip_norm)
+    couplings = model.couplings("train", dm.train_dataloader().dataset)
+    assert couplings.lips.shape == (*couplings.visemes.shape, 3) and couplings.lips.abs().sum() > 0
+    out = model.distill_step(next(iter(dm.train_dataloader())))
+    out["loss"].backward()
+    assert "lips" in out and torch.isfinite(out["lips"])
+    assert all(p.grad is not None for p in model.net.lip_head.parameters())
