@@ -148,6 +148,32 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     assert "faster than teacher@2" in next(line for line in lines if "teacher@1" in line)  # the speed-up
 
 
+def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
+    """eval.generation.reference: a photo replaces each clip's reference frame (photo-in robustness checks)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    photo = matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg"
+
+    def still_psnr(*extra: str) -> tuple[float, dict]:
+        cfg = compose_config("eval", [
+            "eval=generation", "split=val", "max_utterances=2", f"vae={exports / 'vae_pretrained.pt'}",
+            f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+            "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.pose_source=photo",
+            "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
+            "eval.generation.lip_landmarks.enabled=false", "threads=1", *extra,
+        ], data_root, tmp_path / "run")  # fmt: skip
+        gen = evaluate(cfg)["generation"]
+        return gen["baselines"]["reference_still"]["fidelity"]["full"]["psnr"], gen
+
+    own, gen = still_psnr()
+    other, gen_photo = still_psnr(f"eval.generation.reference={photo}")
+    assert gen["reference"] == "each clip's own" and gen_photo["reference"] == photo
+    assert gen_photo["results"]["teacher@1"]["status"] == "ok"
+    assert other < own - 1  # another face, further from the truth
+    with pytest.raises(SystemExit) as exit_info:  # the task wrapper: one line, exit 2
+        still_psnr(f"eval.generation.reference={tmp_path / 'nope.png'}")
+    assert exit_info.value.code == 2
+
+
 def test_load_clips_reference_and_fallback(data_root, tmp_path):
     manifest = data_root / "data" / "manifests" / "synth_val.jsonl"
     clips = load_clips(manifest, None, max_frames=10)

@@ -40,7 +40,7 @@ from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.inference.inputs import ReferenceFace
+from temposyncdiff.inference.inputs import ReferenceFace, check_reference_file
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, to_uint8
 from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
@@ -398,11 +398,14 @@ def evaluate_generation(
         raise UserError(f"unknown eval.generation.baselines {sorted(unknown)}; choose from {list(BASELINES)}")
     if g.pose_source not in ("video", "photo"):
         raise UserError(f"eval.generation.pose_source={g.pose_source!r}: choose video | photo")
+    if g.reference is not None:
+        check_reference_file(g.reference)
     regions = RegionBoxes(**cfg.regions)
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
     landmarks, lips_reason = _landmarks(g)
-    out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {}}
+    out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {},
+                           "reference": str(g.reference) if g.reference else "each clip's own"}  # fmt: skip
     mels: dict[str, Tensor] = {}
     if expert is not None:
         features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
@@ -439,7 +442,7 @@ def evaluate_generation(
         size, scorer = pipe.image_size, scorer_for(pipe.image_size)
         pipe.steps, timings = steps, Timings()
         for i, clip in enumerate(clips):
-            face, ref = pipe.reference(clip.reference)
+            face, ref = pipe.reference(g.reference or clip.reference)
             truth = clip.at(size)
             pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
             own = np.stack(
@@ -457,7 +460,7 @@ def evaluate_generation(
     pipe = next((p for p in models.values() if not isinstance(p, str)), None)
     if pipe is not None and g.baselines:
         out["baselines"] = {}
-        faces = [pipe.reference(clip.reference)[0] for clip in clips]  # once for every baseline
+        faces = [pipe.reference(g.reference or clip.reference)[0] for clip in clips]  # once for every baseline
         for name in g.baselines:
             make, truth_free = BASELINES[name]
             try:
