@@ -10,7 +10,6 @@ import hydra
 import lightning as L
 import pytest
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from temposyncdiff.cli.train import train
@@ -54,19 +53,6 @@ def test_step_changes_weights_and_overfit(data_root, tmp_path):
         losses.append(loss.item())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.net.parameters()))
     assert losses[-1] < 0.5 * losses[0]
-
-
-def test_train_crop_trains_on_windows_of_the_latent_grid(data_root, tmp_path):
-    cfg = _cfg(data_root, tmp_path, "model.train_crop=16")
-    model, dm = _modules(cfg)
-    batch: Batch = next(iter(dm.train_dataloader()))
-    seen = []
-    model.net.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[-2:])))
-    for _ in range(4):
-        assert torch.isfinite(model.training_step(batch, 0))
-    assert seen == [(16, 16)] * 4 and batch.frames.shape[-1] > 16
-    with pytest.raises(InstantiationException, match="train_crop=15"):  # tsd-train prints it as one line
-        _modules(_cfg(data_root, tmp_path, "model.train_crop=15"))
 
 
 class _Probe(L.Callback):

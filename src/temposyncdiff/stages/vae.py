@@ -10,7 +10,6 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, region_weight, weigh_pixels
-from temposyncdiff.errors import UserError
 from temposyncdiff.nets.vae import TinyVAE, kl_divergence
 from temposyncdiff.stages.base import StageModule
 
@@ -50,13 +49,9 @@ class VAEStage(StageModule):
         mouth_box: tuple[float, float, float, float] = DEFAULT_REGIONS["mouth"],
         scale_fit_batches: int = 20,
         log_images: int = 8,
-        train_crop: int | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
-        if train_crop is not None and (train_crop <= 0 or train_crop % net.downsample):
-            raise UserError(f"model.train_crop={train_crop}: a positive multiple of the VAE's downsample factor "
-                            f"({net.downsample})")  # fmt: skip
         self.net = net
         self.mouth_box = tuple(mouth_box)
         self.val_psnr = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
@@ -65,14 +60,8 @@ class VAEStage(StageModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x = frames_of(batch)
-        weight = region_weight(*x.shape[-2:], self.mouth_box, self.hparams.mouth_weight, self.device)
-        if (size := self.hparams.train_crop) and size < min(x.shape[-2:]):
-            # the net is fully convolutional: a random window (on the latent grid) per batch costs (size / H)^2 of
-            # a whole frame per step; validation and export use whole frames
-            step = self.net.downsample
-            i, j = (step * int(torch.randint((n - size) // step + 1, ())) for n in x.shape[-2:])
-            x, weight = x[..., i : i + size, j : j + size], weight[i : i + size, j : j + size]
         recon, mean, logvar = self.net(x)
+        weight = region_weight(*x.shape[-2:], self.mouth_box, self.hparams.mouth_weight, self.device)
         rec = reconstruction_loss(recon, x, self.hparams.recon_loss, weight)
         kl = kl_divergence(mean, logvar)
         loss = rec + self.hparams.kl_weight * kl
