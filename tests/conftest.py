@@ -61,9 +61,11 @@ def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: 
     return cfg
 
 
-def save_tiny_exports(out: Path, kinds: tuple[str, ...] = ("teacher",)) -> None:
+def save_tiny_exports(
+    out: Path, kinds: tuple[str, ...] = ("teacher",), pose_mask: tuple[float, float, float, float] | None = None
+) -> None:
     """A tiny random VAE and denoiser exported as the stages export them (32 px): ``vae_pretrained.pt`` and
-    ``<kind>_best.pt`` for each of ``kinds``."""
+    ``<kind>_best.pt`` for each of ``kinds``; ``pose_mask`` builds a re-voicing denoiser."""
     import torch
 
     from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
@@ -83,6 +85,7 @@ def save_tiny_exports(out: Path, kinds: tuple[str, ...] = ("teacher",)) -> None:
         audio_dim=16,
         window=4,
         audio_encoder={"dim": 16, "width": 16},
+        pose_mask=pose_mask,
     )
     schedule = dict(NoiseSchedule().scheduler.config)
     meta = {

@@ -341,6 +341,7 @@ def run_cli(monkeypatch, capfd, root: Path, argv: list[str]) -> Result:
 QUIET = "extras.print_config=false"  # added to every command
 BASES = {  # the command a case adds its settings to
     "INFER": "tsd-infer ref_image=inputs/ref.png audio=inputs/speech.wav stage=teacher detector=center threads=1",
+    "VIDEO": "tsd-infer video=bad/video_only.mp4 audio=inputs/speech.wav stage=teacher threads=1",
     "TRAIN": "tsd-train experiment=quickstart/vae",
     "EVAL": "tsd-eval split=val max_utterances=1 eval=generation eval.generation.max_frames=8 threads=1",
     "EXPORT": "tsd-export stage=teacher out_dir=outputs/onnx threads=1",
@@ -438,6 +439,20 @@ CASES = [
     Case("INFER audio=bad/video_only.mp4", "error: bad/video_only.mp4: no audio stream"),
     Case("INFER audio=bad/truncated.mp4", "error: bad/truncated.mp4"),
     Case("INFER audio=bad", "error: bad: file not found"),
+    # video mode (tsd-infer video=)
+    Case("VIDEO", "error: bad/video_only.mp4: no face found (3 sampled frames checked)", needs="dlib"),
+    Case("VIDEO video=bad/missing.mp4", "error: bad/missing.mp4: file not found"),
+    Case("VIDEO video=bad/random.mp4", "error: bad/random.mp4: unreadable media"),
+    Case("VIDEO video=bad/unknown_codec.mp4", "error: bad/unknown_codec.mp4: unsupported or corrupt video"),
+    Case("VIDEO video=bad/truncated.mp4", "error: bad/truncated.mp4: "),
+    Case("VIDEO video=inputs/speech.wav", "error: inputs/speech.wav: no video stream"),
+    Case("VIDEO video=inputs/ref.png", "error: inputs/ref.png: a single image, not a video; animate a photo with"),
+    Case("VIDEO ref_image=bad/video_only.mp4", "error: ref_image=bad/video_only.mp4 is the video itself; leave"),
+    Case("VIDEO ref_image=bad/random.png", "error: bad/random.png: not an image"),
+    Case("VIDEO detector=center", "error: detector=center: video mode tracks the face with dlib"),
+    Case("VIDEO video_loop=nope", "error: video_loop=nope: choose pingpong | hold"),
+    Case("VIDEO detect_every=0", "error: detect_every=0: must be a whole number >= 1"),
+    Case("VIDEO feather=0.9", "error: feather=0.9: must be at most 0.5"),
     Case("tsd-data manifest root=bad/missing", "bad/missing: corpus root does not exist"),
     Case("tsd-data manifest root=bad/no_videos", "bad/no_videos: no .mp4 files found"),
     Case("tsd-data manifest root=bad/corrupt_corpus", "bad/corrupt_corpus: no usable video"),

@@ -1,12 +1,15 @@
-"""tsd-infer ref_image=<image> audio=<file> [run_name=...] [runtime=onnx]: reference image + speech -> outputs/samples/<run_name>/."""
+"""tsd-infer ref_image=<image> | video=<talking video> audio=<file> [run_name=...] [runtime=onnx]: a photo animated, or
+a video re-voiced, by the speech -> outputs/samples/<run_name>/."""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
@@ -15,20 +18,45 @@ from temposyncdiff.cli.common import CONFIG_DIR, hydra_main
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.diffusion.sampling import SAMPLERS, make_sampler
 from temposyncdiff.errors import UserError
-from temposyncdiff.inference.inputs import check_reference_file, even_size, load_speech, load_visemes_for, paste_back
+from temposyncdiff.inference.inputs import (
+    ReferenceFace,
+    check_reference_file,
+    even_size,
+    load_speech,
+    load_visemes_for,
+    paste_back,
+)
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
+from temposyncdiff.inference.video_in import (
+    LOOPS,
+    VideoRevoicer,
+    VideoTrack,
+    changed_region,
+    check_video,
+    reference_frame,
+    track_video,
+    video_summary,
+)
 from temposyncdiff.inference.writer import check_out_dir, write_sample
 from temposyncdiff.utils.io import safe_name
 from temposyncdiff.utils.task import log, task
 from temposyncdiff.utils.threads import set_threads
 
-CHOICES = {"stage": ("student", "teacher"), "runtime": ("torch", "onnx"), "detector": ("auto", "dlib", "center")}
+CHOICES = {
+    "stage": ("student", "teacher"),
+    "runtime": ("torch", "onnx"),
+    "detector": ("auto", "dlib", "center"),
+    "video_loop": LOOPS,
+}
 
 
 @task
 def infer(cfg: DictConfig) -> dict:
     """Check every setting and input, then generate and write frames + sample.mp4 + summary.json; return the summary."""
     out_dir = check_settings(cfg)
+    video = check_video(cfg.video, cfg.min_face_px) if cfg.video else None
+    # video mode: pass 1 tracks the face before any model loads, so a video without one fails fast
+    track = track_video(cfg.video, cfg.fps, cfg.detect_every, cfg.smooth_window) if video else None
     rate = AudioFeatures.sample_rate  # every stage's audio rate, so the pipeline's too
     wave = load_speech(cfg.audio, rate)
     num_frames = num_output_frames(len(wave), rate, cfg.fps)
@@ -49,20 +77,19 @@ def infer(cfg: DictConfig) -> dict:
         make_sampler(pipe.sampler, pipe.schedule, **pipe.sampler_kwargs).set_timesteps(pipe.steps)
     except ValueError as err:
         raise UserError(f"steps={pipe.steps}: {err}") from None
-    face, ref = pipe.reference(cfg.ref_image)
-    canvas = even_size(face.image) if cfg.paste_back else None  # H.264 needs an even frame size
     timings = Timings()
+    face, reference, stream, revoicer = generation(cfg, pipe, track, wave, visemes, timings)
 
     def frames():
         with Progress(transient=True) as progress:
             bar = progress.add_task("generating", total=num_frames)
-            for frame in pipe.frames(ref, wave, visemes, timings):
+            for frame in stream:
                 progress.advance(bar)
-                yield frame if canvas is None else paste_back(canvas, face.box, frame)
+                yield frame
 
     def summary() -> dict:
         return {
-            "ref_image": str(cfg.ref_image),
+            "ref_image": str(reference),
             "audio": str(cfg.audio),
             "checkpoint": str(cfg.checkpoint),
             "stage": cfg.stage,
@@ -85,6 +112,7 @@ def infer(cfg: DictConfig) -> dict:
             if cfg.phones
             else "audio encoder",
             "timings": timings.report(len(wave) / rate),
+            **({"video": video_summary(video, track), "revoice": revoicer.report()} if revoicer else {}),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
@@ -103,10 +131,39 @@ def infer(cfg: DictConfig) -> dict:
     return report
 
 
+def generation(
+    cfg: DictConfig,
+    pipe: TalkingHeadPipeline,
+    track: VideoTrack | None,
+    wave: np.ndarray,
+    visemes: np.ndarray | None,
+    timings: Timings,
+) -> tuple[ReferenceFace, str, Iterator[np.ndarray], VideoRevoicer | None]:
+    """The reference face (and what it came from) and the output frames: the photo animated (pasted back into it
+    with ``paste_back``) or, given a video's ``track``, the video re-voiced."""
+    image, reference = cfg.ref_image, str(cfg.ref_image)
+    if track is None:
+        face, ref = pipe.reference(image)
+        canvas = even_size(face.image) if cfg.paste_back else None  # H.264 needs an even frame size
+        frames = pipe.frames(ref, wave, visemes, timings)
+        if canvas is not None:
+            frames = (paste_back(canvas, face.box, frame, cfg.feather) for frame in frames)
+        return face, reference, frames, None
+    if image is None:
+        image, at = reference_frame(track)
+        reference = f"{cfg.video} at {at:.2f} s"
+    face, ref = pipe.reference(image)
+    region = changed_region(pipe, cfg.checkpoint, cfg.stage)
+    revoicer = VideoRevoicer(pipe, track, face.crop, region, cfg.feather, cfg.video_loop)
+    return face, reference, revoicer.frames(ref, wave, visemes, timings), revoicer
+
+
 def check_settings(cfg: DictConfig) -> Path:
     """Refuse a bad setting, input file or out_dir with one line naming it, before any model loads; returns out_dir."""
-    if missing := [k for k in ("ref_image", "audio", "checkpoint", "out_dir") if cfg[k] is None]:
+    if missing := [k for k in ("audio", "checkpoint", "out_dir") if cfg[k] is None]:
         raise UserError(f"{missing[0]}=null: a path is required")
+    if cfg.ref_image is None and cfg.video is None:
+        raise UserError("ref_image=null: a path is required (or video=<talking video> to re-voice it)")
     safe_name(cfg.run_name, "run_name")
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
@@ -121,14 +178,32 @@ def check_settings(cfg: DictConfig) -> Path:
     _check_number(cfg, "min_face_px", low=1, whole=True)
     _check_number(cfg, "guidance_scale", low=0, optional=True)
     _check_number(cfg, "seed", low=0, whole=True)
+    _check_number(cfg, "feather", low=0)
+    if cfg.feather > 0.5:
+        raise UserError(f"feather={cfg.feather}: must be at most 0.5 (a fraction of the face crop's side)")
+    if cfg.video is not None:
+        _check_video_settings(cfg)
     try:
         device = torch.device(cfg.device)
     except (RuntimeError, TypeError) as err:
         raise UserError(f"device={cfg.device}: not a device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
-    check_reference_file(cfg.ref_image, cfg.min_face_px)
+    if cfg.ref_image is not None:
+        check_reference_file(cfg.ref_image, cfg.min_face_px)
     return check_out_dir(cfg.out_dir, protected_dirs(cfg))
+
+
+def _check_video_settings(cfg: DictConfig) -> None:
+    """Video mode: settings that contradict it, and its own numbers."""
+    if cfg.detector == "center":
+        raise UserError("detector=center: video mode tracks the face with dlib; use detector=auto or dlib")
+    if cfg.ref_image is not None and Path(cfg.ref_image).resolve() == Path(cfg.video).resolve():
+        raise UserError(
+            f"ref_image={cfg.ref_image} is the video itself; leave ref_image=null to take the reference from it"
+        )
+    _check_number(cfg, "detect_every", low=1, whole=True)
+    _check_number(cfg, "smooth_window", low=1, whole=True)
 
 
 def _check_number(

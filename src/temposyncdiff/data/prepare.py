@@ -70,12 +70,13 @@ def scan_faces(
     every_s: float,
     min_face_ratio: float = 0.5,
     expected: int | None = None,
+    misses: list[float] | None = None,
 ) -> tuple[list[float], np.ndarray, np.ndarray]:
     """Pass 1: every frame's timestamp, and face boxes ``[K,4]`` at their times ``[K]`` (frames kept: none).
 
     The detector runs on the first frame at or after every ``every_s`` seconds and on the last frame, on a
     downscaled luma copy. With ``expected`` (the number of such samples the probe predicts) it stops as soon
-    as too many misses make ``min_face_ratio`` unreachable.
+    as too many misses make ``min_face_ratio`` unreachable. ``misses`` gets the times of samples without a face.
     """
     times: list[float] = []
     found: list[tuple[float, Box]] = []
@@ -88,7 +89,10 @@ def scan_faces(
         box = detector.detect_gray(gray, scale)
         if box is not None:
             found.append((t, box))
-        elif (missed := missed + 1) > (1 - min_face_ratio) * (expected or math.inf):
+            return
+        if misses is not None:
+            misses.append(t)
+        if (missed := missed + 1) > (1 - min_face_ratio) * (expected or math.inf):
             raise PrepareError(_face_reason(len(found), missed, min_face_ratio))
 
     for t, frame in reader:

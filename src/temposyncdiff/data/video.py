@@ -93,10 +93,13 @@ class VideoFrames:
     A corrupt packet after the first frame ends the stream quietly (what was decoded counts), so two passes
     over one file see the same frames. ``rate`` is the stream's average frame rate (0 when unknown), set once
     iteration starts; ``rgb``/``gray`` convert a frame with one reused converter (~10x faster than to_ndarray).
+    ``start`` (a timestamp as iteration gives them): decoding begins at the keyframe at or before it; a stream
+    whose frames carry no timestamps then raises MediaError.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, start: float = 0.0) -> None:
         self.path = path
+        self.start = start
         self.rate = 0.0
         self._convert = VideoReformatter()
 
@@ -108,11 +111,15 @@ class VideoFrames:
             _codec(vs, self.path)
             vs.thread_type = "AUTO"
             self.rate = float(vs.average_rate or 0)
+            if self.start > 0:
+                container.seek(round(self.start / vs.time_base), stream=vs)
             n = 0
             try:
                 for frame in container.decode(vs):
                     if frame.pts is not None:
                         t = float(frame.pts * vs.time_base)
+                    elif self.start > 0:
+                        raise MediaError(f"{self.path}: its frames carry no timestamps, so it cannot be seeked")
                     else:
                         t = n / self.rate if self.rate else float(n)
                     yield t, frame

@@ -18,6 +18,8 @@ Documented behaviours:
   video's frame count, with a warning when it is off by more than a frame; a transcript whose words run
   past the audio, or end over ``TRANSCRIPT_SLACK_S`` (1 s) before it, gets the same kind of warning; with
   neither, the pipeline uses the audio encoder's viseme head.
+- Paste-back: a generated crop replaces the part of the frame a net re-draws (its ``pose_mask`` box, or the whole
+  crop), blended over a smoothstep feather; every other pixel stays bit-identical. ``seam_ratio`` measures the seam.
 """
 
 from __future__ import annotations
@@ -206,35 +208,106 @@ def even_size(image: np.ndarray) -> np.ndarray:
     return np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else image
 
 
-def paste_back(original: np.ndarray, box: Box, generated: np.ndarray, feather: float = 0.1) -> np.ndarray:
-    """Blend a generated uint8 square face into a copy of ``original`` at its crop ``box``, with soft edges.
+Region = tuple[float, float, float, float]  # (x0, y0, x1, y1) fractions of a face crop
+SEAM_RING = 2  # pixels around a blend's mask that seam_ratio also looks at (a hard edge's outer side)
 
-    ``feather``: width of the edge ramp as a fraction of the box side (0 = hard edge). Parts of the box
-    outside the image are dropped; pixels outside the box are left untouched.
+
+@dataclass
+class Blend:
+    """A paste's soft mask: ``weight`` ``[h, w]`` in [0, 1] over frame rows ``top:top+h``, columns ``left:left+w``."""
+
+    top: int
+    left: int
+    weight: np.ndarray
+
+
+def blend_mask(
+    box: Box, frame_shape: tuple[int, ...], feather: float = 0.1, region: Region | None = None
+) -> Blend | None:
+    """Where a crop pasted at ``box`` changes a frame of ``frame_shape`` (None: the box misses the frame).
+
+    ``region``: the part of the crop the net changed (None: all of it); it gets weight 1, falling to 0 by a
+    smoothstep over ``feather`` x the box side outside it, or inside it where the box leaves no room. Pixels of
+    weight 0 are left out, so a paste leaves them bit-identical.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
-    h, w = original.shape[:2]
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    rx0, ry0, rx1, ry1 = region or (0.0, 0.0, 1.0, 1.0)
+    weight = np.outer(_ramp(y1 - y0, feather, ry0, ry1), _ramp(x1 - x0, feather, rx0, rx1))
+    rows, cols = np.flatnonzero(weight.any(axis=1)), np.flatnonzero(weight.any(axis=0))
+    if not len(rows):
+        return None
+    h, w = frame_shape[:2]
+    top, bottom = max(y0 + rows[0], 0), min(y0 + rows[-1] + 1, h)
+    left, right = max(x0 + cols[0], 0), min(x0 + cols[-1] + 1, w)
+    if top >= bottom or left >= right:
+        return None
+    return Blend(top, left, weight[top - y0 : bottom - y0, left - x0 : right - x0])
+
+
+def paste_back(
+    original: np.ndarray, box: Box, generated: np.ndarray, feather: float = 0.1, region: Region | None = None
+) -> np.ndarray:
+    """Blend a generated uint8 square face into a copy of ``original`` at its crop ``box``, with soft edges.
+
+    ``feather``: width of the edge ramp as a fraction of the box side (0 = hard edge); ``region``: the part of the
+    crop to replace (``blend_mask``). Parts of the box outside the image are dropped; pixels the blend does not
+    reach are left bit-identical.
+    """
     out = original.copy()
-    if cx0 >= cx1 or cy0 >= cy1:
+    blend = blend_mask(box, original.shape, feather, region)
+    if blend is None:
         return out
-    face = Image.fromarray(np.ascontiguousarray(generated)).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
-    inside = np.s_[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-    mask = np.outer(_ramp(y1 - y0, feather), _ramp(x1 - x0, feather))[inside][..., None]
-    region = out[cy0:cy1, cx0:cx1].astype(np.float32)
-    blended = region + mask * (np.asarray(face, dtype=np.float32)[inside] - region)
-    out[cy0:cy1, cx0:cx1] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    (h, w), top, left = blend.weight.shape, blend.top, blend.left
+    sx, sy = generated.shape[1] / (x1 - x0), generated.shape[0] / (y1 - y0)
+    part = ((left - x0) * sx, (top - y0) * sy, (left - x0 + w) * sx, (top - y0 + h) * sy)  # the blend's source pixels
+    face = Image.fromarray(np.ascontiguousarray(generated)).resize((w, h), Image.Resampling.LANCZOS, box=part)
+    face = np.asarray(face, dtype=np.float32)
+    under = out[top : top + h, left : left + w].astype(np.float32)
+    blended = under + blend.weight[..., None] * (face - under)
+    out[top : top + h, left : left + w] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     return out
 
 
-def _ramp(n: int, feather: float) -> np.ndarray:
-    """1 in the middle, falling smoothly to 0 over ``feather * n`` pixels at both ends."""
-    width = feather * n
+def _ramp(n: int, feather: float, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """Weights of ``n`` pixels: 1 on ``[lo, hi]`` (fractions of n), a smoothstep down to 0 over ``feather * n``
+    pixels outside it, moved inside where the ends leave no room (so the whole span ramps in from its edges)."""
+    x, width = np.arange(n, dtype=np.float32) + 0.5, feather * n
     if width <= 0:
-        return np.ones(n, dtype=np.float32)
-    i = np.arange(n, dtype=np.float32)
-    t = np.clip(np.minimum(i + 0.5, n - 0.5 - i) / width, 0, 1)
+        return ((x >= lo * n) & (x <= hi * n)).astype(np.float32)
+    start, stop = max(lo * n - width, 0.0), min(hi * n + width, float(n))
+    t = np.clip(np.minimum(x - start, stop - x) / width, 0, 1)
     return t * t * (3 - 2 * t)
+
+
+def seam_ratio(output: np.ndarray, source: np.ndarray, blend: Blend) -> float:
+    """Mean gradient magnitude along a paste's border in ``output`` over the same in the untouched ``source``.
+
+    The border: every pixel whose blend weight differs from a neighbour's (the whole feather ramp; both sides of a
+    hard edge). ~1: no visible seam; above 1: the paste adds an edge; below 1: it is smoother (blurrier) there.
+    """
+    h, w = blend.weight.shape
+    top, left = max(blend.top - SEAM_RING, 0), max(blend.left - SEAM_RING, 0)
+    bottom = min(blend.top + h + SEAM_RING, output.shape[0])
+    right = min(blend.left + w + SEAM_RING, output.shape[1])
+    weight = np.zeros((bottom - top, right - left), np.float32)
+    weight[blend.top - top : blend.top - top + h, blend.left - left : blend.left - left + w] = blend.weight
+    dy, dx = np.diff(weight, axis=0) != 0, np.diff(weight, axis=1) != 0
+    border = np.zeros(weight.shape, bool)
+    border[1:] |= dy
+    border[:-1] |= dy
+    border[:, 1:] |= dx
+    border[:, :-1] |= dx
+    if not border.any():
+        return 1.0
+    crop = np.s_[top:bottom, left:right]
+    return (_gradient(output[crop], border) + 1e-3) / (_gradient(source[crop], border) + 1e-3)  # flat and flat: 1
+
+
+def _gradient(image: np.ndarray, where: np.ndarray) -> float:
+    """Mean over ``where`` of the gradient magnitude (central differences, averaged over channels)."""
+    gy, gx = np.gradient(image.astype(np.float32), axis=(0, 1))
+    return float(np.sqrt(gx**2 + gy**2)[where].mean())
 
 
 def load_speech(
