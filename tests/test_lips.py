@@ -114,7 +114,7 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
     assert net.lip_dim == 3
     assert torch.allclose(net.lip_norm, torch.from_numpy(np.stack([lips.mean(0), lips.std(0, ddof=1)])), atol=1e-5)
     header = next(iter((tmp_path / "run" / "csv").rglob("metrics.csv"))).read_text().splitlines()[0]
-    assert "train/lips" in header and "val/lips" in header
+    assert "train/lips" in header and "val/lips" in header and "val/lip_corr" in header
 
 
 def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tmp_path):

@@ -103,6 +103,12 @@ def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+
+
 def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set)."""
     if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
@@ -253,6 +259,8 @@ class TeacherStage(StageModule):
         }
         if lip_loss is not None:
             out["lips"] = lip_loss
+            with torch.no_grad():  # how well the head follows the true inner-lip opening (not a loss term)
+                out["lip_corr"] = _pearson(guess[..., 0][mask], truth[..., 0][mask])
         if hp.identity_weight or hp.temporal_weight or hp.sync_weight:
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
@@ -265,7 +273,7 @@ class TeacherStage(StageModule):
                 out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
         weights = {"diffusion": 1.0, "viseme_ce": hp.viseme_weight, "lips": hp.lip_weight, "identity": hp.identity_weight,
                    "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
-        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        out["loss"] = sum(weights[k] * v for k, v in out.items() if k in weights)
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
