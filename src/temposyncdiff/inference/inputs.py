@@ -253,8 +253,12 @@ def paste_back(
     crop to replace (``blend_mask``). Parts of the box outside the image are dropped; pixels the blend does not
     reach are left bit-identical.
     """
+    return paste_blend(original, box, generated, blend_mask(box, original.shape, feather, region))
+
+
+def paste_blend(original: np.ndarray, box: Box, generated: np.ndarray, blend: Blend | None) -> np.ndarray:
+    """``paste_back`` with its ``blend_mask`` already made (None: the box misses the frame, a plain copy)."""
     out = original.copy()
-    blend = blend_mask(box, original.shape, feather, region)
     if blend is None:
         return out
     x0, y0, x1, y1 = (int(v) for v in box)

@@ -31,7 +31,7 @@ import torch
 from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
 from temposyncdiff.data.prepare import PrepareError, face_track, scan_faces
 from temposyncdiff.data.video import MediaError, VideoFrames, VideoInfo, probe, resample_index
-from temposyncdiff.inference.inputs import InputError, Region, blend_mask, even_size, paste_back, seam_ratio
+from temposyncdiff.inference.inputs import InputError, Region, blend_mask, even_size, paste_blend, seam_ratio
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
 from temposyncdiff.utils.weights import load_payload
 
@@ -292,8 +292,8 @@ class VideoRevoicer:
 
     def _paste(self, item: _Frame, generated: np.ndarray) -> np.ndarray:
         box = tuple(int(v) for v in self.track.boxes[item.source])
-        out = paste_back(item.rgb, box, generated, self.feather, self.region)
-        blend = blend_mask(box, item.rgb.shape, self.feather, self.region)
+        blend = blend_mask(box, item.rgb.shape, self.feather, self.region)  # once: for the paste and its seam
+        out = paste_blend(item.rgb, box, generated, blend)
         if blend is not None:
             self._seams.append(seam_ratio(out, item.rgb, blend))
         return out
