@@ -127,6 +127,26 @@ def face_track(times: np.ndarray, at: np.ndarray, boxes: np.ndarray, smooth_wind
     return track
 
 
+def output_rate_track(
+    reader: VideoFrames,
+    detector: FaceDetector,
+    fps: float,
+    detect_every: int = 5,
+    smooth_window: int = 9,
+    min_face_ratio: float = 0.5,
+    expected: int | None = None,
+    misses: list[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1 at the models' rate (``scan_faces``, then ``resample_index`` and ``face_track``): every decoded frame's
+    time ``[M]``, the decoded frame each ``fps``-rate frame shows ``[N]``, the detection times ``[K]`` and the
+    smoothed face box of each ``fps``-rate frame ``[N,4]``."""
+    times, at, boxes = scan_faces(reader, detector, max(1, detect_every) / fps, min_face_ratio, expected, misses)
+    index, _ = resample_index(times, reader.rate, fps)
+    times = np.asarray(times)
+    index = np.arange(len(times)) if index is None else index
+    return times, index, at, face_track(times[index], at, boxes, smooth_window)
+
+
 def split_utterances(
     audio: np.ndarray, sample_rate: int, fps: float, num_frames: int, max_s: float | None, min_s: float
 ) -> list[tuple[int, int]]:
@@ -180,15 +200,13 @@ def prepare_video(
     every_s = max(1, detect_every) / fps
     expected = math.floor(info.duration_s / every_s) + 2 if info.duration_s > 0 else None
     reader = VideoFrames(path)
-    times, at, boxes = scan_faces(reader, detector, every_s, min_face_ratio, expected)
-    index, _ = resample_index(times, reader.rate, fps)
-    index = np.arange(len(times)) if index is None else index
+    times, index, _, track = output_rate_track(reader, detector, fps, detect_every, smooth_window, min_face_ratio,
+                                               expected)  # fmt: skip
     n = len(index)
     audio = load_audio(path, sample_rate, num_samples=round(n / fps * sample_rate))
     ranges = split_utterances(audio, sample_rate, fps, n, max_utterance_s, min_utterance_s)
     if not ranges:
         raise PrepareError(f"shorter than min_utterance_s={min_utterance_s} ({n / fps:.2f} s)")
-    track = face_track(np.asarray(times)[index], at, boxes, smooth_window)
 
     def crops() -> Iterator[np.ndarray]:  # pass 2: output frames in order, each source frame converted once
         repeats, k = np.bincount(index, minlength=len(times)), 0

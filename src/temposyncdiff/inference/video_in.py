@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-from temposyncdiff.data.prepare import PrepareError, face_track, scan_faces
-from temposyncdiff.data.video import MediaError, VideoFrames, VideoInfo, probe, resample_index
+from temposyncdiff.data.prepare import PrepareError, output_rate_track
+from temposyncdiff.data.video import MediaError, VideoFrames, VideoInfo, probe
 from temposyncdiff.inference.inputs import InputError, Region, blend_mask, even_size, paste_blend, seam_ratio
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
 from temposyncdiff.utils.weights import load_payload
@@ -87,16 +87,14 @@ def track_video(
         raise InputError(f"video={path}: {err}") from None
     reader, misses = VideoFrames(path), []
     try:
-        times, at, boxes = scan_faces(reader, detector, max(1, detect_every) / fps, 0.0, misses=misses)
+        times, index, at, track = output_rate_track(
+            reader, detector, fps, detect_every, smooth_window, 0.0, None, misses
+        )
     except PrepareError as err:
         raise InputError(f"{path}: {err}; video mode needs a face to re-voice") from None
-    index, _ = resample_index(times, reader.rate, fps)
-    times = np.asarray(times)
-    index = np.arange(len(times)) if index is None else index
     frame_times = times[index]
     info = probe(path, count_frames=False)
     width, height = info.width, info.height
-    track = face_track(frame_times, at, boxes, smooth_window)
     crop = np.array([square_crop_box(b, width, height, margin, lift) for b in track], dtype=np.int64)
     face = _face_near(frame_times, at, np.asarray(misses))
     sides = crop[:, 2] - crop[:, 0]
