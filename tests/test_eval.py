@@ -111,6 +111,7 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
         r["identity"]["num_frames"] == 3 * 2 if r["identity"]["status"] == "ok" else "dlib" in r["identity"]["reason"]
     )
     assert r["latency"]["frames"] == 48 and r["latency"]["ms_per_frame"]["denoiser"] > 0
+    assert "per_talk" not in r and not (out / "tables" / "eval_generation_per_talk.csv").exists()  # one talk
     still = gen["baselines"]["reference_still"]  # the reference copied to every frame: no motion, no audio
     assert still["fidelity"]["num_frames"] == 48 and still["flicker"]["flicker_pred"] == 0
     assert still["mouth_motion"]["own"]["corr"] in (0.0, None) and still["lip_sync"]["gap_lse_c"] == 0
@@ -172,6 +173,34 @@ def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # the task wrapper: one line, exit 2
         still_psnr(f"eval.generation.reference={tmp_path / 'nope.png'}")
     assert exit_info.value.code == 2
+
+
+def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
+    """eval.generation.per_talk: every run and baseline also scored per talk (person), in the report and a table."""
+    cfg = compose_config("eval", [
+        "eval=generation", "split=train", "max_utterances=4", f"vae={exports / 'vae_pretrained.pt'}",
+        f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+        "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.per_talk=true",
+        "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
+        "eval.generation.lip_landmarks.enabled=false", "eval.generation.syncnet=null", "threads=1",
+    ], data_root, tmp_path / "run")  # fmt: skip
+    gen = evaluate(cfg)["generation"]
+    talks = {u.split("/")[0] for u in (c.id for c in load_clips(cfg.manifest, 4))}
+    assert len(talks) == 2
+    for r in (gen["results"]["teacher@1"], gen["baselines"]["reference_still"]):
+        assert set(r["per_talk"]) == talks
+        assert sum(t["fidelity"]["num_frames"] for t in r["per_talk"].values()) == r["fidelity"]["num_frames"] == 32
+        assert all(t["mouth_motion"]["own"].get("status") != "unavailable" for t in r["per_talk"].values())
+    rows = list(csv.DictReader((tmp_path / "out" / "tables" / "eval_generation_per_talk.csv").open()))
+    assert sorted((row["talk"], row["run"]) for row in rows) == sorted(
+        (t, run) for t in talks for run in ("teacher@1", "reference_still")
+    )
+    psnr = {(row["talk"], row["run"]): float(row["psnr"]) for row in rows}
+    per_talk = gen["results"]["teacher@1"]["per_talk"]
+    assert all(psnr[t, "teacher@1"] == pytest.approx(per_talk[t]["fidelity"]["full"]["psnr"], rel=1e-3) for t in talks)
+    lines = key_numbers(tmp_path / "out" / "metrics" / "eval_report.json")
+    talk_lines = lines[lines.index("per talk:") + 1 :]
+    assert sorted(line.split()[:2] for line in talk_lines) == sorted([t, "teacher@1"] for t in talks)
 
 
 def test_load_clips_reference_and_fallback(data_root, tmp_path):

@@ -75,6 +75,24 @@ def test_split_by_utterance(synth_corpus: Path, tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == 9
 
 
+def test_split_by_utterance_per_talk_holds_out_every_talk(corpus: Path, tmp_path: Path) -> None:
+    talks = sorted(d.name for d in corpus.iterdir() if d.is_dir())
+    for k, talk in enumerate(talks[1:], 1):  # talks of 3, 2 and 1 utterances
+        for mp4 in sorted((corpus / talk).glob("*.mp4"))[3 - k :]:
+            mp4.unlink()
+    said: list[str] = []
+    meta = build_manifest(corpus, tmp_path, split_by="utterance_per_talk", val_ratio=0.15, test_ratio=0.15,
+                          log=said.append)  # fmt: skip
+    rows = _rows(tmp_path)
+    per_talk = {t: {s: sum(r["talk_id"] == t for r in rows[s]) for s in SPLITS} for t in talks}
+    assert per_talk == {talks[0]: {"train": 1, "val": 1, "test": 1}, talks[1]: {"train": 1, "val": 0, "test": 1},
+                        talks[2]: {"train": 1, "val": 0, "test": 0}}  # fmt: skip
+    assert meta["split_by"] == "utterance_per_talk"
+    assert any(f"talk {talks[2]} has one utterance" in line for line in said)
+    single = _build(corpus, tmp_path / "one", split_by="utterance", val_ratio=0.15, test_ratio=0.15)
+    assert single["counts"]["test"] == 1  # the global split gives 6 utterances one test utterance, from one talk
+
+
 def test_ratios_that_leave_no_train_raise(synth_corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no training data"):
         _build(synth_corpus, tmp_path, val_ratio=0.5, test_ratio=0.5)

@@ -83,6 +83,7 @@ class Clip:
     reference: np.ndarray
     reference_from: str
     video: str  # the utterance's file
+    talk: str = ""  # the manifest's talk_id (per_talk scores group by it)
     _sized: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def at(self, size: int) -> np.ndarray:
@@ -114,7 +115,9 @@ def load_clips(manifest: str | Path, max_utterances: int | None, max_frames: int
             ref_frames, _ = read_frames(other["video_mp4"], fps)
             k = min(reference_frame, len(ref_frames) - 1)
             reference, source = ref_frames[k], f"{other['id']}#{k}"
-        clips.append(Clip(row["id"], frames[:n], wave, visemes[:n], reference, source, row["video_mp4"]))
+        clips.append(
+            Clip(row["id"], frames[:n], wave, visemes[:n], reference, source, row["video_mp4"], row["talk_id"])
+        )
     return clips
 
 
@@ -435,11 +438,22 @@ def evaluate_generation(
         return GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
                                 g.identity.stride, lips, lips_reason)  # fmt: skip
 
+    talks = sorted({c.talk for c in clips}) if g.per_talk else []
+    talks = talks if len(talks) > 1 else []
+
+    def scorers_for(size: int) -> dict[str | None, GenerationScorer]:
+        """One scorer over every clip (key None) and, with per_talk, one per talk."""
+        return {key: scorer_for(size) for key in [None, *talks]}
+
+    def scored(scorers: dict[str | None, GenerationScorer]) -> dict[str, Any]:
+        out = scorers.pop(None).compute()
+        return out | ({"per_talk": {talk: s.compute() for talk, s in scorers.items()}} if scorers else {})
+
     for name, pipe, steps, info in runs(cfg, models):
         if isinstance(pipe, str):
             out["results"][name] = info | unavailable(pipe)
             continue
-        size, scorer = pipe.image_size, scorer_for(pipe.image_size)
+        size, scorers = pipe.image_size, scorers_for(pipe.image_size)
         pipe.steps, timings = steps, Timings()
         for i, clip in enumerate(clips):
             face, ref = pipe.reference(g.reference or clip.reference)
@@ -453,9 +467,11 @@ def evaluate_generation(
                 wave, vis = swapped_inputs(clips, i)
                 swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None, pose=pose)))
             borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
-            scorer.update(truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
+            for key in (None, clip.talk):
+                if key in scorers:
+                    scorers[key].update(truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
-        out["results"][name] = info | {"status": "ok", **scorer.compute(), "latency": timings.report(seconds)}
+        out["results"][name] = info | {"status": "ok", **scored(scorers), "latency": timings.report(seconds)}
         log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
     pipe = next((p for p in models.values() if not isinstance(p, str)), None)
     if pipe is not None and g.baselines:
@@ -469,14 +485,15 @@ def evaluate_generation(
                 out["baselines"][name] = {"model": name, "kind": "baseline"} | unavailable(str(err))
                 log.info("generation baseline %s: unavailable (%s)", name, err)
                 continue
-            scorer = scorer_for(pipe.image_size)
+            scorers = scorers_for(pipe.image_size)
             for clip, face, video in zip(clips, faces, frames):
                 gt = clip.at(pipe.image_size)
                 borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
-                scorer.update(
-                    gt, video, face.crop, borders, mels.get(clip.id), video if truth_free else None, clip.wave, clip.id
-                )
-            out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scorer.compute()}
+                swap = video if truth_free else None
+                for key in (None, clip.talk):
+                    if key in scorers:
+                        scorers[key].update(gt, video, face.crop, borders, mels.get(clip.id), swap, clip.wave, clip.id)
+            out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
 
@@ -565,6 +582,14 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
         row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"].get("lse_c"),
                 "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip
     return row
+
+
+def per_talk_rows(report: dict) -> list[dict]:
+    """One generation row per run (and baseline) and talk, for reports scored with ``per_talk``."""
+    g = report.get("generation", {})
+    runs_ = {**g.get("results", {}), **g.get("baselines", {})}
+    return [{"talk": talk} | gen_row(name, r | scores)
+            for name, r in runs_.items() for talk, scores in r.get("per_talk", {}).items()]  # fmt: skip
 
 
 def relative_gap(gap: Any, truth_gap: Any) -> float | None:
@@ -711,6 +736,10 @@ def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, pl
         for ext, fn in (("md", markdown), ("csv", csv_text)):
             paths[f"{kind}_{ext}"] = tables_dir / f"eval_{kind}.{ext}"
             write_text(paths[f"{kind}_{ext}"], fn(rows, cols))
+    if talk_rows := per_talk_rows(report):
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"generation_per_talk_{ext}"] = tables_dir / f"eval_generation_per_talk.{ext}"
+            write_text(paths[f"generation_per_talk_{ext}"], fn(talk_rows, ("talk", *GEN_COLUMNS)))
     for name, plot in (("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)):
         paths[name] = plots_dir / f"{name}.png"
         plot(report, paths[name])

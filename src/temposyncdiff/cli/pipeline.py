@@ -105,7 +105,7 @@ def pipeline(cfg: DictConfig) -> dict:
 def key_numbers(eval_report: Path) -> list[str]:
     """One line per generation run of the eval report: mouth and upper-face PSNR, mouth motion and LSE-C (own vs
     swapped audio), speed."""
-    from temposyncdiff.evaluation import table_rows
+    from temposyncdiff.evaluation import per_talk_rows, table_rows
 
     fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("psnr_upper_face", "upper face {:.2f} dB"),
               ("mouth_corr", "mouth motion corr {:.2f}"), ("mouth_corr_swapped", "(swapped audio {:.2f})"),
@@ -115,7 +115,8 @@ def key_numbers(eval_report: Path) -> list[str]:
               ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
               ("lse_c_gap_rel", "LSE-C gap {:.2f}x the truth's"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
     lines = ["key numbers (test split):"]
-    rows = [r for r in table_rows(json.loads(eval_report.read_text()))[0] if r.get("status") == "ok"]
+    report = json.loads(eval_report.read_text())
+    rows = [r for r in table_rows(report)[0] if r.get("status") == "ok"]
     timed = [r for r in rows if isinstance(r.get("ms_per_frame"), int | float) and r["ms_per_frame"] > 0]
     teachers = [r for r in timed if r["run"].startswith("teacher")]
     base = max(teachers, key=lambda r: r.get("steps") or 0) if teachers else None  # the full-step teacher
@@ -124,6 +125,13 @@ def key_numbers(eval_report: Path) -> list[str]:
         if base is not None and r is not base and r in timed:
             parts.append(f"({base['ms_per_frame'] / r['ms_per_frame']:.0f}x faster than {base['run']})")
         lines.append(f"  {r['run']:<18} " + "  ".join(parts))
+    runs = {r["run"] for r in timed}  # per talk: the generated runs, not the baselines
+    talk_rows = [r for r in per_talk_rows(report) if r["run"] in runs]
+    if talk_rows:
+        lines.append("per talk:")
+    for r in talk_rows:
+        parts = [fmt.format(r[k]) for k, fmt in fields[:-1] if isinstance(r.get(k), int | float)]
+        lines.append(f"  {r['talk'] + ' ' + r['run']:<30} " + "  ".join(parts))
     return lines
 
 

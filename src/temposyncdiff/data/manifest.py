@@ -21,6 +21,7 @@ from temposyncdiff.utils.io import write_json, write_text
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("lrs3", "hdtf")
+SPLIT_BY = ("talk", "utterance", "utterance_per_talk")
 PATH_KEYS = ("video_mp4", "transcript", "viseme_npy")
 
 
@@ -103,19 +104,23 @@ def _probe_entry(mp4: Path, with_transcript: bool) -> tuple[dict | str, str | No
     }, bad_txt
 
 
-def _count(ratio: float, n: int) -> int:
+def _count(ratio: float, n: int, least_from: int = 3) -> int:
     k = round(ratio * n)
-    return max(k, 1) if ratio > 0 and n >= 3 else k
+    return max(k, 1) if ratio > 0 and n >= least_from else k
 
 
-def split_groups(keys: list[str], val_ratio: float, test_ratio: float, seed: int) -> dict[str, str]:
-    """Assign each distinct key to a split: sort, shuffle with ``default_rng(seed)``, cut val, test, rest train."""
+def split_groups(keys: list[str], val_ratio: float, test_ratio: float, seed: int, test_least_from: int = 3
+                 ) -> dict[str, str]:  # fmt: skip
+    """Assign each distinct key to a split: sort, shuffle with ``default_rng(seed)``, cut val, test, rest train.
+
+    A positive ratio holds out at least one group from 3 groups on (the test split from ``test_least_from``).
+    """
     for r in (val_ratio, test_ratio):
         if not 0 <= r < 1:
             raise ManifestError(f"split ratios must be in [0, 1), got val={val_ratio} test={test_ratio}")
     groups = sorted(set(keys))
     order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
-    n_val, n_test = _count(val_ratio, len(groups)), _count(test_ratio, len(groups))
+    n_val, n_test = _count(val_ratio, len(groups)), _count(test_ratio, len(groups), test_least_from)
     if n_val + n_test >= len(groups):
         raise ManifestError(
             f"val_ratio={val_ratio} and test_ratio={test_ratio} leave no training data "
@@ -145,8 +150,8 @@ def build_manifest(
     """Probe every video under ``root``, split, write ``<name>_{train,val,test}.jsonl`` + ``<name>_meta.json``."""
     if layout not in LAYOUTS:
         raise ManifestError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if split_by not in ("talk", "utterance"):
-        raise ManifestError(f"split_by must be 'talk' or 'utterance', got {split_by!r}")
+    if split_by not in SPLIT_BY:
+        raise ManifestError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     root_abs = os.path.abspath(root)
     if not os.path.isdir(root_abs):
         raise ManifestNotFoundError(f"{root_abs}: corpus root does not exist or is not a directory")
@@ -186,7 +191,14 @@ def build_manifest(
         raise ManifestError(f"{root_abs}: no usable video ({len(skipped)} files skipped, e.g. {skipped[0]})")
 
     key = "talk_id" if split_by == "talk" else "id"
-    assign = split_groups([r[key] for r in rows], val_ratio, test_ratio, seed)
+    if split_by == "utterance_per_talk":  # held-out utterances of every talk (person): one test from 2 utterances
+        assign = {}
+        for talk in sorted({r["talk_id"] for r in rows}):
+            assign |= split_groups([r["id"] for r in rows if r["talk_id"] == talk], val_ratio, test_ratio, seed, 2)
+            if "test" not in (assign[r["id"]] for r in rows if r["talk_id"] == talk):
+                log(f"manifest: talk {talk} has one utterance: it trains, none of it is held out")
+    else:
+        assign = split_groups([r[key] for r in rows], val_ratio, test_ratio, seed)
     out_dir = Path(out_dir)
     counts = {}
     for split in SPLITS:
