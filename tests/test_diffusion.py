@@ -239,6 +239,9 @@ def test_lip_shapes_condition_the_net_and_its_head_predicts_them_otherwise():
         guess = net.predict_lips(cond["audio_emb"], cond["visemes"])
         assert guess.shape == (B, T, 3)
         assert torch.allclose(net(x, t, **cond), net(x, t, **cond, lips=guess), atol=1e-6)
+        net.lip_gain.fill_(2.0)  # at inference the head's prediction is scaled by the calibrated gain
+        assert torch.equal(net.predict_lips(cond["audio_emb"], cond["visemes"]), guess)
+        assert torch.allclose(net(x, t, **cond), net(x, t, **cond, lips=2 * guess), atol=1e-6)
         drop = torch.ones(B, dtype=torch.bool)
         assert torch.equal(
             net(x, t, **cond, drop_cond=drop, lips=lips_a), net(x, t, **cond, drop_cond=drop, lips=lips_b)

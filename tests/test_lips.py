@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import hydra
 import numpy as np
@@ -21,6 +22,7 @@ from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.stages.teacher import calibrate_lip_gain
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config
 from tests.test_student import TINY as STUDENT
@@ -115,6 +117,34 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
     assert torch.allclose(net.lip_norm, torch.from_numpy(np.stack([lips.mean(0), lips.std(0, ddof=1)])), atol=1e-5)
     header = next(iter((tmp_path / "run" / "csv").rglob("metrics.csv"))).read_text().splitlines()[0]
     assert "train/lips" in header and "val/lips" in header and "val/lip_corr" in header
+    assert not torch.equal(net.lip_gain, torch.ones(3)) and ((net.lip_gain >= 0.5) & (net.lip_gain <= 4)).all()
+
+
+def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
+    """Val batches of known lip shapes whose 'audio' is the standardised truth (so a fake head can shrink it)."""
+    for part, audio in zip(lips.split(2), standard.split(2)):
+        batch = SimpleNamespace(mel=audio, visemes=torch.zeros(len(part), 4, dtype=torch.long), lips=part,
+                                mask=torch.ones(len(part), 4, dtype=torch.bool))  # fmt: skip
+        batch.to = lambda _device, batch=batch: batch
+        yield batch
+
+
+def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
+    net = Denoiser(channels=(8,), attention_levels=(), cross_attention_levels=(), temporal_levels=(), heads=1,
+                   cond_dim=8, audio_dim=4, window=4, lip_dim=3, audio_encoder={"dim": 4, "width": 4})  # fmt: skip
+    net.lip_norm.copy_(torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 1.0]]))
+    truth = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
+    shrink = torch.tensor([0.5, 1.0, 0.1])  # a head that predicts the truth at 1/2, 1 and 1/10 of its spread
+    net.embed_audio = lambda mel: (mel, None)
+    net.predict_lips = lambda emb, visemes: emb * shrink
+    dm = SimpleNamespace(val_dataloader=lambda: _val_batches(truth, net.standardize_lips(truth)))
+    net.train()
+    calibrate_lip_gain(net, dm, torch.device("cpu"), "test")
+    assert torch.allclose(net.lip_gain, torch.tensor([2.0, 1.0, 4.0]), atol=1e-5)  # 1/10 -> clamped to 4
+    assert net.training  # its mode is given back
+    no_lips = SimpleNamespace(val_dataloader=lambda: iter([SimpleNamespace(lips=None)]))
+    calibrate_lip_gain(net, no_lips, torch.device("cpu"), "test")  # no lip shapes held out: no scaling
+    assert torch.equal(net.lip_gain, torch.ones(3))
 
 
 def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tmp_path):

@@ -18,7 +18,9 @@ predicts the shape from the audio and viseme tokens, and the shape joins the tok
 (measured on the target frame) part of the time, so the net learns to draw a given shape, which the truth explains
 far better than audio; the head learns audio -> shape as a separate, low-dimensional regression. At inference the
 head's prediction drives the mouth (a speech-to-motion step, then rendering, as landmark- and 3DMM-driven talking-head
-methods split the problem). Shapes are standardised by ``lip_norm`` (the training data's mean and std).
+methods split the problem). Shapes are standardised by ``lip_norm`` (the training data's mean and std). A regression
+head's predictions vary less than the truth (by about its correlation with it), which would draw a mouth that barely
+moves: at inference they are scaled by ``lip_gain`` (per shape, the held-out truth's std over the predictions').
 """
 
 from __future__ import annotations
@@ -223,6 +225,7 @@ class Denoiser(nn.Module):
         if lip_dim:
             self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim), nn.Linear(lip_dim, cond_dim)
             self.register_buffer("lip_norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
+            self.register_buffer("lip_gain", torch.ones(lip_dim))  # predicted shapes' scale at inference
 
         def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
             spatial = level in attention_levels if spatial is None else spatial
@@ -267,7 +270,8 @@ class Denoiser(nn.Module):
         return (lips - self.lip_norm[0]) / self.lip_norm[1]
 
     def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:
-        """Standardised lip shapes ``[B,T,lip_dim]`` from audio embeddings ``[B,T,D]`` and viseme ids ``[B,T]``."""
+        """Standardised lip shapes ``[B,T,lip_dim]`` from audio embeddings ``[B,T,D]`` and viseme ids ``[B,T]``
+        (the head's regression; ``condition`` scales it by ``lip_gain``)."""
         return self.lip_head(self.audio_proj(audio_emb) + self.viseme_emb(visemes))
 
     def condition(self, t: Tensor, audio_emb: Tensor | None, visemes: Tensor | None, shape: tuple[int, int],
@@ -285,7 +289,7 @@ class Denoiser(nn.Module):
             a, v = torch.where(drop_cond[:, None, None], null_a, a), torch.where(drop_cond[:, None, None], null_v, v)
         tokens = a + v  # [B,T,cd]
         if self.lip_dim and (audio_emb is not None or visemes is not None or lips is not None):
-            lip = self.lip_proj(self.lip_head(tokens) if lips is None else lips)
+            lip = self.lip_proj(self.lip_head(tokens) * self.lip_gain if lips is None else lips)
             tokens = tokens + (lip if drop_cond is None else torch.where(drop_cond[:, None, None], 0, lip))
         film = F.silu(temb[:, None] + tokens).flatten(0, 1)
         idx = torch.arange(n, device=t.device)

@@ -60,7 +60,7 @@ from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule, weights_digest
-from temposyncdiff.stages.teacher import held_out_utterances, model_stats
+from temposyncdiff.stages.teacher import calibrate_lip_gain, held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
 from temposyncdiff.utils.weights import load_net
 
@@ -552,6 +552,10 @@ class StudentStage(StageModule):
         rank_zero_info("student val: " + "; ".join(f"{run}: psnr_mouth={m['psnr_mouth']:.2f} psnr={m['psnr']:.2f} "
                        f"flicker={m['flicker']:.4f}" + (f" lse_c_gap={m['lse_c_gap']:.2f}" if "lse_c_gap" in m else "")
                        for run, m in metrics.items()))  # fmt: skip
+
+    def before_export(self) -> None:
+        if self.net.lip_dim:
+            calibrate_lip_gain(self.net, getattr(self._trainer, "datamodule", None), self.device, "student")
 
     def export_meta(self) -> dict[str, Any]:
         hp, sch = self.hparams, self.schedule.scheduler.config
