@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from temposyncdiff.cli.data import run
 from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-from temposyncdiff.data.prepare import META_NAME, prepare_video, prepare_videos, split_utterances
+from temposyncdiff.data.prepare import META_NAME, PrepareError, prepare_video, prepare_videos, split_utterances
 from temposyncdiff.data.video import probe, read_audio_track, read_frames
 from tests.conftest import compose_config
 
@@ -106,6 +107,22 @@ def test_layout_and_report(prepared):
     assert meta["skipped"] == result["skipped"] and meta["settings"]["image_size"] == SIZE
     assert meta["talks"]["vfr_clip_1"].endswith("vfr clip (1).mov") and len(logs) == 6
     assert logs[-1].startswith("skipped 3 of 5 inputs: ") and "silent.mkv: no audio track" in logs[-1]
+
+
+def test_a_video_without_sound_takes_its_sidecar_audio_file(tmp_path):
+    """A recording whose sound lies beside it (<stem>.wav, as from a separate recorder) is prepared with it."""
+    video = make_video(tmp_path / "take.mp4", [render(i / 59) for i in range(60)])  # 2 s at 30 fps, no audio
+    with wave.open(str(tmp_path / "take.wav"), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(22050)
+        out.writeframes((tone(2.0, 22050, 1)[0] * 32767).astype("<i2").tobytes())
+    prepare_videos([video], tmp_path / "out", image_size=SIZE, max_utterance_s=None, min_utterance_s=MIN_S,
+                   log=lambda _: None)  # fmt: skip
+    (mp4,) = (tmp_path / "out" / "take").glob("*.mp4")
+    audio, rate = read_audio_track(mp4)
+    assert rate == SR and abs(audio.shape[1] / SR - 2.0) <= 2 / FPS and np.abs(audio).max() > 0.1  # AAC pads
+    (tmp_path / "take.wav").unlink()
+    with pytest.raises(PrepareError, match=r"no audio track \(nor a sidecar audio file take\{\.wav"):
+        prepare_videos([video], tmp_path / "out2", image_size=SIZE, log=lambda _: None)
 
 
 def test_streams_and_durations(prepared):

@@ -2,8 +2,9 @@
 
 Each source video becomes ``<out_root>/<talk_id>/<NNNNN>.mp4`` (talk_id = sanitised file stem). A talk is
 written into a hidden temporary folder and renamed when complete, so a rerun skips finished talks and
-redoes interrupted ones. Bad inputs (not a video, unreadable, no audio, no face) are skipped with a one-line
-reason; when none is prepared that is an error. Frames stream through two decoding passes (face track, then
+redoes interrupted ones. A video without an audio track takes its sound from a sidecar file of the same
+stem (``<stem>.wav``, ``.flac``, ...) when there is one. Bad inputs (not a video, unreadable, no audio, no face)
+are skipped with a one-line reason; when none is prepared that is an error. Frames stream through two decoding passes (face track, then
 crops), so memory does not grow with a video's length (only its 16 kHz audio is held whole: 3.8 MB a minute).
 """
 
@@ -29,6 +30,7 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import write_json
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+AUDIO_EXTS = (".wav", ".flac", ".m4a", ".mp3", ".aac", ".ogg", ".opus")  # a sidecar track: <video stem><ext>
 META_NAME = "prepare_meta.json"
 
 
@@ -57,6 +59,11 @@ def find_videos(inputs: str | os.PathLike | Iterable[str | os.PathLike], exclude
     if not videos:
         raise PrepareError("inputs=[]: no videos given")
     return videos
+
+
+def sidecar_audio(video: Path) -> Path | None:
+    """The audio file recorded beside a video without an audio track (same folder and stem), if there is one."""
+    return next((p for ext in AUDIO_EXTS if (p := video.with_suffix(ext)).is_file()), None)
 
 
 def talk_id_for(path: Path) -> str:
@@ -195,15 +202,16 @@ def prepare_video(
     info = probe(path, count_frames=False)
     if info.num_frames <= 1:
         raise PrepareError("not a video (a single image)")
-    if info.audio_sample_rate is None:
-        raise PrepareError("no audio track")
+    sound = path if info.audio_sample_rate is not None else sidecar_audio(path)
+    if sound is None:
+        raise PrepareError(f"no audio track (nor a sidecar audio file {path.stem}{{{','.join(AUDIO_EXTS)}}})")
     every_s = max(1, detect_every) / fps
     expected = math.floor(info.duration_s / every_s) + 2 if info.duration_s > 0 else None
     reader = VideoFrames(path)
     times, index, _, track = output_rate_track(reader, detector, fps, detect_every, smooth_window, min_face_ratio,
                                                expected)  # fmt: skip
     n = len(index)
-    audio = load_audio(path, sample_rate, num_samples=round(n / fps * sample_rate))
+    audio = load_audio(sound, sample_rate, num_samples=round(n / fps * sample_rate))
     ranges = split_utterances(audio, sample_rate, fps, n, max_utterance_s, min_utterance_s)
     if not ranges:
         raise PrepareError(f"shorter than min_utterance_s={min_utterance_s} ({n / fps:.2f} s)")
