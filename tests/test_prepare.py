@@ -40,12 +40,16 @@ def render(t: float, size=(640, 480), x=(80, 280), y=(60, 100), scale=(0.5, 0.6)
     return np.asarray(canvas)
 
 
-def make_video(path: Path, frames: list[np.ndarray], fps: int = 30, pts_ms=None, audio=None, rate=48000) -> Path:
-    """Write frames (with ``pts_ms`` for variable frame rate) and an optional float ``[C, S]`` audio track."""
+def make_video(path: Path, frames: list[np.ndarray], fps: int = 30, pts_ms=None, audio=None, rate=48000,
+               rotation: int = 0) -> Path:  # fmt: skip
+    """Write frames (with ``pts_ms`` for variable frame rate, with a display ``rotation`` as phones record) and an
+    optional float ``[C, S]`` audio track."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
         vs.pix_fmt, vs.height, vs.width = "yuv420p", *frames[0].shape[:2]
+        if rotation:
+            vs.set_display_rotation(rotation)
         if pts_ms is not None:
             vs.codec_context.time_base = Fraction(1, 1000)
         if audio is not None:
@@ -123,6 +127,22 @@ def test_a_video_without_sound_takes_its_sidecar_audio_file(tmp_path):
     (tmp_path / "take.wav").unlink()
     with pytest.raises(PrepareError, match=r"no audio track \(nor a sidecar audio file take\{\.wav"):
         prepare_videos([video], tmp_path / "out2", image_size=SIZE, log=lambda _: None)
+
+
+def test_a_phone_video_is_turned_upright(tmp_path):
+    """A portrait phone recording stores its frames sideways with a display rotation: they are read upright."""
+    frames = [render(i / 29) for i in range(30)]
+    sound = tone(1.0, 48000, 1)
+    plain = make_video(tmp_path / "plain.mp4", frames, audio=sound)
+    phone = make_video(tmp_path / "phone.mp4", [np.rot90(f).copy() for f in frames], audio=sound, rotation=-90)
+    info = probe(phone)
+    assert (info.width, info.height, info.rotation) == (640, 480, 270) and probe(plain).rotation == 0
+    (truth, _), (read, _) = read_frames(plain), read_frames(phone)
+    assert read.shape == truth.shape and np.abs(read.astype(int) - truth).mean() < 3
+    prepare_videos([plain, phone], tmp_path / "out", image_size=SIZE, max_utterance_s=None, min_utterance_s=MIN_S,
+                   log=lambda _: None)  # fmt: skip
+    (a, _), (b, _) = (read_frames(next((tmp_path / "out" / name).glob("*.mp4"))) for name in ("plain", "phone"))
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 4  # the same upright face crops
 
 
 def test_streams_and_durations(prepared):

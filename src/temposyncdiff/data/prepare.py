@@ -91,8 +91,9 @@ def scan_faces(
 
     def detect(t: float, frame: av.VideoFrame) -> None:
         nonlocal missed
-        scale = detector.scale_for(frame.width, frame.height)
-        gray = reader.gray(frame, max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+        width, height = reader.size(frame)
+        scale = detector.scale_for(width, height)
+        gray = reader.gray(frame, max(1, round(width * scale)), max(1, round(height * scale)))
         box = detector.detect_gray(gray, scale)
         if box is not None:
             found.append((t, box))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,12 +28,23 @@ class VideoInfo:
     num_frames: int
     fps: float
     duration_s: float
-    width: int
+    width: int  # as displayed: a rotated stream (phone videos) is turned upright
     height: int
     audio_sample_rate: int | None  # None when there is no audio track
     audio_channels: int | None
     video_codec: str
     audio_codec: str | None
+    rotation: int = 0  # degrees counter-clockwise the stored frames are turned to display them (0, 90, 180, 270)
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that show a decoded frame upright (its display matrix; phones record one)."""
+    return round(frame.rotation / 90) % 4
+
+
+def upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """``image`` (``[H,W,...]``) turned ``turns`` quarter turns counter-clockwise."""
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
@@ -74,17 +86,27 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
             raise MediaError(f"{path}: video stream has no frames")
         if fps <= 0:
             fps = num / duration if duration > 0 else 0.0
+        turns = _first_frame_turns(path)
+        width, height = (video.height, video.width) if turns % 2 else (video.width, video.height)
         return VideoInfo(
             num_frames=int(num),
             fps=round(fps, 4),
             duration_s=round(duration or num / fps, 4),
-            width=video.width,
-            height=video.height,
+            width=width,
+            height=height,
             audio_sample_rate=audio.sample_rate if audio else None,
             audio_channels=audio.channels if audio else None,
             video_codec=video.name,
             audio_codec=audio.name if audio else None,
+            rotation=90 * turns,
         )
+
+
+def _first_frame_turns(path: str | os.PathLike) -> int:
+    """The display rotation of a video's first frame, in quarter turns (0 when it does not decode)."""
+    with _open(path) as container, contextlib.suppress(av.error.FFmpegError, StopIteration):
+        return _quarter_turns(next(container.decode(container.streams.video[0])))
+    return 0
 
 
 class VideoFrames:
@@ -92,7 +114,8 @@ class VideoFrames:
 
     A corrupt packet after the first frame ends the stream quietly (what was decoded counts), so two passes
     over one file see the same frames. ``rate`` is the stream's average frame rate (0 when unknown), set once
-    iteration starts; ``rgb``/``gray`` convert a frame with one reused converter (~10x faster than to_ndarray).
+    iteration starts; ``rgb``/``gray`` convert a frame with one reused converter (~10x faster than to_ndarray),
+    upright (a display rotation is applied; ``size`` is the upright size).
     ``start`` (a timestamp as iteration gives them): decoding begins at the keyframe at or before it; a stream
     whose frames carry no timestamps then raises MediaError.
     """
@@ -131,12 +154,19 @@ class VideoFrames:
                 raise MediaError(f"{self.path}: video stream has no frames")
 
     def rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        """``[H,W,3]`` uint8 RGB."""
-        return self._convert.reformat(frame, format="rgb24").to_ndarray()
+        """``[H,W,3]`` uint8 RGB, upright."""
+        return upright(self._convert.reformat(frame, format="rgb24").to_ndarray(), _quarter_turns(frame))
 
     def gray(self, frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-        """``[height,width]`` uint8 luma, scaled by swscale (cheap: no full-size RGB copy)."""
-        return self._convert.reformat(frame, width=width, height=height, format="gray").to_ndarray()
+        """``[height,width]`` uint8 luma, upright, scaled by swscale (cheap: no full-size RGB copy)."""
+        turns = _quarter_turns(frame)
+        w, h = (height, width) if turns % 2 else (width, height)
+        return upright(self._convert.reformat(frame, width=w, height=h, format="gray").to_ndarray(), turns)
+
+    @staticmethod
+    def size(frame: av.VideoFrame) -> tuple[int, int]:
+        """``(width, height)`` of the frame upright."""
+        return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
 
 
 def resample_index(times: Sequence[float], rate: float, fps: float | None) -> tuple[np.ndarray | None, float]:
