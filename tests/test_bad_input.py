@@ -453,6 +453,7 @@ CASES = [
     Case("VIDEO video_loop=nope", "error: video_loop=nope: choose pingpong | hold"),
     Case("VIDEO detect_every=0", "error: detect_every=0: must be a whole number >= 1"),
     Case("VIDEO feather=0.9", "error: feather=0.9: must be at most 0.5"),
+    Case("INFER score_lips=true", "error: score_lips=true: it scores a re-voiced video against its source"),
     Case("tsd-data manifest root=bad/missing", "bad/missing: corpus root does not exist"),
     Case("tsd-data manifest root=bad/no_videos", "bad/no_videos: no .mp4 files found"),
     Case("tsd-data manifest root=bad/corrupt_corpus", "bad/corrupt_corpus: no usable video"),

@@ -10,39 +10,7 @@ from PIL import Image
 
 from temposyncdiff.evaluation import GEN_COLUMNS, GenerationScorer, gen_row
 from temposyncdiff.metrics.image import RegionBoxes
-from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening, lip_opening, silent_frames
-
-INTERIOR = (70, 25, 30)  # dark mouth cavity
-
-
-@pytest.fixture(scope="module")
-def landmarks():
-    pytest.importorskip("dlib")
-    try:
-        return LipLandmarks()
-    except OSError as err:  # no face_recognition_models
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def opener(landmarks):
-    """``open(h)``: grace_hopper as a 256 px face crop with the mouth opened by ``h`` px, and the eye distance."""
-    matplotlib = pytest.importorskip("matplotlib")
-    from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-
-    img = np.asarray(Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg").convert("RGB"))
-    face = crop_resize(img, square_crop_box(FaceDetector().detect(img), img.shape[1], img.shape[0]), 256)
-    pts = landmarks.points(face, landmarks.track(face[None]).boxes[0])
-    iod = float(np.hypot(*(pts[42:48].mean(0) - pts[36:42].mean(0))))
-    lip_y, x0, x1 = round(pts[60:68, 1].mean()), int(pts[48, 0]), int(pts[54, 0]) + 1
-
-    def open_by(h: int) -> np.ndarray:
-        """Cut at the lip line and move everything below down by ``h`` px: cavity between the corners, skin beside."""
-        out = np.concatenate([face[:lip_y], np.repeat(face[lip_y - 1 : lip_y], h, axis=0), face[lip_y:]])[:256]
-        out[lip_y : lip_y + h, x0:x1] = INTERIOR
-        return out
-
-    return open_by, iod, lip_opening(pts)
+from temposyncdiff.metrics.mouth import MouthOpening, lip_opening, silent_frames
 
 
 def shrink(frames: np.ndarray, size: int) -> np.ndarray:

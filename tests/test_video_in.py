@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from temposyncdiff.cli.infer import infer
-from temposyncdiff.data.audio import load_audio
+from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.faces import crop_resize
 from temposyncdiff.data.video import probe, read_frames
 from temposyncdiff.inference import video_in
@@ -186,6 +186,43 @@ def test_faceless_frames_and_pixels_outside_the_blend_pass_through(exports, hopp
     report = revoicer.report()
     assert report["passed_through"] == len(black) and report["pasted"] == 50 - len(black)
     assert report["region"] == (list(MOUTH) if region else None)
+
+
+def test_revoiced_lips_are_read_beside_the_sources(tmp_path, landmarks, opener):
+    """score_lips: a re-voicer that draws the source's own mouth follows it (corr ~1, amplitude ~1, same mouth in
+    silence); one that draws one still mouth does not."""
+    open_by, _, _ = opener
+    gaps = np.round(6 + 6 * np.sin(np.arange(40) / 3)).astype(int)  # 0 .. 12 px lip gaps
+
+    def frame(gap: int) -> np.ndarray:
+        canvas = np.full((320, 352, 3), 90, np.uint8)
+        canvas[32:288, 48:304] = open_by(int(gap))
+        return canvas
+
+    track = track_video(write_video(tmp_path / "talk.mp4", (frame(g) for g in gaps)))
+
+    def drawing(still: bool) -> SimpleNamespace:
+        def frames(ref_latent, wave, visemes, timings, pose):
+            first = None
+            for a in range(0, 40, 8):
+                crops = pose(a, a + 8)
+                first = crops[0] if first is None else first
+                yield from ([first] * len(crops) if still else crops)
+
+        return SimpleNamespace(image_size=128, window=8, audio=AudioFeatures(), frames=frames)
+
+    wave = np.random.default_rng(0).normal(0, 0.1, 40 * 640).astype(np.float32)
+    wave[15 * 640 : 25 * 640] = 0  # 400 ms of silence
+    scores = {}
+    for still in (False, True):
+        revoicer = VideoRevoicer(drawing(still), track, None, MOUTH, lips=landmarks)
+        assert len(list(revoicer.frames(None, wave))) == 40
+        scores[still] = revoicer.report()["lips_vs_source"]
+    own, frozen = scores[False], scores[True]
+    assert own["num_frames"] == 40 and own["corr"] > 0.9 and 0.8 < own["amplitude"] < 1.2
+    assert own["silence"]["num_frames"] == 10 and own["silence"]["ratio"] == pytest.approx(1, abs=0.15)
+    assert frozen["corr"] < 0.5 and frozen["amplitude"] < 0.3
+    assert "lips_vs_source" not in VideoRevoicer(drawing(False), track, None, MOUTH).report()
 
 
 def test_changed_region_is_the_nets_pose_mask(exports):

@@ -38,6 +38,7 @@ from temposyncdiff.inference.video_in import (
     video_summary,
 )
 from temposyncdiff.inference.writer import check_out_dir, write_sample
+from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.utils.io import safe_name
 from temposyncdiff.utils.task import log, task
 from temposyncdiff.utils.threads import set_threads
@@ -154,7 +155,13 @@ def generation(
         reference = f"{cfg.video} at {at:.2f} s"
     face, ref = pipe.reference(image)
     region = changed_region(pipe, cfg.checkpoint, cfg.stage)
-    revoicer = VideoRevoicer(pipe, track, face.crop, region, cfg.feather, cfg.video_loop)
+    lips = None
+    if cfg.score_lips:
+        try:
+            lips = LipLandmarks()
+        except (ImportError, OSError, RuntimeError) as err:
+            raise UserError(f"score_lips=true: {err}") from None
+    revoicer = VideoRevoicer(pipe, track, face.crop, region, cfg.feather, cfg.video_loop, lips=lips)
     return face, reference, revoicer.frames(ref, wave, visemes, timings), revoicer
 
 
@@ -183,6 +190,8 @@ def check_settings(cfg: DictConfig) -> Path:
         raise UserError(f"feather={cfg.feather}: must be at most 0.5 (a fraction of the face crop's side)")
     if cfg.video is not None:
         _check_video_settings(cfg)
+    elif cfg.score_lips:
+        raise UserError("score_lips=true: it scores a re-voiced video against its source; give video=<talking video>")
     try:
         device = torch.device(cfg.device)
     except (RuntimeError, TypeError) as err:

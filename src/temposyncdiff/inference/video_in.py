@@ -12,6 +12,10 @@ the mouth still moving). A backward leg is decoded in chunks of at most ``buffer
 Frames with no face near them (the detector samples on both sides of the frame missed; where only one missed, the
 frame itself is checked) are passed through unchanged. The pipeline still generates them, with the last face crop
 (the reference's before any) as their pose, so its windows and motion frames stay those of a face.
+
+With ``lips`` (a ``LipLandmarks``), every pasted frame's lips are read beside the source frame's, in the same face
+crop: ``report()["lips_vs_source"]`` scores the re-voiced mouth against the video's own (``follow_scores``). With the
+video's own speech that is its truth (a held-out take re-voiced); with other speech, the audio-swap control.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from temposyncdiff.data.prepare import PrepareError, output_rate_track
 from temposyncdiff.data.video import MediaError, VideoFrames, VideoInfo, probe
 from temposyncdiff.inference.inputs import InputError, Region, blend_mask, even_size, paste_blend, seam_ratio
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
+from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores, silent_frames
 from temposyncdiff.utils.weights import load_payload
 
 log = logging.getLogger(__name__)
 
 LOOPS = ("pingpong", "hold")
 BUFFER_BYTES = 128 << 20  # decoded frames a backward leg (or a whole short video) may hold
+SCORE_PX = 256  # lip scoring reads both frames' face crops at this size
 
 
 @dataclass
@@ -225,11 +231,14 @@ class VideoRevoicer:
         feather: float = 0.1,
         loop: str = "pingpong",
         buffer_bytes: int = BUFFER_BYTES,
+        lips: LipLandmarks | None = None,
     ) -> None:
         if loop not in LOOPS:
             raise ValueError(f"loop={loop!r}: choose {' | '.join(LOOPS)}")
         self.pipe, self.track, self.ref_crop = pipe, track, ref_crop
-        self.region, self.feather, self.loop = region, feather, loop
+        self.region, self.feather, self.loop, self.lips = region, feather, loop, lips
+        self._openings: list[np.ndarray] = []  # per output frame: (source, re-voiced) lip opening, NaN: not scored
+        self._wave: np.ndarray | None = None
         self.source = VideoSource(track, buffer_bytes)
         self._detector: FaceDetector | None = None
         self.counts = {"frames": 0, "pasted": 0, "passed_through": 0}
@@ -244,6 +253,7 @@ class VideoRevoicer:
     ) -> Iterator[np.ndarray]:
         """Full-resolution uint8 frames (padded to even sides), as many as the speech lasts at the models' rate."""
         timings = timings or Timings()
+        self._wave = wave
         total = num_output_frames(len(wave), self.pipe.audio.sample_rate, self.pipe.audio.fps)
         source = self.source.play(source_plan(len(self.track.index), total, self.loop))
         buffer: dict[int, _Frame] = {}  # output frame -> its source; the frames of at most two windows
@@ -273,6 +283,8 @@ class VideoRevoicer:
                 t0 = time.perf_counter()
                 item = buffer[k]
                 out = self._paste(item, generated) if item.face else item.rgb
+                if self.lips is not None:
+                    self._score(item, out)
                 for old in [i for i in buffer if i <= k - self.pipe.window]:  # later windows start after these
                     del buffer[old]
                 self.counts["frames"] += 1
@@ -296,11 +308,20 @@ class VideoRevoicer:
             self._seams.append(seam_ratio(out, item.rgb, blend))
         return out
 
+    def _score(self, item: _Frame, out: np.ndarray) -> None:
+        if not item.face:  # a passed-through frame is the source itself: not scored
+            self._openings.append(np.full(2, np.nan))
+            return
+        box = self.track.boxes[item.source]
+        pair = np.stack([crop_resize(item.rgb, box, SCORE_PX), crop_resize(out, box, SCORE_PX)])
+        face = self.lips.track(pair[:1]).boxes  # found in the source crop, read in both
+        self._openings.append(self.lips.openings(pair, np.repeat(face, 2, axis=0)))
+
     def report(self) -> dict:
         """Frame counts, the length rule applied, the blend and the seam measure (``seam_ratio``) over pasted frames."""
         n, total = len(self.track.index), self.counts["frames"]
         seams = np.asarray(self._seams)
-        return self.counts | {
+        out = self.counts | {
             "video_frames": n,
             "length": "as is" if total == n else "trimmed" if total < n else self.loop,
             "region": list(self.region) if self.region else None,
@@ -308,6 +329,12 @@ class VideoRevoicer:
             "seam_ratio": round(float(seams.mean()), 4) if len(seams) else None,
             "seam_ratio_max": round(float(seams.max()), 4) if len(seams) else None,
         }
+        if self.lips is not None and self._openings:
+            source, revoiced = np.stack(self._openings).T
+            audio = self.pipe.audio
+            silent = silent_frames(self._wave, len(source), audio.fps, audio.sample_rate)
+            out["lips_vs_source"] = follow_scores(revoiced, source, silent)
+        return out
 
 
 def reference_frame(track: VideoTrack) -> tuple[np.ndarray, float]:

@@ -175,11 +175,28 @@ class LipLandmarks:
         return self._memo[key]
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation; 0 when ``a`` is constant (a still mouth follows nothing)."""
     if a.std() < 1e-9:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def follow_scores(pred: np.ndarray, truth: np.ndarray, silent: np.ndarray) -> dict[str, Any]:
+    """One video's lip openings ``pred`` against the ``truth``'s (``[T]``, NaN: no landmarks) as ``MouthOpening``
+    scores a clip: correlation, amplitude ratio, mean opening in the ``silent`` frames vs the truth's."""
+    ok = ~(np.isnan(pred) | np.isnan(truth))
+    p, t = pred[ok], truth[ok]
+    if ok.sum() < 3 or t.std() < 1e-9:
+        return unavailable(f"the truth's mouth does not move ({int(ok.sum())} frames with landmarks)")
+    out = {"status": "ok", "corr": pearson(p, t), "amplitude": float(p.std() / t.std()), "num_frames": int(ok.sum()),
+           "frames_without_landmarks": int((~ok).sum())}  # fmt: skip
+    quiet = silent[ok]
+    if not quiet.any():
+        return out | {"silence": unavailable("no silent stretch in the audio")}
+    sp, st = float(p[quiet].mean()), float(t[quiet].mean())
+    ratio = sp / st if st >= CLOSED else None
+    return out | {"silence": {"pred": sp, "truth": st, "ratio": ratio, "gap": sp - st, "num_frames": int(quiet.sum())}}
 
 
 # per-run totals, summed over clips (one float64 state vector)
@@ -257,10 +274,10 @@ class MouthOpening(Metric):
             return
         self._add(frames=len(truth), frames_no_face=int((~ok).sum()))
         t, own = truth[ok], self._openings(pred, track, clip_id)[ok]
-        self._add(corr=_pearson(own, t), amplitude=own.std() / t.std(), clips=1)
+        self._add(corr=pearson(own, t), amplitude=own.std() / t.std(), clips=1)
         if swapped is not None:
             p = self._openings(swapped, track, clip_id)[ok]
-            self._add(corr_swapped=_pearson(p, t), amplitude_swapped=p.std() / t.std(), clips_swapped=1)
+            self._add(corr_swapped=pearson(p, t), amplitude_swapped=p.std() / t.std(), clips_swapped=1)
         if wave is not None:
             silent = silent_frames(wave, len(truth), self.fps, self.sample_rate, self.silence_db, self.silence_min_ms)
             if (s := silent[ok]).any():
