@@ -62,10 +62,14 @@ def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: 
 
 
 def save_tiny_exports(
-    out: Path, kinds: tuple[str, ...] = ("teacher",), pose_mask: tuple[float, float, float, float] | None = None
+    out: Path,
+    kinds: tuple[str, ...] = ("teacher",),
+    pose_mask: tuple[float, float, float, float] | None = None,
+    lip_dim: int = 0,
 ) -> None:
     """A tiny random VAE and denoiser exported as the stages export them (32 px): ``vae_pretrained.pt`` and
-    ``<kind>_best.pt`` for each of ``kinds``; ``pose_mask`` builds a re-voicing denoiser."""
+    ``<kind>_best.pt`` for each of ``kinds``; ``pose_mask`` builds a re-voicing denoiser, ``lip_dim`` one that draws
+    lip shapes."""
     import torch
 
     from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
@@ -86,6 +90,7 @@ def save_tiny_exports(
         window=4,
         audio_encoder={"dim": 16, "width": 16},
         pose_mask=pose_mask,
+        lip_dim=lip_dim,
     )
     schedule = dict(NoiseSchedule().scheduler.config)
     meta = {

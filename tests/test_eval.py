@@ -203,6 +203,21 @@ def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
     assert sorted(line.split()[:2] for line in talk_lines) == sorted([t, "teacher@1"] for t in talks)
 
 
+def test_truth_lips_need_a_lip_net_and_a_known_mode(exports, data_root, tmp_path):
+    """eval.generation.lips=truth: a net without lip shapes is reported unavailable; an unknown mode is an error."""
+    pytest.importorskip("dlib")
+    base = ["eval=generation", "split=val", "max_utterances=1", f"vae={exports / 'vae_pretrained.pt'}",
+            f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+            "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.baselines=[]",
+            "eval.generation.identity.enabled=false", "eval.generation.syncnet=null", "threads=1"]  # fmt: skip
+    gen = evaluate(compose_config("eval", [*base, "eval.generation.lips=truth"], data_root, tmp_path / "run"))
+    r = gen["generation"]["results"]["teacher@1"]
+    assert gen["generation"]["lips"] == "truth" and r["status"] == "unavailable" and "lip_dim=0" in r["reason"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(compose_config("eval", [*base, "eval.generation.lips=mouth"], data_root, tmp_path / "run"))
+    assert exit_info.value.code == 2
+
+
 def test_load_clips_reference_and_fallback(data_root, tmp_path):
     manifest = data_root / "data" / "manifests" / "synth_val.jsonl"
     clips = load_clips(manifest, None, max_frames=10)

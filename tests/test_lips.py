@@ -19,12 +19,13 @@ from temposyncdiff.data.cache import META_NAME, add_latents, add_lips, build_cac
 from temposyncdiff.data.dataset import ClipDataset
 from temposyncdiff.data.video import write_video
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.teacher import calibrate_lip_gain
 from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_tiny_exports
 from tests.test_student import TINY as STUDENT
 from tests.test_teacher import TINY as TEACHER
 
@@ -145,6 +146,25 @@ def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
     no_lips = SimpleNamespace(val_dataloader=lambda: iter([SimpleNamespace(lips=None)]))
     calibrate_lip_gain(net, no_lips, torch.device("cpu"), "test")  # no lip shapes held out: no scaling
     assert torch.equal(net.lip_gain, torch.ones(3))
+
+
+def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path):
+    """TalkingHeadPipeline.frames(lips=...): each window draws the given raw shapes, standardised, not the head's."""
+    save_tiny_exports(tmp_path, lip_dim=3)
+    pipe = TalkingHeadPipeline.from_checkpoints(tmp_path / "teacher_best.pt", kind="teacher", steps=1)
+    pipe.net.lip_norm.copy_(torch.tensor([[0.1, 0.2, 0.8], [0.05, 0.05, 0.1]]))
+    face, ref = pipe.reference(np.full((64, 64, 3), 128, np.uint8))
+    wave = np.random.default_rng(0).normal(0, 0.1, 6 * 640).astype(np.float32)  # 6 frames: windows 0-3, 2-5
+    lips = np.stack([np.linspace(0.0, 0.5, 6), np.linspace(0.1, 0.6, 6), np.full(6, 0.9)], axis=1)
+    seen, forward = [], pipe.net.forward
+    pipe.net.forward = lambda *a, lips=None, **k: seen.append(lips) or forward(*a, lips=lips, **k)
+    given = np.stack(list(pipe.frames(ref, wave, lips=lips)))
+    drawn = np.stack([s[0, :, 0].numpy() for s in seen if s is not None])
+    np.testing.assert_allclose(drawn, [(lips[a : a + 4, 0] - 0.1) / 0.05 for a in (0, 2)], atol=1e-5)
+    assert given.shape == (6, 32, 32, 3)
+    seen.clear()
+    list(pipe.frames(ref, wave))
+    assert seen and all(s is None for s in seen)  # without shapes the net's head predicts them
 
 
 def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tmp_path):

@@ -53,7 +53,7 @@ from temposyncdiff.metrics.image import (
     to_unit,
     unavailable,
 )
-from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening
+from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening, interpolate_missing
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
 from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
 from temposyncdiff.nets.syncnet import load_expert
@@ -401,14 +401,18 @@ def evaluate_generation(
         raise UserError(f"unknown eval.generation.baselines {sorted(unknown)}; choose from {list(BASELINES)}")
     if g.pose_source not in ("video", "photo"):
         raise UserError(f"eval.generation.pose_source={g.pose_source!r}: choose video | photo")
+    if g.lips not in ("head", "truth"):
+        raise UserError(f"eval.generation.lips={g.lips!r}: choose head | truth")
     if g.reference is not None:
         check_reference_file(g.reference)
     regions = RegionBoxes(**cfg.regions)
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
     landmarks, lips_reason = _landmarks(g)
+    if g.lips == "truth" and landmarks is None:
+        raise UserError(f"eval.generation.lips=truth reads the truth's lip shapes with dlib: {lips_reason}")
     out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {},
-                           "reference": str(g.reference) if g.reference else "each clip's own"}  # fmt: skip
+                           "reference": str(g.reference) if g.reference else "each clip's own", "lips": g.lips}  # fmt: skip
     mels: dict[str, Tensor] = {}
     if expert is not None:
         features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
@@ -450,6 +454,8 @@ def evaluate_generation(
         return out | ({"per_talk": {talk: s.compute() for talk, s in scorers.items()}} if scorers else {})
 
     for name, pipe, steps, info in runs(cfg, models):
+        if g.lips == "truth" and not isinstance(pipe, str) and not getattr(pipe.net, "lip_dim", 0):
+            pipe = "eval.generation.lips=truth: this net draws no lip shapes (model.net.lip_dim=0)"
         if isinstance(pipe, str):
             out["results"][name] = info | unavailable(pipe)
             continue
@@ -459,9 +465,10 @@ def evaluate_generation(
             face, ref = pipe.reference(g.reference or clip.reference)
             truth = clip.at(size)
             pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
-            own = np.stack(
-                list(pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose))
-            )
+            lips = truth_lip_shapes(landmarks, truth) if g.lips == "truth" else None  # own audio only
+            own = np.stack(list(
+                pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose, lips)
+            ))  # fmt: skip
             swapped = None
             if len(clips) > 1:
                 wave, vis = swapped_inputs(clips, i)
@@ -496,6 +503,13 @@ def evaluate_generation(
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
+
+
+def truth_lip_shapes(landmarks: LipLandmarks, frames: np.ndarray) -> np.ndarray | None:
+    """The truth's per-frame lip shapes ``[T, 3]`` as the cache measures them (gaps interpolated); None: no face."""
+    track, _ = landmarks.truth(frames)
+    shapes = interpolate_missing(landmarks.shapes(frames, track.boxes))
+    return None if np.isnan(shapes[:, 0]).all() else shapes
 
 
 class BaselineUnavailable(Exception):

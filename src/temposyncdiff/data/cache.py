@@ -404,7 +404,7 @@ def add_lips(cache_dir: str | os.PathLike, log: Callable[[str], Any] = print) ->
     any face: its mean is unknown, so the whole cache's median). Shapes already there are reused. Where dlib finds
     no face in any frame (drawn faces), nothing is written and None returned: such data has no lip truth.
     """
-    from temposyncdiff.metrics.mouth import LIP_FEATURES, LipLandmarks
+    from temposyncdiff.metrics.mouth import LIP_FEATURES, LipLandmarks, interpolate_missing
 
     reader = open_cache(cache_dir)
     root, meta = reader.root, dict(reader.meta)
@@ -428,10 +428,7 @@ def add_lips(cache_dir: str | os.PathLike, log: Callable[[str], Any] = print) ->
         log(f"cache: dlib finds no face in any frame of {root}; no lip shapes written")
         return None
     fallback = np.median(found, axis=0)
-    for s in shapes:
-        ok = ~np.isnan(s[:, 0])
-        for k in range(s.shape[1]):
-            s[:, k] = np.interp(np.arange(len(s)), np.flatnonzero(ok), s[ok, k]) if ok.any() else fallback[k]
+    shapes = [interpolate_missing(s) if not np.isnan(s[:, 0]).all() else np.tile(fallback, (len(s), 1)) for s in shapes]
     with atomic_path(root / "lips.npy") as tmp:
         np.save(tmp, np.concatenate(shapes).astype(np.float32))
     meta["lips"] = {"features": list(LIP_FEATURES), "frames_without_face": missing}

@@ -173,8 +173,12 @@ class TalkingHeadPipeline:
         visemes: np.ndarray | None = None,
         timings: Timings | None = None,
         pose: Callable[[int, int], np.ndarray] | None = None,
+        lips: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield uint8 ``[H,W,3]`` frames; ``wave_source`` is the whole 16 kHz waveform or an iterable of chunks.
+
+        ``lips`` (``[frames, lip_dim]`` raw ``metrics.mouth.lip_shape`` values, nets built with ``lip_dim``) draws
+        those lip shapes instead of the net's prediction from the audio (e.g. the truth's, to measure the renderer).
 
         ``pose(start, stop)`` gives the uint8 face crops ``[stop - start, H, W, 3]`` of the frames to re-voice (a
         driving video; nets built with a ``pose_mask`` keep all but the masked box of them); without it, such a net
@@ -216,7 +220,11 @@ class TalkingHeadPipeline:
             if known:
                 motion[:, :known] = history[:, -known:]
             pose_latents = self._pose(pose, start, stop, timings) if pose is not None else None
-            latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents)
+            shapes = None
+            if lips is not None:
+                rows = lips[np.clip(np.arange(start, stop), 0, len(lips) - 1)]
+                shapes = self.net.standardize_lips(torch.from_numpy(np.asarray(rows, np.float32))[None].to(self.device))
+            latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents, shapes)
             new_end = min(stop, num_frames) if ended else stop
             fresh = latents[:, known : new_end - start]
             history = torch.cat([history, fresh], dim=1)[:, -self.window :]
@@ -247,13 +255,15 @@ class TalkingHeadPipeline:
         timings.add("pose_encoder", t0)
         return z
 
-    def _denoise(self, ref, emb, tokens, motion, known, generator, timings, pose=None) -> torch.Tensor:
+    def _denoise(self, ref, emb, tokens, motion, known, generator, timings, pose=None, lips=None) -> torch.Tensor:
         start = time.perf_counter()
         mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
         mask[:, :known] = True
         cond = {"ref_latent": ref, "audio_emb": emb, "visemes": tokens, "motion": motion, "motion_mask": mask}
         if getattr(self.net, "pose_mask", None) is not None:  # without a driving video the photo gives every pose
             cond["pose"] = pose if pose is not None else ref[:, None].expand(-1, self.window, -1, -1, -1)
+        if lips is not None:
+            cond["lips"] = lips
         scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
         with torch.inference_mode():
             x = sample(self.net, (1, self.window, *self.latent_shape), cond, scheduler, self.steps, self.guidance_scale,

@@ -59,6 +59,15 @@ def lip_opening(points: np.ndarray) -> float:
     return float(lip_shape(points)[0])
 
 
+def interpolate_missing(shapes: np.ndarray) -> np.ndarray:
+    """``[T,F]`` per-frame values with NaN rows (no face) filled linearly over time; all NaN: returned as is."""
+    ok = ~np.isnan(shapes[:, 0])
+    if ok.all() or not ok.any():
+        return shapes
+    t, have = np.arange(len(shapes)), np.flatnonzero(ok)
+    return np.stack([np.interp(t, have, shapes[ok, k]) for k in range(shapes.shape[1])], axis=1)
+
+
 def silent_frames(
     wave: np.ndarray,
     num_frames: int,
