@@ -17,6 +17,7 @@ from PIL import Image
 from temposyncdiff.cli.eval import evaluate
 from temposyncdiff.cli.pipeline import key_numbers
 from temposyncdiff.data.manifest import read_manifest
+from temposyncdiff.data.video import probe
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation import (
@@ -181,7 +182,7 @@ def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
         "eval=generation", "split=train", "max_utterances=4", f"vae={exports / 'vae_pretrained.pt'}",
         f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
         "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.per_talk=true",
-        "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
+        "eval.generation.samples=1", "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
         "eval.generation.lip_landmarks.enabled=false", "eval.generation.syncnet=null", "threads=1",
     ], data_root, tmp_path / "run")  # fmt: skip
     gen = evaluate(cfg)["generation"]
@@ -198,6 +199,11 @@ def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
     psnr = {(row["talk"], row["run"]): float(row["psnr"]) for row in rows}
     per_talk = gen["results"]["teacher@1"]["per_talk"]
     assert all(psnr[t, "teacher@1"] == pytest.approx(per_talk[t]["fidelity"]["full"]["psnr"], rel=1e-3) for t in talks)
+    samples = sorted((tmp_path / "out" / "samples" / "teacher@1").glob("*.mp4"))  # one per talk
+    assert sorted(p.name.split("_")[0] for p in samples) == sorted(talks)
+    for mp4 in samples:  # truth | own audio | swapped audio, with the clip's audio
+        info = probe(mp4)
+        assert (info.width, info.height, info.num_frames, info.audio_sample_rate) == (3 * 32, 32, 8, 16000)
     lines = key_numbers(tmp_path / "out" / "metrics" / "eval_report.json")
     talk_lines = lines[lines.index("per talk:") + 1 :]
     assert sorted(line.split()[:2] for line in talk_lines) == sorted([t, "teacher@1"] for t in talks)

@@ -461,6 +461,7 @@ def evaluate_generation(
             continue
         size, scorers = pipe.image_size, scorers_for(pipe.image_size)
         pipe.steps, timings = steps, Timings()
+        shown: dict[str, int] = {}  # side-by-side samples written per talk
         for i, clip in enumerate(clips):
             face, ref = pipe.reference(g.reference or clip.reference)
             truth = clip.at(size)
@@ -473,6 +474,10 @@ def evaluate_generation(
             if len(clips) > 1:
                 wave, vis = swapped_inputs(clips, i)
                 swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None, pose=pose)))
+            if shown.get(clip.talk, 0) < g.samples:
+                shown[clip.talk] = shown.get(clip.talk, 0) + 1
+                write_side_by_side(Path(cfg.samples_dir) / name / f"{clip.id.replace('/', '_')}.mp4",
+                                   [truth, own] + ([swapped] if swapped is not None else []), clip.wave)  # fmt: skip
             borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
             for key in (None, clip.talk):
                 if key in scorers:
@@ -503,6 +508,12 @@ def evaluate_generation(
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
+
+
+def write_side_by_side(path: Path, videos: list[np.ndarray], wave: np.ndarray) -> Path:
+    """uint8 ``[N,H,W,3]`` videos side by side in one mp4 with the clip's audio (truth | own audio | swapped)."""
+    n = min(len(v) for v in videos)
+    return write_video(path, (np.concatenate([v[k] for v in videos], axis=1) for k in range(n)), audio=wave)
 
 
 def truth_lip_shapes(landmarks: LipLandmarks, frames: np.ndarray) -> np.ndarray | None:
