@@ -4,8 +4,8 @@ Each source video becomes ``<out_root>/<talk_id>/<NNNNN>.mp4`` (talk_id = saniti
 written into a hidden temporary folder and renamed when complete, so a rerun skips finished talks and
 redoes interrupted ones. A video without an audio track takes its sound from a sidecar file of the same
 stem (``<stem>.wav``, ``.flac``, ...) when there is one. Bad inputs (not a video, unreadable, no audio, no face)
-are skipped with a one-line reason; when none is prepared that is an error. Frames stream through two decoding passes (face track, then
-crops), so memory does not grow with a video's length (only its 16 kHz audio is held whole: 3.8 MB a minute).
+are skipped with a one-line reason; when none is prepared that is an error. Frames stream through two decoding
+passes (face track, then crops), so memory does not grow with a video's length (only its 16 kHz audio is held whole: 3.8 MB a minute).
 """
 
 from __future__ import annotations

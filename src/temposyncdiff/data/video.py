@@ -86,7 +86,7 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
             raise MediaError(f"{path}: video stream has no frames")
         if fps <= 0:
             fps = num / duration if duration > 0 else 0.0
-        turns = _first_frame_turns(path)
+        turns = _first_frame_turns(container, vs)
         width, height = (video.height, video.width) if turns % 2 else (video.width, video.height)
         return VideoInfo(
             num_frames=int(num),
@@ -102,10 +102,12 @@ def probe(path: str | os.PathLike, count_frames: bool = True) -> VideoInfo:
         )
 
 
-def _first_frame_turns(path: str | os.PathLike) -> int:
-    """The display rotation of a video's first frame, in quarter turns (0 when it does not decode)."""
-    with _open(path) as container, contextlib.suppress(av.error.FFmpegError, StopIteration):
-        return _quarter_turns(next(container.decode(container.streams.video[0])))
+def _first_frame_turns(container: av.container.InputContainer, stream: av.stream.Stream) -> int:
+    """The display rotation of the stream's first frame, in quarter turns, decoded after rewinding the open
+    container (0 when it does not rewind or decode)."""
+    with contextlib.suppress(av.error.FFmpegError, StopIteration):
+        container.seek(0)
+        return _quarter_turns(next(container.decode(stream)))
     return 0
 
 
