@@ -282,15 +282,19 @@ class MouthOpening(Metric):
             self.skipped.append(f"{clip_id}: {reason}" if clip_id else reason)
             return
         self._add(frames=len(truth), frames_no_face=int((~ok).sum()))
-        t, own = truth[ok], self._openings(pred, track, clip_id)[ok]
-        self._add(corr=pearson(own, t), amplitude=own.std() / t.std(), clips=1)
-        if swapped is not None:
-            p = self._openings(swapped, track, clip_id)[ok]
-            self._add(corr_swapped=pearson(p, t), amplitude_swapped=p.std() / t.std(), clips_swapped=1)
+        silent = np.zeros(len(truth), bool)
         if wave is not None:
             silent = silent_frames(wave, len(truth), self.fps, self.sample_rate, self.silence_db, self.silence_min_ms)
-            if (s := silent[ok]).any():
-                self._add(silence_pred=own[s].sum(), silence_truth=t[s].sum(), silence_frames=s.sum(), silence_clips=1)
+        own = follow_scores(self._openings(pred, track, clip_id), truth, silent)
+        self._add(corr=own["corr"], amplitude=own["amplitude"], clips=1)
+        if swapped is not None:
+            p = follow_scores(self._openings(swapped, track, clip_id), truth, silent)
+            self._add(corr_swapped=p["corr"], amplitude_swapped=p["amplitude"], clips_swapped=1)
+        if (quiet := own["silence"]).get("status") != "unavailable":  # pooled over clips: sums, not means
+            n = quiet["num_frames"]
+            self._add(
+                silence_pred=quiet["pred"] * n, silence_truth=quiet["truth"] * n, silence_frames=n, silence_clips=1
+            )
 
     def _openings(self, video: Tensor | np.ndarray, track: FaceTrack, clip_id: str | None) -> np.ndarray:
         frames = as_uint8_frames(video)
