@@ -449,6 +449,12 @@ def evaluate_generation(
         """One scorer over every clip (key None) and, with per_talk, one per talk."""
         return {key: scorer_for(size) for key in [None, *talks]}
 
+    def update(scorers: dict[str | None, GenerationScorer], talk: str, *args: Any) -> None:
+        """Score a clip in the overall scorer and its talk's."""
+        for key in (None, talk):
+            if key in scorers:
+                scorers[key].update(*args)
+
     def scored(scorers: dict[str | None, GenerationScorer]) -> dict[str, Any]:
         out = scorers.pop(None).compute()
         return out | ({"per_talk": {talk: s.compute() for talk, s in scorers.items()}} if scorers else {})
@@ -479,9 +485,7 @@ def evaluate_generation(
                 write_side_by_side(Path(cfg.samples_dir) / name / f"{clip.id.replace('/', '_')}.mp4",
                                    [truth, own] + ([swapped] if swapped is not None else []), clip.wave)  # fmt: skip
             borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
-            for key in (None, clip.talk):
-                if key in scorers:
-                    scorers[key].update(truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
+            update(scorers, clip.talk, truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
         out["results"][name] = info | {"status": "ok", **scored(scorers), "latency": timings.report(seconds)}
         log.info("generation %s: %s", name, _row_text(gen_row(name, out["results"][name])))
@@ -502,9 +506,7 @@ def evaluate_generation(
                 gt = clip.at(pipe.image_size)
                 borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
                 swap = video if truth_free else None
-                for key in (None, clip.talk):
-                    if key in scorers:
-                        scorers[key].update(gt, video, face.crop, borders, mels.get(clip.id), swap, clip.wave, clip.id)
+                update(scorers, clip.talk, gt, video, face.crop, borders, mels.get(clip.id), swap, clip.wave, clip.id)
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, _row_text(gen_row(name, out["baselines"][name])))
     return out
