@@ -23,7 +23,7 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
-from temposyncdiff.stages.teacher import calibrate_lip_gain
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config, save_tiny_exports
 from tests.test_student import TINY as STUDENT
@@ -195,3 +195,38 @@ def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tm
     out["loss"].backward()
     assert "lips" in out and torch.isfinite(out["lips"])
     assert all(p.grad is not None for p in model.net.lip_head.parameters())
+
+
+class _BrightnessLips:
+    """Stands in for ``LipLandmarks``: a frame's 'lip opening' is its mean brightness (one box per frame)."""
+
+    def truth(self, frames: np.ndarray):
+        return SimpleNamespace(boxes=np.zeros((len(frames), 4))), self.openings(frames, None)
+
+    def openings(self, frames: np.ndarray, boxes) -> np.ndarray:
+        return frames.reshape(len(frames), -1).mean(1).astype(np.float64)
+
+
+def test_rendered_gain_picks_the_multiplier_whose_rendered_lips_swing_as_the_truths():
+    net = Denoiser(channels=(8,), attention_levels=(), cross_attention_levels=(), temporal_levels=(), heads=1,
+                   cond_dim=8, audio_dim=4, window=4, lip_dim=3, audio_encoder={"dim": 4, "width": 4})  # fmt: skip
+    net.lip_gain.copy_(torch.tensor([1.0, 2.0, 0.5]))  # the shape-level calibration's result
+    wave = torch.sin(torch.arange(40.0) / 3)
+    utts = [{"frames": (0.5 * wave * s)[:, None, None, None].expand(-1, 3, 8, 8)} for s in (0.8, 1.0)]
+    # a renderer that draws the lips at 0.4x the gain it is given: x2.5 of the first gain renders the truth's swing
+    rendered = {"calls": 0}
+
+    def render(utt):
+        rendered["calls"] += 1
+        return (utt["frames"] * 0.4 * net.lip_gain[0] + 1) / 2
+
+    out = calibrate_rendered_gain(net, render, utts, [1.0, 1.5, 2.0, 2.5, 3.0], _BrightnessLips())
+    assert out["multiplier"] == 2.5 and rendered["calls"] == 10
+    assert torch.allclose(net.lip_gain, torch.tensor([2.5, 5.0, 1.25]))
+    amplitudes = [r["amplitude"] for r in out["rows"]]
+    assert amplitudes == pytest.approx([0.4, 0.6, 0.8, 1.0, 1.2], abs=0.02)
+    assert all(r["corr"] > 0.99 and r["clips"] == 2 for r in out["rows"])
+    net.lip_gain.copy_(torch.ones(3))  # a still mouth in the truth: nothing to scale by; the gain is kept
+    still = [{"frames": torch.zeros(40, 3, 8, 8)}]
+    out = calibrate_rendered_gain(net, render, still, [1.0, 2.0], _BrightnessLips())
+    assert out["multiplier"] == 1.0 and "no val utterance" in out["reason"] and torch.equal(net.lip_gain, torch.ones(3))

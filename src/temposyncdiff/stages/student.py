@@ -56,11 +56,13 @@ from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_e
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.latency import time_call
+from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule, weights_digest
-from temposyncdiff.stages.teacher import calibrate_lip_gain, held_out_utterances, model_stats
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
+from temposyncdiff.stages.teacher import held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
 from temposyncdiff.utils.weights import load_net
 
@@ -73,11 +75,13 @@ def frozen_net(path: str, kind: str) -> tuple[nn.Module, dict]:
 
 
 def clip_keys(dataset: Dataset) -> list[str]:
-    """``"<utterance id>@<start>"`` of every item of a ``ClipDataset`` (or a ``Subset`` of one), in order."""
+    """``"<utterance id>@<start>"`` of every item of a ``ClipDataset`` (or a ``Subset`` of one), in order, with
+    ``~m`` for a mirrored item (``data.mirror``): what the couplings were made from."""
     idx = list(range(len(dataset)))
     while isinstance(dataset, Subset):
         idx, dataset = [dataset.indices[i] for i in idx], dataset.dataset
-    return [f"{dataset.src.ids[u]}@{s}" for u, s in (dataset.items[i] for i in idx)]
+    return [f"{dataset.src.ids[u]}@{s}" + ("~m" if dataset.mirrored(i) else "")
+            for i, (u, s) in ((i, dataset.items[i]) for i in idx)]  # fmt: skip
 
 
 def batch_keys(batch: Batch) -> list[str]:
@@ -286,6 +290,7 @@ class StudentStage(StageModule):
         val_frames: int | None = None,
         sample_videos: int = 2,
         eval_seed: int = 0,
+        lip_render: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
@@ -308,6 +313,7 @@ class StudentStage(StageModule):
         self._couplings: dict[str, Couplings] = {}
         self._teacher_eval: dict[str, Tensor] = {}  # the teacher's validation latents (fixed: computed once)
         self.teacher_meta: dict[str, Any] = {}
+        self.lip_calibration: dict[str, Any] | None = None  # calibrate_rendered_gain's result, in the export's meta
 
     # ---- frozen nets, schedule ---------------------------------------------------------------------------------
     def frozen(self, name: str) -> nn.Module | None:
@@ -555,14 +561,49 @@ class StudentStage(StageModule):
 
     def before_export(self) -> None:
         if self.net.lip_dim:
-            calibrate_lip_gain(self.net, getattr(self._trainer, "datamodule", None), self.device, "student")
+            dm = getattr(self._trainer, "datamodule", None)
+            calibrate_lip_gain(self.net, dm, self.device, "student")
+            self.lip_calibration = self.calibrate_rendered_gain(dm)
+
+    def calibrate_rendered_gain(self, dm: Any) -> dict[str, Any] | None:
+        """``lip_render``: scale the lip gain until the val utterances' rendered lips swing as the truth's do."""
+        hp, cfg = self.hparams, self.hparams.lip_render
+        if not cfg or dm is None or "val" not in getattr(dm, "datasets", {}):
+            return None
+        try:
+            landmarks = LipLandmarks()
+        except (ImportError, OSError, RuntimeError) as err:
+            rank_zero_info(f"student: rendered lip gain not calibrated: {err}")
+            return {"multiplier": 1.0, "reason": f"unavailable: {err}"}
+        vae, dev, was_training = self.frozen("vae"), self.device, self.net.training
+        sampler = partial(student_sampler, self.schedule.scheduler.config)
+
+        def render(utt: dict[str, Any]) -> Tensor:
+            n = len(utt["frames"])
+            mel = clip_mel_windows(dm.audio, utt["mel"], 0, n)[None].to(dev)
+            visemes = utt["visemes"][None].to(dev) if hp.eval_visemes == "data" else None
+            z = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
+            ref = (
+                utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
+            )
+            out = generate(self.net, ref[None].to(dev), mel, visemes, torch.Generator(dev).manual_seed(hp.eval_seed),
+                           sampler, hp.steps, 1.0, self.overlap, pose=z[None].to(dev))  # fmt: skip
+            return (decode(vae, out)[0].cpu() + 1) / 2
+
+        utts = held_out_utterances(dm.datasets["val"], int(cfg["utterances"]))
+        self.net.eval()
+        try:
+            return calibrate_rendered_gain(self.net, render, utts, list(cfg["gains"]), landmarks,
+                                           float(cfg.get("target", 1.0)), "student")  # fmt: skip
+        finally:
+            self.net.train(was_training)
 
     def export_meta(self) -> dict[str, Any]:
         hp, sch = self.hparams, self.schedule.scheduler.config
         return {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim",
                 "sampler_kwargs": {"set_alpha_to_one": True}, "steps": hp.steps, "guidance_scale": 1.0,
                 "overlap": self.overlap, "vae_weights": str(hp.vae_weights), "teacher_weights": str(hp.teacher_weights),
-                "teacher_sha256": weights_digest(self._frozen["teacher"]),
+                "teacher_sha256": weights_digest(self._frozen["teacher"]), "lip_calibration": self.lip_calibration,
                 "distillation": {"method": "trajectory", "teacher_sampler": hp.teacher_sampler,
                                  "teacher_steps": hp.teacher_steps, "guidance_scale": self.guidance,
                                  "train_steps": list(hp.train_steps)}}  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain
 from temposyncdiff.utils.weights import load_net
 
 
@@ -125,30 +126,6 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     lips = torch.from_numpy(np.asarray(lips, dtype=np.float32))
     net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
     rank_zero_info(f"teacher: lip shapes standardised by mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}")
-
-
-@torch.no_grad()
-def calibrate_lip_gain(net: Denoiser, datamodule: Any, device: torch.device, name: str) -> None:
-    """Set ``net.lip_gain`` so the head's predictions on the val clips vary as much as their true shapes do."""
-    loader: Iterable[Batch] = datamodule.val_dataloader() if datamodule is not None else ()
-    truth, guess, was_training = [], [], net.training
-    net.eval()
-    for batch in loader:
-        if batch.lips is None:
-            break
-        batch = batch.to(device)
-        emb, _ = net.embed_audio(batch.mel)
-        truth.append(net.standardize_lips(batch.lips)[batch.mask])
-        guess.append(net.predict_lips(emb, batch.visemes)[batch.mask])
-    net.train(was_training)
-    if not truth or sum(len(t) for t in truth) < 2:
-        net.lip_gain.fill_(1.0)
-        rank_zero_info(f"{name}: no held-out lip shapes; lip_gain stays 1")
-        return
-    truth, guess = torch.cat(truth), torch.cat(guess)
-    net.lip_gain.copy_((truth.std(0) / guess.std(0).clamp_min(1e-6)).clamp(0.5, 4.0))
-    rank_zero_info(f"{name}: lip_gain {[round(g, 3) for g in net.lip_gain.tolist()]} "
-                   f"(held-out truth std over the head's, {len(truth)} frames)")  # fmt: skip
 
 
 def _frozen(path: str, kind: str) -> nn.Module:
