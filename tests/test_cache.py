@@ -175,7 +175,8 @@ def test_add_latents(synth_corpus: Path, tmp_path: Path) -> None:
     frames = torch.from_numpy(np.array(r.frames)).float() / 127.5 - 1
     assert r.latents.dtype == np.float16 and r.latents.shape == (len(frames), 3, 8, 8)
     assert np.allclose(r.latents, pool(frames).numpy(), atol=1e-3)
-    assert r.meta["latents"] == {"encoder": encoder_id(pool), "shape": [len(frames), 3, 8, 8], "dtype": "float16"}
+    assert r.meta["latents"] == {"encoder": encoder_id(pool), "shape": [len(frames), 3, 8, 8], "dtype": "float16",
+                                 "mirror": False}  # fmt: skip
     add_latents(tmp_path / "c", pool, log=logs.append)
     assert "already" in logs[-1]
     conv = torch.nn.Conv2d(3, 4, 8, stride=8)

@@ -142,6 +142,31 @@ def test_latents_in_items(synth_corpus: Path, tmp_path: Path) -> None:
     )
 
 
+def test_mirror_augmentation_flips_frames_reference_and_latents(synth_corpus: Path, tmp_path: Path) -> None:
+    rows = corpus_rows(synth_corpus)[:3]
+    build_cache(rows, tmp_path / "c", 32, AUDIO, log=_quiet)
+    encode = lambda x: torch.nn.functional.avg_pool2d(x, 4)[:, :, :, :4]  # noqa: E731  (left half: not mirror-safe)
+    add_latents(tmp_path / "c", encode, log=_quiet)
+    plain = ClipDataset(open_cache(tmp_path / "c"), clip_len=8, train=True, seed=3)
+    with pytest.raises(CacheError, match="no mirrored latents"):
+        ClipDataset(open_cache(tmp_path / "c"), clip_len=8, train=True, mirror=1.0)[0]
+    add_latents(tmp_path / "c", encode, log=_quiet, mirror=True)  # same encoder, now with the mirrored latents
+    half = ClipDataset(open_cache(tmp_path / "c"), clip_len=8, train=True, seed=3, mirror=0.5)
+    flips = [half.mirrored(i) for i in range(len(half))]
+    assert 0 < sum(flips) < len(flips) and flips == [half.mirrored(i) for i in range(len(half))]
+    for i in (flips.index(True), flips.index(False)):
+        a, b = plain[i, 2], half[i, 2]  # same item, same epoch: the same reference frame
+        flip = (lambda x: x.flip(-1)) if flips[i] else (lambda x: x)
+        assert torch.equal(b["frames"], flip(a["frames"])) and torch.equal(b["reference"], flip(a["reference"]))
+        assert torch.allclose(b["latents"], encode(flip(a["frames"])), atol=2e-3)
+        assert torch.allclose(b["ref_latent"], encode(flip(a["reference"])[None])[0], atol=2e-3)
+        assert torch.equal(b["visemes"], a["visemes"]) and torch.equal(b["mel"], a["mel"])
+    val = ClipDataset(open_cache(tmp_path / "c"), clip_len=8, mirror=1.0)  # not training: never mirrored
+    assert not any(val.mirrored(i) for i in range(len(val)))
+    with pytest.raises(ValueError, match="probability"):
+        ClipDataset(open_cache(tmp_path / "c"), clip_len=8, train=True, mirror=1.5)
+
+
 def test_epoch_sampler() -> None:
     s = EpochSampler(10, seed=4)
     first = list(s)

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from temposyncdiff.cli.pipeline import pipeline
+from temposyncdiff.utils.weights import load_net
 from tests.conftest import compose_config
 
 
@@ -130,5 +131,10 @@ def test_own_video_recipe_end_to_end(synth_corpus, tmp_path):
     report = json.loads((tmp_path / "outputs" / "own" / "me" / "metrics" / "eval_report.json").read_text())
     student = report["generation"]["results"]["student@1"]
     assert student["status"] == "ok" and "lip_landmarks" in student
+    cache = json.loads((tmp_path / "data" / "cache" / "own_me_train" / "cache_meta.json").read_text())
+    assert cache["latents"]["mirror"]  # the recipe mirrors half the training clips: their latents are cached
+    _, meta = load_net(tmp_path / "checkpoints" / "own" / "me" / "student_best.pt", "student")
+    calibration = meta["lip_calibration"]  # the rendered lip gain: a row per multiplier tried, or why not
+    assert len(calibration.get("rows", [])) == 7 or calibration["reason"].startswith("unavailable")
     bad = subprocess.run([*cmd[:3], "name=../x", *cmd[4:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "name=" in bad.stderr.strip().splitlines()[-1]

@@ -46,8 +46,8 @@ def visemes(cfg: DictConfig) -> dict:
 
 
 def cache(cfg: DictConfig) -> dict:
-    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents; with lips=true,
-    the frames' landmark lip shapes.
+    """Build or reuse the frame/mel/viseme cache of data=<corpus>; with vae=<file>, add its latents (with
+    data.mirror > 0, also the training frames' mirrored ones); with lips=true, the frames' landmark lip shapes.
 
     Builds the cache whatever data.format/use_cache say for training; no manifest of data.name is an error.
     """
@@ -79,9 +79,9 @@ def cache(cfg: DictConfig) -> dict:
     if vae is not None:
         encoder = f"vae:{meta.get('sha256', cfg.vae)}"
         for split in splits:
-            add_latents(
-                datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder, log=log.info
-            )
+            mirror = split == "train" and datamodule.hparams.mirror > 0  # data.mirror: training items mirrored
+            add_latents(datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder,
+                        log=log.info, mirror=mirror)  # fmt: skip
     if cfg.lips:
         for split in splits:
             add_lips(datamodule.cache_path(split), log=log.info)

@@ -6,6 +6,7 @@ Layout of ``<cache_dir>/``::
     mel.npy         float16 [total_mel, n_mels]       all utterances' log-mel, concatenated
     visemes.npy     int64   [total_frames]
     latents.npy     float16 [total_frames, C, h, w]   optional, written by ``add_latents``
+    latents_mirror.npy                                the mirrored frames' latents (``add_latents(mirror=True)``)
     lips.npy        float32 [total_frames, 3]         optional, written by ``add_lips`` (``metrics.mouth.lip_shape``)
     index.json      per utterance: id, talk_id, offset, num_frames, mel_offset, mel_len, visemes source
     cache_meta.json key, settings, counts, skipped utterances, latents encoder (written last)
@@ -282,6 +283,8 @@ class CacheReader:
             }
             if latents := meta.get("latents"):
                 self._layout["latents"] = (np.float16, (frames, *latents["shape"][1:]))
+                if latents.get("mirror"):
+                    self._layout["latents_mirror"] = self._layout["latents"]
             if lips := meta.get("lips"):
                 self._layout["lips"] = (np.float32, (frames, len(lips["features"])))
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -327,6 +330,11 @@ class CacheReader:
         return self._array("latents") if self.meta.get("latents") else None
 
     @property
+    def latents_mirror(self) -> np.ndarray | None:
+        """Latents of the mirrored frames when ``add_latents(mirror=True)`` has run, else None."""
+        return self._array("latents_mirror") if (self.meta.get("latents") or {}).get("mirror") else None
+
+    @property
     def lips(self) -> np.ndarray | None:
         """``[total_frames, 3]`` float32 landmark lip shapes when ``add_lips`` has run, else None."""
         return self._array("lips") if self.meta.get("lips") else None
@@ -364,34 +372,45 @@ def add_latents(
     encoder: str | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], Any] = print,
+    mirror: bool = False,
 ) -> Path:
-    """Encode every cached frame (float ``[B,3,H,W]`` in [-1,1] -> latents) into ``latents.npy``.
+    """Encode every cached frame (float ``[B,3,H,W]`` in [-1,1] -> latents) into ``latents.npy``; with ``mirror``,
+    also every frame mirrored left-right into ``latents_mirror.npy`` (for ``ClipDataset(mirror=...)``).
 
     ``encoder`` names the encoder (default: ``encoder_id(encode_fn)``); latents already made by it are reused.
     """
     reader = open_cache(cache_dir)
     root, name = reader.root, encoder or encoder_id(encode_fn)
     meta = dict(reader.meta)
-    if (meta.get("latents") or {}).get("encoder") == name:
+    made = meta.get("latents") or {}
+    if made.get("encoder") == name and (made.get("mirror") or not mirror):
         log(f"cache: latents from {name} already in {root}")
         return root / "latents.npy"
     meta["latents"] = None
     write_json(root / META_NAME, meta)  # forget the old latents before replacing them
-    frames, out = reader.frames, None
-    start = time.perf_counter()
-    with atomic_path(root / "latents.npy") as tmp, torch.inference_mode():
+    frames, start = reader.frames, time.perf_counter()
+    names = ["latents", "latents_mirror"] if mirror else ["latents"]
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        tmps = [stack.enter_context(atomic_path(root / f"{n}.npy")) for n in names]
+        outs: list[np.ndarray] = []
         for a in range(0, len(frames), batch_size):
             x = torch.from_numpy(np.array(frames[a : a + batch_size])).to(device).float() / 127.5 - 1.0
-            z = encode_fn(x).float().cpu().numpy()
-            if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(frames), *z.shape[1:]))
-            out[a : a + len(z)] = z
-        out.flush()
-        shape = list(out.shape)
-        del out
-    meta["latents"] = {"encoder": name, "shape": shape, "dtype": "float16"}
+            for k, tmp in enumerate(tmps):
+                z = encode_fn(x.flip(-1) if k else x).float().cpu().numpy()
+                if len(outs) == k:
+                    outs.append(
+                        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(frames), *z.shape[1:]))
+                    )
+                outs[k][a : a + len(z)] = z
+        shape = list(outs[0].shape)
+        for out in outs:
+            out.flush()
+        del outs
+    meta["latents"] = {"encoder": name, "shape": shape, "dtype": "float16", "mirror": mirror}
     write_json(root / META_NAME, meta)
-    log(f"cache: latents {shape} from {name} in {time.perf_counter() - start:.1f} s -> {root / 'latents.npy'}")
+    log(
+        f"cache: latents {shape}{' and mirrored' if mirror else ''} from {name} in {time.perf_counter() - start:.1f} s -> {root / 'latents.npy'}"
+    )
     return root / "latents.npy"
 
 

@@ -85,11 +85,14 @@ class TalkingHeadDataModule(L.LightningDataModule):
         format: str = "cache",
         shard_dir: str | None = None,
         shard_cache_dir: str | None = None,
+        mirror: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         if format not in FORMATS:
             raise DataConfigError(f"data.format={format!r}: choose one of {FORMATS}")
+        if not 0.0 <= mirror <= 1.0 or (mirror and format == "litdata"):
+            raise DataConfigError(f"data.mirror={mirror}: a probability in [0, 1], with data.format=cache")
         if format == "litdata" and not shard_dir:
             raise DataConfigError("data.format=litdata needs data.shard_dir")
         if use_cache and not cache_dir:
@@ -147,7 +150,7 @@ class TalkingHeadDataModule(L.LightningDataModule):
                 else:
                     source = rows
                 ds = ClipDataset(source, hp.clip_len, hp.stride, self.audio, train=split == "train", seed=hp.seed,
-                                 reference=hp.reference, image_size=hp.image_size, fps=hp.fps)  # fmt: skip
+                                 reference=hp.reference, image_size=hp.image_size, fps=hp.fps, mirror=hp.mirror)  # fmt: skip
             if split == "val" and hp.val_max_items and len(ds) > hp.val_max_items:  # evenly spaced subset
                 ds = Subset(ds, np.linspace(0, len(ds) - 1, hp.val_max_items).round().astype(int).tolist())
             self.datasets[split] = ds

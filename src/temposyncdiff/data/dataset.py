@@ -61,13 +61,24 @@ class _CacheSource:
         self.num_frames = [int(n) for n in reader.num_frames]
         self.root, self.audio, self.image_size = reader.root, reader.audio, reader.image_size
 
-    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def _latents(self, mirror: bool) -> np.ndarray | None:
+        latents = self.reader.latents
+        if mirror and latents is not None:
+            latents = self.reader.latents_mirror
+            if latents is None:
+                raise CacheError(f"{self.root}: no mirrored latents (tsd-data cache vae=... data.mirror=<p> adds them)")
+        return latents
+
+    def clip(
+        self, u: int, a: int, b: int, mirror: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         r = self.reader
         off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
         lo, hi = off + a, min(off + b, end)
         mel = r.mel[int(r.mel_offsets[u]) : int(r.mel_offsets[u] + r.mel_lens[u])]
-        latents = r.latents
-        return r.frames[lo:hi], mel, r.visemes[lo:hi], None if latents is None else latents[lo:hi]
+        latents = self._latents(mirror)
+        frames = mirrored(r.frames[lo:hi]) if mirror else r.frames[lo:hi]
+        return frames, mel, r.visemes[lo:hi], None if latents is None else latents[lo:hi]
 
     def lips(self, u: int, a: int, b: int) -> np.ndarray | None:
         """Landmark lip shapes ``[<= b - a, 3]`` of frames [a, b) of utterance ``u`` when the cache has them."""
@@ -77,10 +88,10 @@ class _CacheSource:
         off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
         return r.lips[off + a : min(off + b, end)]
 
-    def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         k = int(self.reader.offsets[u]) + j
-        latents = self.reader.latents
-        return self.reader.frames[k], None if latents is None else latents[k]
+        latents, frame = self._latents(mirror), self.reader.frames[k]
+        return mirrored(frame) if mirror else frame, None if latents is None else latents[k]
 
 
 class _RowSource:
@@ -99,17 +110,23 @@ class _RowSource:
             self._memo[u] = decode_utterance(self.rows[u], self.image_size, self.audio, self.fps)
         return self._memo[u]
 
-    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+    def clip(self, u: int, a: int, b: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
         utt = self._load(u)
         if a >= len(utt.frames):
             raise MediaError(
                 f"{self.rows[u]['video_mp4']}: {len(utt.frames)} frames decoded, manifest says {self.num_frames[u]}"
             )
-        return utt.frames[a:b], utt.mel, utt.visemes[a:b], None
+        return mirrored(utt.frames[a:b]) if mirror else utt.frames[a:b], utt.mel, utt.visemes[a:b], None
 
-    def frame(self, u: int, j: int) -> tuple[np.ndarray, None]:
+    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, None]:
         frames = self._load(u).frames
-        return frames[min(j, len(frames) - 1)], None
+        frame = frames[min(j, len(frames) - 1)]
+        return mirrored(frame) if mirror else frame, None
+
+
+def mirrored(frames: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., 3, H, W]`` frames mirrored left-right."""
+    return np.ascontiguousarray(np.asarray(frames)[..., ::-1])
 
 
 def _pad(x: np.ndarray, length: int) -> np.ndarray:
@@ -155,7 +172,8 @@ class ClipDataset(Dataset):
     ``source`` is a ``CacheReader``, a list of manifest rows (decoded on the fly, resized to ``image_size``) or a
     ``ShardSource`` (random access to LitData shards). An item is a dict of the ``Batch`` fields (``id`` for
     ``ids``); the index may be ``(index, epoch)``, as ``EpochSampler`` yields it, so workers know the epoch
-    without a shared ``set_epoch``.
+    without a shared ``set_epoch``. ``mirror``: in training, this share of the items (a fixed draw per item, so
+    that the student's teacher couplings stay valid) has its frames, reference and latents mirrored left-right.
     """
 
     def __init__(
@@ -169,6 +187,7 @@ class ClipDataset(Dataset):
         reference: str = "other_clip",
         image_size: int | None = None,
         fps: float = 25.0,
+        mirror: float = 0.0,
     ):
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
@@ -186,6 +205,11 @@ class ClipDataset(Dataset):
             self.src = _RowSource(list(source), image_size, audio, fps)
         self.audio, self.clip_len, self.stride = audio, clip_len, stride or clip_len
         self.train, self.seed, self.reference, self.epoch = train, seed, reference, 0
+        if not 0.0 <= mirror <= 1.0:
+            raise ValueError(f"mirror must be a probability in [0, 1], got {mirror}")
+        if mirror and not isinstance(self.src, _CacheSource | _RowSource):
+            raise ValueError("mirror augmentation reads a cache or manifest rows, not LitData shards")
+        self.mirror = mirror if train else 0.0
         self.items = [
             (u, s) for u, n in enumerate(self.src.num_frames) for s in range(0, max(n - clip_len, 0) + 1, self.stride)
         ]
@@ -217,11 +241,16 @@ class ClipDataset(Dataset):
             return u, k if k < start else k + self.clip_len
         return u, 0
 
+    def mirrored(self, index: int) -> bool:
+        """Whether item ``index`` is mirrored (``mirror``): the same draw in every epoch."""
+        return bool(self.mirror) and np.random.default_rng([self.seed, index]).random() < self.mirror
+
     def window(self, index: int) -> dict[str, Any]:
         """Item ``index`` without its (epoch-dependent) reference: unpadded frames, the mel rows of its windows,
         visemes and latents, as the LitData shards store it."""
         u, start = self.items[index]
-        frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len)
+        flip = {"mirror": True} if self.mirrored(index) else {}
+        frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len, **flip)
         s0, m0, m1 = mel_span(self.audio, start, self.clip_len)
         window = {"index": index, "id": self.src.ids[u], "start": start, "frames": np.asarray(frames),
                   "mel": np.asarray(mel[m0:m1]), "mel_offset": start - s0, "visemes": np.asarray(visemes)}  # fmt: skip
@@ -233,7 +262,8 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch))
+        flip = {"mirror": True} if self.mirrored(index) else {}
+        ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch), **flip)
         return clip_item(self.audio, self.clip_len, self.window(index), ref, ref_latent)
 
 
