@@ -20,15 +20,11 @@ from temposyncdiff.data.manifest import read_manifest
 from temposyncdiff.data.video import probe
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.evaluation import (
-    BaselineUnavailable,
-    GenerationScorer,
-    denoise_from,
-    evaluate_generation,
-    load_clips,
-    synthetic_retake,
-    write_outputs,
-)
+from temposyncdiff.evaluation.baselines import BaselineUnavailable, synthetic_retake
+from temposyncdiff.evaluation.clips import load_clips
+from temposyncdiff.evaluation.denoise import denoise_from
+from temposyncdiff.evaluation.generation import GenerationScorer, evaluate_generation
+from temposyncdiff.evaluation.report import write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.metrics.image import RegionBoxes

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from temposyncdiff.evaluation import GEN_COLUMNS, GenerationScorer, gen_row
+from temposyncdiff.evaluation.generation import GenerationScorer
+from temposyncdiff.evaluation.report import GEN_COLUMNS, gen_row
 from temposyncdiff.metrics.image import RegionBoxes
 from temposyncdiff.metrics.mouth import MouthOpening, lip_opening, silent_frames
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from temposyncdiff.cli.common import hydra_main
-from temposyncdiff.evaluation import run_eval
+from temposyncdiff.evaluation.run import run_eval
 from temposyncdiff.utils.task import task
 from temposyncdiff.utils.threads import set_threads
 

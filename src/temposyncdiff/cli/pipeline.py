@@ -105,7 +105,7 @@ def pipeline(cfg: DictConfig) -> dict:
 def key_numbers(eval_report: Path) -> list[str]:
     """One line per generation run of the eval report: mouth and upper-face PSNR, mouth motion and LSE-C (own vs
     swapped audio), speed."""
-    from temposyncdiff.evaluation import per_talk_rows, table_rows
+    from temposyncdiff.evaluation.report import per_talk_rows, table_rows
 
     fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("psnr_upper_face", "upper face {:.2f} dB"),
               ("mouth_corr", "mouth motion corr {:.2f}"), ("mouth_corr_swapped", "(swapped audio {:.2f})"),

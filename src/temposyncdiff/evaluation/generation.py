@@ -1,0 +1,269 @@
+"""The generation protocol: every utterance generated from its reference with its own and another's audio, scored
+against the truth (``GenerationScorer``); baselines scored the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from torch import Tensor
+
+from temposyncdiff.data.audio import AudioFeatures
+from temposyncdiff.data.video import write_video
+from temposyncdiff.diffusion.sampling import window_borders, window_plan
+from temposyncdiff.errors import UserError
+from temposyncdiff.evaluation.baselines import BASELINES, BaselineUnavailable
+from temposyncdiff.evaluation.clips import Clip, swapped_inputs
+from temposyncdiff.evaluation.models import runs
+from temposyncdiff.evaluation.report import gen_row, is_finite, row_text
+from temposyncdiff.inference.inputs import check_reference_file
+from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
+from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
+from temposyncdiff.metrics.image import (
+    FidelityMetrics,
+    RegionBoxes,
+    json_float,
+    to_unit,
+    unavailable,
+)
+from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening, interpolate_missing
+from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
+from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
+from temposyncdiff.nets.syncnet import load_expert
+from temposyncdiff.utils.task import log
+
+
+def lse_summary(metric: LipSyncError) -> dict[str, Any]:
+    """JSON-ready ``LipSyncError.compute()`` (means, counts, per-clip offsets)."""
+    r = metric.compute()
+    return {"lse_c": json_float(r["lse_c"]), "lse_d": json_float(r["lse_d"]),
+            "offset_zero_frac": json_float(r["offset_zero_frac"]), "num_clips": int(r["num_clips"]),
+            "num_skipped": int(r["num_skipped"]), "clip_offset": r["clip_offset"]}  # fmt: skip
+
+
+class GenerationScorer:
+    """Every generation metric of one run, accumulated clip by clip (``update``) and reported (``compute``)."""
+
+    def __init__(self, regions: RegionBoxes, expert: SyncExpert | None = None, lse_reason: str = "",
+                 identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
+                 identity_stride: int = 1, lips: MouthOpening | None = None,
+                 lips_reason: str = "no landmark model given") -> None:  # fmt: skip
+        self.fidelity, self.flicker, self.seams = FidelityMetrics(regions), FlickerMetric(), []
+        self.motion = {k: MouthMotion(regions.mouth) for k in ("own", "swapped")}  # both against the own truth
+        self.expert, self.lse_reason = expert, lse_reason
+        self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
+        self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
+        self.lips, self.lips_reason = lips, lips_reason
+
+    def update(self, gt: np.ndarray, own: np.ndarray, reference: np.ndarray, borders: list[int],
+               mel: Tensor | None = None, swapped: np.ndarray | None = None, wave: np.ndarray | None = None,
+               clip_id: str | None = None) -> None:  # fmt: skip
+        """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``;
+        ``wave`` (its 16 kHz audio) locates the silences for the lip-landmark metric."""
+        self.fidelity.update(own, gt)
+        if len(gt) > 1:
+            self.flicker.update(own, gt)
+        for key, video in (("own", own), ("swapped", swapped)):
+            if video is not None:
+                self.motion[key].update(video, gt)
+        if borders:  # none when the clip fits in one window
+            self.seams.append((seam_error(own, borders), seam_error(gt, borders)))
+        if self.expert is not None:
+            for key, video in (("own", own), ("swapped", swapped)):
+                if video is not None:
+                    self.lse[key].update(*embed_clip(self.expert, to_unit(video) * 2 - 1, mel))
+        if self.identity is not None:
+            self.identity.update(reference, own[:: self.identity_stride])
+        if self.lips is not None:
+            self.lips.update(own, gt, wave, swapped, clip_id)
+
+    def compute(self) -> dict[str, Any]:
+        no_swap = unavailable(
+            "no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none"
+        )
+        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
+               "mouth_motion": {k: m.compute() if m.update_called else no_swap for k, m in self.motion.items()}}  # fmt: skip
+        if self.seams:  # means over clips (of the finite ratios), as the stages log them
+            out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
+                           for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
+            out["seam"]["num_clips"] = len(self.seams)
+        else:
+            out["seam"] = unavailable("every clip fits in one window: no window border")
+        if self.expert is None:
+            out["lip_sync"] = unavailable(self.lse_reason)
+        else:
+            own = lse_summary(self.lse["own"])
+            swapped = lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called else no_swap
+            out["lip_sync"] = {"own": own, "swapped": swapped}
+            if own["num_clips"] and swapped.get("num_clips"):
+                out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
+                                    "gap_lse_d": json_float(swapped["lse_d"] - own["lse_d"])}  # fmt: skip
+        out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
+        out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
+        return out
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    finite = [v for v in values if is_finite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _expert(g: DictConfig) -> tuple[SyncExpert | None, str]:
+    if not g.syncnet or not Path(g.syncnet).is_file():
+        return None, f"lip-sync expert not found: {g.syncnet}"
+    return load_expert(g.syncnet), ""
+
+
+def _embedder(g: DictConfig) -> tuple[FaceEmbedder | None, str]:
+    if not g.identity.enabled:
+        return None, "disabled (eval.generation.identity.enabled=false)"
+    try:
+        return FaceEmbedder(g.identity.weights_dir), ""
+    except (ImportError, OSError, RuntimeError) as err:
+        return None, str(err)
+
+
+def _landmarks(g: DictConfig) -> tuple[LipLandmarks | None, str]:
+    c = g.lip_landmarks
+    if not c.enabled:
+        return None, "disabled (eval.generation.lip_landmarks.enabled=false)"
+    try:
+        return LipLandmarks(c.weights_dir, c.min_side, c.detect_every), ""
+    except (ImportError, OSError, RuntimeError) as err:
+        return None, str(err)
+
+
+def evaluate_generation(
+    cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str]
+) -> dict[str, Any]:
+    """Each run generates every clip from its reference with its own audio (and another's: the audio-swap control)."""
+    g = cfg.eval.generation
+    if unknown := set(g.baselines) - set(BASELINES):
+        raise UserError(f"unknown eval.generation.baselines {sorted(unknown)}; choose from {list(BASELINES)}")
+    if g.pose_source not in ("video", "photo"):
+        raise UserError(f"eval.generation.pose_source={g.pose_source!r}: choose video | photo")
+    if g.lips not in ("head", "truth"):
+        raise UserError(f"eval.generation.lips={g.lips!r}: choose head | truth")
+    if g.reference is not None:
+        check_reference_file(g.reference)
+    regions = RegionBoxes(**cfg.regions)
+    expert, lse_reason = _expert(g)
+    embedder, identity_reason = _embedder(g)
+    landmarks, lips_reason = _landmarks(g)
+    if g.lips == "truth" and landmarks is None:
+        raise UserError(f"eval.generation.lips=truth reads the truth's lip shapes with dlib: {lips_reason}")
+    out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {},
+                           "reference": str(g.reference) if g.reference else "each clip's own", "lips": g.lips}  # fmt: skip
+    mels: dict[str, Tensor] = {}
+    if expert is not None:
+        features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
+        mels = {c.id: features.log_mel(c.wave) for c in clips}
+        gt_lse = {k: LipSyncError(vshift=g.vshift) for k in ("own", "swapped")}
+        for i, c in enumerate(clips):  # the truth with its own audio and with the swap control's audio
+            frames = to_unit(c.at(size)) * 2 - 1
+            gt_lse["own"].update(*embed_clip(expert, frames, mels[c.id]))
+            if len(clips) > 1:
+                gt_lse["swapped"].update(*embed_clip(expert, frames, features.log_mel(swapped_inputs(clips, i)[0])))
+        gt = out["ground_truth"]["lip_sync"] = lse_summary(gt_lse["own"])
+        if gt_lse["swapped"].update_called:
+            gt["swapped"] = lse_summary(gt_lse["swapped"])
+            gt["gap_lse_c"] = json_float(gt["lse_c"] - gt["swapped"]["lse_c"])
+
+    def scorer_for(size: int) -> GenerationScorer:
+        reason = lse_reason
+        if expert is not None and expert.config["image_size"] != size:
+            reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
+        identity = IdentitySimilarity(embedder=embedder) if embedder else None
+        lips = None
+        if landmarks is not None:
+            c = g.lip_landmarks
+            lips = MouthOpening(
+                landmarks, min_face_frac=c.min_face_frac, silence_db=c.silence_db, silence_min_ms=c.silence_min_ms
+            )
+        return GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
+                                g.identity.stride, lips, lips_reason)  # fmt: skip
+
+    talks = sorted({c.talk for c in clips}) if g.per_talk else []
+    talks = talks if len(talks) > 1 else []
+
+    def scorers_for(size: int) -> dict[str | None, GenerationScorer]:
+        """One scorer over every clip (key None) and, with per_talk, one per talk."""
+        return {key: scorer_for(size) for key in [None, *talks]}
+
+    def update(scorers: dict[str | None, GenerationScorer], talk: str, *args: Any) -> None:
+        """Score a clip in the overall scorer and its talk's."""
+        for key in (None, talk):
+            if key in scorers:
+                scorers[key].update(*args)
+
+    def scored(scorers: dict[str | None, GenerationScorer]) -> dict[str, Any]:
+        out = scorers.pop(None).compute()
+        return out | ({"per_talk": {talk: s.compute() for talk, s in scorers.items()}} if scorers else {})
+
+    for name, pipe, steps, info in runs(cfg, models):
+        if g.lips == "truth" and not isinstance(pipe, str) and not getattr(pipe.net, "lip_dim", 0):
+            pipe = "eval.generation.lips=truth: this net draws no lip shapes (model.net.lip_dim=0)"
+        if isinstance(pipe, str):
+            out["results"][name] = info | unavailable(pipe)
+            continue
+        size, scorers = pipe.image_size, scorers_for(pipe.image_size)
+        pipe.steps, timings = steps, Timings()
+        shown: dict[str, int] = {}  # side-by-side samples written per talk
+        for i, clip in enumerate(clips):
+            face, ref = pipe.reference(g.reference or clip.reference)
+            truth = clip.at(size)
+            pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
+            lips = truth_lip_shapes(landmarks, truth) if g.lips == "truth" else None  # own audio only
+            own = np.stack(list(
+                pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose, lips)
+            ))  # fmt: skip
+            swapped = None
+            if len(clips) > 1:
+                wave, vis = swapped_inputs(clips, i)
+                swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None, pose=pose)))
+            if shown.get(clip.talk, 0) < g.samples:
+                shown[clip.talk] = shown.get(clip.talk, 0) + 1
+                write_side_by_side(Path(cfg.samples_dir) / name / f"{clip.id.replace('/', '_')}.mp4",
+                                   [truth, own] + ([swapped] if swapped is not None else []), clip.wave)  # fmt: skip
+            borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
+            update(scorers, clip.talk, truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
+        seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
+        out["results"][name] = info | {"status": "ok", **scored(scorers), "latency": timings.report(seconds)}
+        log.info("generation %s: %s", name, row_text(gen_row(name, out["results"][name])))
+    pipe = next((p for p in models.values() if not isinstance(p, str)), None)
+    if pipe is not None and g.baselines:
+        out["baselines"] = {}
+        faces = [pipe.reference(g.reference or clip.reference)[0] for clip in clips]  # once for every baseline
+        for name in g.baselines:
+            make, truth_free = BASELINES[name]
+            try:
+                frames = [make(clip, face, pipe)[: len(clip.frames)] for clip, face in zip(clips, faces)]
+            except BaselineUnavailable as err:
+                out["baselines"][name] = {"model": name, "kind": "baseline"} | unavailable(str(err))
+                log.info("generation baseline %s: unavailable (%s)", name, err)
+                continue
+            scorers = scorers_for(pipe.image_size)
+            for clip, face, video in zip(clips, faces, frames):
+                gt = clip.at(pipe.image_size)
+                borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
+                swap = video if truth_free else None
+                update(scorers, clip.talk, gt, video, face.crop, borders, mels.get(clip.id), swap, clip.wave, clip.id)
+            out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
+            log.info("generation baseline %s: %s", name, row_text(gen_row(name, out["baselines"][name])))
+    return out
+
+
+def write_side_by_side(path: Path, videos: list[np.ndarray], wave: np.ndarray) -> Path:
+    """uint8 ``[N,H,W,3]`` videos side by side in one mp4 with the clip's audio (truth | own audio | swapped)."""
+    n = min(len(v) for v in videos)
+    return write_video(path, (np.concatenate([v[k] for v in videos], axis=1) for k in range(n)), audio=wave)
+
+
+def truth_lip_shapes(landmarks: LipLandmarks, frames: np.ndarray) -> np.ndarray | None:
+    """The truth's per-frame lip shapes ``[T, 3]`` as the cache measures them (gaps interpolated); None: no face."""
+    track, _ = landmarks.truth(frames)
+    shapes = interpolate_missing(landmarks.shapes(frames, track.boxes))
+    return None if np.isnan(shapes[:, 0]).all() else shapes

@@ -1,0 +1,234 @@
+"""eval_report.json, the markdown/csv tables and the plots, from the protocols' results."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.metadata
+import io
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from temposyncdiff.utils.io import atomic_path, write_json, write_text
+
+PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffusers", "numpy", "av", "dlib-bin",
+            "dlib", "face_recognition_models")  # fmt: skip
+GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
+               "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
+               "mouth_corr_swapped", "mouth_amplitude", "lip_corr", "lip_corr_swapped", "lip_amplitude", "lip_silence",
+               "lip_silence_gap", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
+               "ms_per_frame", "rtf")  # fmt: skip
+DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
+               "psnr_upper_face", "ms_per_frame")  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages that shape the numbers (torch with its build tag)."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def _num(x: Any) -> Any:
+    """A table cell: numbers and ``"inf"`` as they are, unavailable entries as ``n/a``."""
+    if isinstance(x, dict):
+        return x.get("lpips", "n/a") if x.get("status") == "ok" else "n/a"
+    return x
+
+
+def gen_row(name: str, r: dict) -> dict[str, Any]:
+    """One generation table row from a run's report entry."""
+    row = {"run": name, "steps": r.get("steps"), "sampler": r.get("sampler"), "status": r.get("status")}
+    if r.get("status") != "ok":
+        return row
+    f, ls = r["fidelity"], r["lip_sync"]
+    row |= {f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
+            for region in ("full", "mouth", "upper_face") for k in ("psnr", "ssim")}  # fmt: skip
+    latency = r.get("latency", {})  # baselines generate nothing: no latency
+    row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
+            "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
+            "identity": r["identity"].get("mean"), "ms_per_frame": latency.get("ms_per_frame", {}).get("total"),
+            "rtf": latency.get("real_time_factor")}  # fmt: skip
+    motion = r.get("mouth_motion", {})  # absent from reports written before it existed
+    row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
+            "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
+    lips = r.get("lip_landmarks", {})
+    row |= {
+        "lip_corr": lips.get("own", {}).get("corr"),
+        "lip_corr_swapped": lips.get("swapped", {}).get("corr"),
+        "lip_amplitude": lips.get("own", {}).get("amplitude"),
+        "lip_silence": lips.get("silence", {}).get("ratio"),
+        "lip_silence_gap": lips.get("silence", {}).get("gap"),
+    }
+    if "own" in ls:
+        row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"].get("lse_c"),
+                "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip
+    return row
+
+
+def per_talk_rows(report: dict) -> list[dict]:
+    """One generation row per run (and baseline) and talk, for reports scored with ``per_talk``."""
+    g = report.get("generation", {})
+    runs_ = {**g.get("results", {}), **g.get("baselines", {})}
+    return [{"talk": talk} | gen_row(name, r | scores)
+            for name, r in runs_.items() for talk, scores in r.get("per_talk", {}).items()]  # fmt: skip
+
+
+def relative_gap(gap: Any, truth_gap: Any) -> float | None:
+    """A run's LSE-C audio-swap gap as a fraction of the ground truth's (1 = as audio-dependent as real video)."""
+    return gap / truth_gap if is_finite(gap) and is_finite(truth_gap) and truth_gap > 0 else None
+
+
+def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
+    """(generation rows, denoising rows) flattened from the report."""
+    gen, den = [], []
+    g, d = report.get("generation", {}), report.get("denoise", {})
+    if "results" in g:
+        gen = [gen_row(name, r) for name, r in {**g["results"], **g.get("baselines", {})}.items()]
+        gt = g["ground_truth"]["lip_sync"]
+        for row in gen:
+            row["lse_c_gap_rel"] = relative_gap(row.get("lse_c_gap"), gt.get("gap_lse_c"))
+        if "lse_c" in gt:
+            gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"],
+                        "lse_c_swapped": gt.get("swapped", {}).get("lse_c"), "lse_c_gap": gt.get("gap_lse_c"),
+                        "lse_c_gap_rel": relative_gap(gt.get("gap_lse_c"), gt.get("gap_lse_c"))})  # fmt: skip
+    if "levels" in d:
+        items = [("-", "vae_vs_gt", d["vae_vs_gt"])]
+        items += [(t, name, r) for t, level in d["levels"].items() for name, r in level.items()]
+        for t, name, r in items:
+            row = {"noise_level": t, "run": name, "steps": r.get("steps"), "status": r.get("status", "ok")}
+            if "full" in r:
+                row |= {k: _num(r["full"][k]) for k in ("psnr", "ssim", "ms_ssim")} | {"lpips": _num(r["lpips"])}
+                row |= {"psnr_mouth": r["mouth"]["psnr"], "ssim_mouth": r["mouth"]["ssim"],
+                        "psnr_upper_face": r["upper_face"]["psnr"], "ms_per_frame": r.get("ms_per_frame")}  # fmt: skip
+            den.append(row)
+    return gen, den
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(_num(x))
+
+
+def row_text(row: dict) -> str:
+    return ", ".join(f"{k}={_cell(v)}" for k, v in row.items() if k not in ("run", "status") and v is not None)
+
+
+def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
+    return buf.getvalue()
+
+
+def is_finite(x: Any) -> bool:
+    return isinstance(x, int | float) and np.isfinite(x)
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+
+
+def plot_metric_vs_steps(report: dict, path: Path) -> None:
+    """Denoising PSNR vs steps (per model and noise level, noisy input dashed) | generation PSNR vs steps."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(11, 4))
+    ax_d, ax_g = fig.subplots(1, 2)
+    steps: dict[Any, set] = {ax_d: set(), ax_g: set()}
+    for t, level in report.get("denoise", {}).get("levels", {}).items():
+        series: dict[str, list] = {}
+        for name, r in level.items():
+            if name != "noisy" and r.get("status") == "ok" and is_finite(r["full"]["psnr"]):
+                series.setdefault(r["model"], []).append((r["steps"], r["full"]["psnr"]))
+        for model, pts in series.items():
+            ax_d.plot(*zip(*sorted(pts)), marker="o", label=f"{model}, t={t}")
+            steps[ax_d] |= {p[0] for p in pts}
+        if is_finite(level["noisy"]["full"]["psnr"]):
+            ax_d.axhline(level["noisy"]["full"]["psnr"], ls="--", lw=0.8, color="grey")
+    series = {}
+    for r in report.get("generation", {}).get("results", {}).values():
+        if r.get("status") == "ok" and is_finite(r["fidelity"]["full"]["psnr"]):
+            f = r["fidelity"]
+            series.setdefault(r["model"], []).append((r["steps"], f["full"]["psnr"], f["mouth"]["psnr"]))
+            steps[ax_g].add(r["steps"])
+    for model, pts in series.items():
+        x, full, mouth = zip(*sorted(pts))
+        ax_g.plot(x, full, marker="o", label=f"{model} (full)")
+        ax_g.plot(x, mouth, marker="s", ls=":", label=f"{model} (mouth)")
+    for ax, title in (
+        (ax_d, "denoising vs VAE reconstruction (dashed: noisy input)"),
+        (ax_g, "generation vs ground truth"),
+    ):
+        ax.set(xscale="log", xlabel="sampler steps", ylabel="PSNR (dB)", title=title)
+        if steps[ax]:
+            ax.set_xticks(sorted(steps[ax]), [f"{x:g}" for x in sorted(steps[ax])])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no results", ha="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def plot_quality_latency(report: dict, path: Path) -> None:
+    """Generation PSNR vs end-to-end ms per frame, one line per model, labelled with steps."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    series: dict[str, list] = {}
+    for r in report.get("generation", {}).get("results", {}).values():
+        if r.get("status") == "ok" and is_finite(r["fidelity"]["full"]["psnr"]):
+            series.setdefault(r["model"], []).append(
+                (r["latency"]["ms_per_frame"]["total"], r["fidelity"]["full"]["psnr"], r["steps"])
+            )
+    for model, pts in series.items():
+        ms, psnr, steps = zip(*sorted(pts))
+        ax.plot(ms, psnr, marker="o", label=model)
+        for x, y, s in pts:
+            ax.annotate(f"{s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xscale="log", xlabel="ms per frame (end to end)", ylabel="PSNR vs ground truth (dB)",
+           title=f"quality-latency ({report.get('device', {}).get('device_name', '')})")  # fmt: skip
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(LogFormatter(labelOnlyBase=False))
+    if series:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no generation results", ha="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, plots_dir: str | Path) -> dict[str, Path]:
+    """The report JSON, ``eval_{generation,denoise}.{md,csv}`` tables and the two plots, each written atomically."""
+    tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
+    write_json(out_json, report)
+    paths = {"report": Path(out_json)}
+    for kind, rows, cols in zip(("generation", "denoise"), table_rows(report), (GEN_COLUMNS, DEN_COLUMNS)):
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"{kind}_{ext}"] = tables_dir / f"eval_{kind}.{ext}"
+            write_text(paths[f"{kind}_{ext}"], fn(rows, cols))
+    if talk_rows := per_talk_rows(report):
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"generation_per_talk_{ext}"] = tables_dir / f"eval_generation_per_talk.{ext}"
+            write_text(paths[f"generation_per_talk_{ext}"], fn(talk_rows, ("talk", *GEN_COLUMNS)))
+    for name, plot in (("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)):
+        paths[name] = plots_dir / f"{name}.png"
+        plot(report, paths[name])
+    return paths
