@@ -11,7 +11,6 @@ from temposyncdiff.diffusion.sampling import (
     generate_long,
     make_sampler,
     sample,
-    seam_error,
     window_borders,
     window_plan,
 )
@@ -170,17 +169,6 @@ def test_generate_long_passes_motion_frames():
     short = generate_long(fake, torch.zeros(B, C, S, S), None, vis[:, :3], 3, w, 1, (C, S, S),
                           lambda: make_sampler("ddim", sch.scheduler.config), 1)  # fmt: skip
     assert short.shape == (B, 3, C, S, S) and calls[-1][0].tolist() == [0, 1, 2, 2]  # padded with the last frame
-
-
-def test_seam_error_on_a_synthetic_video():
-    n, borders = 24, [8, 16]
-    smooth = torch.linspace(0, 1, n)[:, None, None, None].expand(n, 3, 4, 4).clone()
-    assert abs(seam_error(smooth, borders)["ratio"] - 1) < 1e-4
-    jumpy = smooth.clone()
-    jumpy[8:] += 0.2
-    jumpy[16:] += 0.2
-    r = seam_error(jumpy, borders)
-    assert r["ratio"] > 5 and r["border"] > r["inside"]
 
 
 def test_aux_losses_have_gradients():

@@ -13,7 +13,7 @@ from PIL import Image
 from temposyncdiff.metrics import identity
 from temposyncdiff.metrics.identity import IdentitySimilarity, as_uint8_frames
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, lpips_backbone_file, to_unit
-from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error
+from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error, seam_ratio
 
 torch.set_num_threads(1)
 
@@ -155,6 +155,9 @@ def test_seam_error_smooth_and_edge_cases():
     for borders in ([], [0], [8], [1, 2, 3, 4, 5, 6, 7]):
         with pytest.raises(ValueError):
             seam_error(steps, borders)
+    # the stages' per-clip number: a float to average, NaN for a clip without a border or a still one
+    assert seam_ratio(ramp, [4, 8]) == pytest.approx(1.0, rel=1e-4) and seam_ratio(steps, [4]) == float("inf")
+    assert np.isnan(seam_ratio(ramp, [])) and np.isnan(seam_ratio(unit_video([0.5] * 4), [2]))
 
 
 # ---- identity ----

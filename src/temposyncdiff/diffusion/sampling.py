@@ -4,7 +4,7 @@ Long audio: windows of T frames; every window after the first starts ``overlap``
 the frames made so far and receives those frames as motion frames (clean latents + known mask), so the net
 continues the motion instead of starting afresh; the last window is moved back to end at the last frame
 (more known frames). Every frame is generated exactly once; the audio embeddings are computed over the whole
-utterance once, so the condition has no seam either. ``seam_error`` measures what is left at the borders.
+utterance once, so the condition has no seam either. ``metrics.temporal.seam_error`` measures what is left at the borders.
 """
 
 from __future__ import annotations
@@ -146,18 +146,3 @@ def generate_long(
         )
         out[:, start + known : start + window] = x[:, known:]
     return out[:, :num_frames]
-
-
-def seam_error(frames: Tensor, borders: list[int]) -> dict[str, float]:
-    """Mean absolute frame-to-frame difference at window borders vs inside windows for ``[..., N, C, H, W]``.
-
-    ``border`` averages the steps (b-1 -> b) for ``b`` in ``borders``, ``inside`` all other steps; ``ratio`` =
-    border / inside (about 1: no visible seam; compare with the same numbers on ground truth).
-    """
-    diffs = (frames[..., 1:, :, :, :] - frames[..., :-1, :, :, :]).abs().flatten(-3).mean(-1)
-    diffs = diffs.reshape(-1, diffs.shape[-1]).mean(0)  # [N-1]
-    at = torch.zeros(len(diffs), dtype=torch.bool)
-    at[[b - 1 for b in borders if 0 < b <= len(diffs)]] = True
-    border = float(diffs[at].mean()) if at.any() else float("nan")
-    inside = float(diffs[~at].mean()) if (~at).any() else float("nan")
-    return {"border": border, "inside": inside, "ratio": border / max(inside, 1e-12)}

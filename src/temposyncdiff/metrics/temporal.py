@@ -50,6 +50,15 @@ def seam_error(frames: Tensor | np.ndarray, borders: Sequence[int]) -> dict[str,
     return {"border": border, "inside": inside, "ratio": json_float(ratio), "num_borders": len(at)}
 
 
+def seam_ratio(frames: Tensor | np.ndarray, borders: Sequence[int]) -> float:
+    """``seam_error``'s ratio as a float to average over clips: NaN when the clip has no window border (it fits in
+    one window) or does not change at all, inf when only its borders change."""
+    if not borders:
+        return float("nan")
+    ratio = seam_error(frames, borders)["ratio"]
+    return float("nan") if ratio is None else float(ratio)
+
+
 class FlickerMetric(Metric):
     """Flicker of predicted and ground-truth videos: ``update(pred, target)`` once per clip (same frame count).
 

@@ -52,13 +52,13 @@ from temposyncdiff.diffusion.losses import (
     sync_loss,
     temporal_loss,
 )
-from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
+from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.latency import time_call
 from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
-from temposyncdiff.metrics.temporal import flicker
+from temposyncdiff.metrics.temporal import flicker, seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule, weights_digest
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
@@ -192,7 +192,7 @@ def compare(
             add(name, "psnr_mouth_swap", _psnr(crop(video[1], regions["mouth"]), crop(gt, regions["mouth"])))
             add(name, "flicker", flicker(video[0] * 2 - 1))
             add(name, "flicker_gt", flicker(utt["frames"]))
-            add(name, "seam_ratio", seam_error(video[0], borders)["ratio"])
+            add(name, "seam_ratio", seam_ratio(video[0] * 2 - 1, borders))
             if name != first:
                 add(name, "psnr_vs_ref", _psnr(video[0], own[first]))
             if expert is not None:

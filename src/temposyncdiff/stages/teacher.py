@@ -42,10 +42,11 @@ from temposyncdiff.diffusion.losses import (
     sync_loss,
     temporal_loss,
 )
-from temposyncdiff.diffusion.sampling import generate_long, make_sampler, seam_error, window_borders, window_plan
+from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
+from temposyncdiff.metrics.temporal import seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.stages.base import StageModule
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain
@@ -363,8 +364,8 @@ class TeacherStage(StageModule):
                                                                           dim=(1, 2, 3), reduction="none"))  # fmt: skip
             add("ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
             borders = window_borders(window_plan(max(n, self.net.window), self.net.window, hp.overlap))
-            add("seam_ratio", seam_error(video[0], borders)["ratio"])
-            add("seam_ratio_gt", seam_error(gt, borders)["ratio"])
+            add("seam_ratio", seam_ratio(video[0] * 2 - 1, borders))
+            add("seam_ratio_gt", seam_ratio(utt["frames"], borders))
             if expert is not None:
                 mel = torch.from_numpy(utt["mel"]).T.to(dev)
                 for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
