@@ -66,20 +66,28 @@ def sample(
     return x
 
 
-def window_plan(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
-    """``(start, known)`` per window: it covers frames [start, start + window), the first ``known`` are given.
+def next_window(end: int, window: int, overlap: int, num_frames: int | None = None) -> tuple[int, int]:
+    """``(start, known)`` of the window after frames [0, end) exist: the first starts at 0, the others ``overlap``
+    frames before ``end``, moved back to end on the last frame when the length ``num_frames`` is known (offline,
+    or once a stream's audio has ended). The one placement rule of offline and streaming generation."""
+    if end == 0:
+        return 0, 0
+    start = end - overlap if num_frames is None else min(end - overlap, num_frames - window)
+    return start, end - start
 
-    Clips shorter than a window get one window (padded by ``generate_long``).
+
+def window_plan(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """``(start, known)`` per window (``next_window``): it covers frames [start, start + window), the first
+    ``known`` are given. Clips shorter than a window get one window (padded by ``generate_long``).
     """
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    plan, end = [(0, 0)], window
+    plan, end = [next_window(0, window, overlap)], window
     while end < num_frames:
-        start = min(end - overlap, num_frames - window)
-        plan.append((start, end - start))
-        end = start + window
+        plan.append(next_window(end, window, overlap, num_frames))
+        end = plan[-1][0] + window
     return plan
 
 

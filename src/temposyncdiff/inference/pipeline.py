@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from temposyncdiff.data.audio import AudioFeatures
-from temposyncdiff.diffusion.sampling import make_sampler, sample
+from temposyncdiff.diffusion.sampling import make_sampler, next_window, sample
 from temposyncdiff.errors import UserError
 from temposyncdiff.inference.inputs import MIN_FACE_PX, ReferenceFace, prepare_reference
 from temposyncdiff.nets.denoiser import Denoiser
@@ -184,9 +184,9 @@ class TalkingHeadPipeline:
         driving video; nets built with a ``pose_mask`` keep all but the masked box of them); without it, such a net
         takes the reference as every frame's pose.
 
-        Windows are placed as ``diffusion.sampling.window_plan`` places them: each starts ``overlap`` frames
-        before the end of what exists, the last one is moved back to end on the last frame; the frames it
-        overlaps are given as motion frames. Only the last ``window`` latents are kept.
+        Windows are placed by ``diffusion.sampling.next_window``, as offline generation places them: each starts
+        ``overlap`` frames before the end of what exists, the last one is moved back to end on the last frame; the
+        frames it overlaps are given as motion frames. Only the last ``window`` latents are kept.
         """
         timings = timings or Timings()
         clock = time.perf_counter()
@@ -198,13 +198,7 @@ class TalkingHeadPipeline:
             num_frames = num_output_frames(len(wave), self.audio.sample_rate, self.audio.fps) if ended else None
             if ended and end >= num_frames:
                 return
-            start = (
-                0
-                if end == 0
-                else end - self.overlap
-                if num_frames is None
-                else min(end - self.overlap, num_frames - self.window)
-            )
+            start, known = next_window(end, self.window, self.overlap, num_frames)
             stop = start + self.window
             if not ended and len(wave) < (stop + MARGIN_FRAMES) * self.hop:  # wait for more audio
                 try:
@@ -215,7 +209,6 @@ class TalkingHeadPipeline:
             emb, tokens = self.conditions(wave, start, stop, len(wave) if ended else None, timings)
             if visemes is not None:
                 tokens = torch.from_numpy(_fit(visemes, start, stop))[None].to(self.device)
-            known = end - start
             motion = torch.zeros(1, self.window, *self.latent_shape, device=self.device)
             if known:
                 motion[:, :known] = history[:, -known:]
