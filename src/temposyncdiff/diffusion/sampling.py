@@ -46,18 +46,31 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Run ``scheduler`` for ``steps`` from Gaussian noise of ``shape``; ``denoise_fn(x_t, t [B], **cond)``.
+    """Run ``scheduler`` for ``steps`` from Gaussian noise of ``shape``; ``denoise_fn(x_t, t [B], **cond)``."""
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device) * scheduler.init_noise_sigma
+    return run_steps(denoise_fn, x, cond, scheduler, guidance_scale, generator)
+
+
+@torch.no_grad()
+def run_steps(
+    denoise_fn: Callable[..., Tensor],
+    x: Tensor,
+    cond: dict,
+    scheduler: SchedulerMixin,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Step ``x`` through the scheduler's timesteps (already set); ``denoise_fn(x_t, t [B], **cond)``.
 
     With ``guidance_scale != 1`` each step also evaluates the net without the ``GUIDED`` condition and
     returns uncond + scale * (cond - uncond); at scale 1 there is exactly one net call per step.
     """
-    scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(shape, generator=generator, device=device) * scheduler.init_noise_sigma
     uncond = {**cond, **{k: None for k in GUIDED}}
     kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        tt = t.to(device).expand(shape[0])
+        tt = t.to(x.device).expand(x.shape[0])
         pred = denoise_fn(x_in, tt, **cond)
         if guidance_scale != 1.0:
             base = denoise_fn(x_in, tt, **uncond)

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from temposyncdiff.diffusion.sampling import GUIDED, make_sampler, window_plan
+from temposyncdiff.diffusion.sampling import make_sampler, run_steps, window_plan
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.evaluation.clips import Clip
 from temposyncdiff.evaluation.models import runs
@@ -31,23 +31,13 @@ def denoise_from(net: Callable[..., Tensor], x_t: Tensor, t: int, cond: dict, sa
 
     Uses the diffusers scheduler with custom timesteps; ``ddim`` runs as first-order DPM-Solver++ (the same
     deterministic update) because ``DDIMScheduler`` takes no custom timesteps. x0 is not clipped unless ``schedule``
-    says so (latents are not bounded; the training schedule has ``clip_sample=False``). Guidance as in ``sample``.
+    says so (latents are not bounded; the training schedule has ``clip_sample=False``). Steps and guidance:
+    ``diffusion.sampling.run_steps``, as ``sample``.
     """
     kind, extra = ("dpmpp", {"solver_order": 1}) if sampler == "ddim" else (sampler, {})
     scheduler = make_sampler(kind, {"clip_sample": False, **schedule}, **extra)
     scheduler.set_timesteps(timesteps=sorted({round(t * (1 - i / steps)) for i in range(steps)}, reverse=True))
-    uncond = {**cond, **{k: None for k in GUIDED}}
-    kwargs = {"generator": generator} if kind in ("ddpm", "lcm") else {}
-    x = x_t
-    for ts in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, ts)
-        tt = ts.to(x.device).expand(x.shape[0])
-        pred = net(x_in, tt, **cond)
-        if guidance_scale != 1.0:
-            base = net(x_in, tt, **uncond)
-            pred = base + guidance_scale * (pred - base)
-        x = scheduler.step(pred, ts, x, **kwargs).prev_sample
-    return x
+    return run_steps(net, x_t, cond, scheduler, guidance_scale, generator)
 
 
 def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
