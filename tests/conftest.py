@@ -45,20 +45,10 @@ def data_root(tmp_path_factory, synth_corpus) -> Path:
 
 
 def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: Path):
-    """Compose an entry config as Hydra would for a run in ``run_dir`` (so ${hydra:...} resolves)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    """Compose an entry config as Hydra would for a run in ``run_dir`` (so ${hydra:...} resolves), under ``root``."""
+    from temposyncdiff.cli.common import compose_run
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name, overrides=[f"paths.root_dir={root}", "extras.print_config=false", *overrides],
-                      return_hydra_config=True)  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_run(config_name, [f"paths.root_dir={root}", "extras.print_config=false", *overrides], run_dir)
 
 
 def save_tiny_exports(

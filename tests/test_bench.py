@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
 from temposyncdiff import latency as lat
 from temposyncdiff.cli.bench import latency, load_models, plan
-from temposyncdiff.cli.train import train
+from temposyncdiff.cli.common import compose_run
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.training import train
 from temposyncdiff.utils.weights import save_weights
-from tests.conftest import REPO, compose_config
+from tests.conftest import compose_config
 from tests.test_teacher import TINY as TINY_TEACHER
 from tests.test_vae import TINY as TINY_VAE
 
@@ -34,11 +34,6 @@ TINY = ["bench.threads=[1]", "bench.batch_sizes=[1,2]", "bench.dtypes=[fp32,bf16
 
 def _bench_cfg(tmp_path, *extra: str):
     return compose_config("bench", [*TINY, *extra], tmp_path, tmp_path / "run")
-
-
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 def test_rows_for_every_component_and_setting_and_outputs(tmp_path):
@@ -99,7 +94,7 @@ def test_failing_runtime_is_skipped_with_its_reason(tmp_path, monkeypatch):
 
 
 def test_plan_narrows_the_grid_per_component_and_runtime(tmp_path):
-    bench = _compose("bench", [f"paths.root_dir={tmp_path}"]).bench
+    bench = compose_run("bench", [f"paths.root_dir={tmp_path}"]).bench
     settings = plan(bench, torch.device("cpu"))
     threads = [s.threads for s in settings if s.runtime == "eager" and s.dtype == "fp32" and s.batch == 1]
     assert len(threads) == len(set(threads)) and set(threads) >= {1, 2}  # null (all cores) joins an equal count
@@ -107,22 +102,22 @@ def test_plan_narrows_the_grid_per_component_and_runtime(tmp_path):
     compiled = [s for s in settings if s.runtime == "compile"]
     assert compiled and all((s.batch, s.dtype) == (1, "fp32") for s in compiled)
     with pytest.raises(UserError, match="unknown runtime"):
-        plan(_compose("bench", ["bench.runtimes=[eager,tensorrt]"]).bench, torch.device("cpu"))
-    quick = plan(_compose("bench", ["bench=latency_cpu"]).bench, torch.device("cpu"))
+        plan(compose_run("bench", ["bench.runtimes=[eager,tensorrt]"]).bench, torch.device("cpu"))
+    quick = plan(compose_run("bench", ["bench=latency_cpu"]).bench, torch.device("cpu"))
     assert len(quick) == 1 and next(iter(quick.values())) == list(lat.COMPONENTS)
 
 
 @pytest.mark.parametrize("model", ["teacher", "student"])
 def test_bench_nets_are_the_quickstart_nets(model, tmp_path):
-    bench = _compose("bench", []).bench
-    run = _compose("train", [f"experiment=quickstart/{model}", f"paths.root_dir={tmp_path}"])
+    bench = compose_run("bench", []).bench
+    run = compose_run("train", [f"experiment=quickstart/{model}", f"paths.root_dir={tmp_path}"])
     mine = OmegaConf.to_container(bench.models[model].net, resolve=True)
     assert mine == OmegaConf.to_container(run.model.net, resolve=True)
     assert bench.models[model].guidance_scale == {"teacher": run.model.guidance_scale, "student": 1.0}[model]
 
 
 def test_quickstart_student_needs_fewer_flops_than_the_teacher():
-    models = load_models(_compose("bench", []).bench, torch.device("cpu"))
+    models = load_models(compose_run("bench", []).bench, torch.device("cpu"))
     flops = {name: path.flops_per_frame(steps, torch.device("cpu")) for name, (path, steps, _) in models.items()}
     assert 0 < flops["student"]["denoiser", None] < 0.5 * flops["teacher"]["denoiser", None]
     assert flops["student"]["end_to_end", 4] < flops["teacher"]["end_to_end", 50] / 20

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from temposyncdiff.cli.common import compose_run
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
@@ -15,18 +15,13 @@ EXPERIMENTS = sorted(
 )
 
 
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
 def test_there_are_experiments():
     assert "quickstart/vae" in EXPERIMENTS
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = _compose(
+    cfg = compose_run(
         "train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}", "paths.output_dir=" + str(tmp_path)]
     )
     assert cfg.stage == cfg.model.stage and cfg.monitor.metric.startswith("val/")
@@ -44,7 +39,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
                                     "logger=tensorboard", "logger=wandb", "logger=none", "logger=many", "debug=fdr",
                                     "debug=overfit", "debug=limit", "callbacks=none"])  # fmt: skip
 def test_groups_compose(option, tmp_path):
-    cfg = _compose(
+    cfg = compose_run(
         "train", ["experiment=quickstart/vae", option, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
     )
     OmegaConf.to_container(cfg, resolve=True)
@@ -52,23 +47,21 @@ def test_groups_compose(option, tmp_path):
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_hparams_search_composes(search, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"experiment=quickstart/{search.split('_')[0]}", f"hparams_search={search}"],
-            return_hydra_config=True,
-        )  # each search belongs to the stage its name starts with
+    # each search belongs to the stage its name starts with
+    cfg = compose_run(
+        "train", [f"experiment=quickstart/{search.split('_')[0]}", f"hparams_search={search}"], hydra=True
+    )
     assert cfg.hydra.sweeper.params and cfg.optimized_metric.startswith("val/")
 
 
 @pytest.mark.parametrize("command", ["synth", "manifest", "prepare", "visemes", "cache", "shards"])
 def test_data_commands_compose(command, tmp_path):
-    cfg = _compose("data", [f"data_command={command}", f"paths.root_dir={tmp_path}"])
+    cfg = compose_run("data", [f"data_command={command}", f"paths.root_dir={tmp_path}"])
     assert cfg.command == command
 
 
 def test_hydra_run_dir_layout():
-    cfg = _compose("train", [])
+    cfg = compose_run("train", [])
     assert cfg.task_name == "train"
     raw = OmegaConf.load(CONF / "hydra" / "default.yaml")
     assert OmegaConf.to_container(raw)["run"]["dir"].startswith("${paths.log_dir}/${task_name}/runs/")

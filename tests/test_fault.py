@@ -17,9 +17,9 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from temposyncdiff.callbacks.fault import AtomicCheckpointIO
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.datamodule import ResumableLoader
 from temposyncdiff.data.dataset import EpochSampler
+from temposyncdiff.training import train
 from temposyncdiff.utils.io import DiskFullError
 from tests.conftest import REPO, compose_config
 from tests.test_train_security import Trap

@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import collate
 from temposyncdiff.data.cache import META_NAME, add_latents, add_lips, build_cache, open_cache
@@ -24,6 +23,7 @@ from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
+from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config, save_tiny_exports
 from tests.test_student import TINY as STUDENT

@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from temposyncdiff.cli.train import train
+from temposyncdiff.training import train
 from tests.conftest import REPO, compose_config
 from tests.test_vae import TINY
 

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from temposyncdiff.cli.data import run
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.batch import Batch, collate
 from temposyncdiff.data.cache import add_latents, open_cache
 from temposyncdiff.data.datamodule import TalkingHeadDataModule
 from temposyncdiff.data.dataset import ClipDataset
 from temposyncdiff.errors import UserError
+from temposyncdiff.training import train
 from tests.conftest import compose_config
 from tests.test_vae import TINY
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.diffusion.distill import student_sampler, student_timesteps, teacher_couplings, trajectory_loss
 from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.diffusion.schedule import NoiseSchedule
@@ -17,6 +16,7 @@ from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.student import generate
+from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config
 
@@ -183,7 +183,7 @@ def test_student_trains_validates_and_exports(data_root, tmp_path):
 
 
 def test_ablation_writes_the_table(data_root, tmp_path):
-    from temposyncdiff.stages.student_ablation import run_ablation
+    from temposyncdiff.cli.student_ablation import run_ablation
 
     _setup(data_root, tmp_path)
     overrides = [*TINY[1:], f"paths.root_dir={data_root}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}",

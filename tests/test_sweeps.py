@@ -7,10 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO
+from temposyncdiff.cli.common import compose_run
 from tests.test_cli import BIN
 from tests.test_student import TINY as STUDENT
 from tests.test_student import _setup
@@ -40,16 +39,15 @@ def test_multirun_gives_each_job_its_own_run_dir(data_root, tmp_path):
 
 def test_joblib_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", ["experiment=quickstart/vae", "hydra/launcher=joblib_cpu"], return_hydra_config=True)
+    cfg = compose_run("train", ["experiment=quickstart/vae", "hydra/launcher=joblib_cpu"], hydra=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
 
 
 def test_student_optuna_search_runs_trials(data_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", ["experiment=quickstart/student", "hparams_search=student_optuna", "model.steps=4"],
-                      return_hydra_config=True)  # fmt: skip
+    cfg = compose_run(
+        "train", ["experiment=quickstart/student", "hparams_search=student_optuna", "model.steps=4"], hydra=True
+    )
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert set(params) == {
         "model.identity_weight",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.dataset import clip_mel_windows
 from temposyncdiff.nets.syncnet import SyncNet, load_expert
 from temposyncdiff.stages.syncnet import audio_at, augment_clips, augment_mel, pair_masks
+from temposyncdiff.training import train
 from tests.conftest import compose_config
 
 TINY = ["experiment=quickstart/syncnet", "debug=fdr", "data.batch_size=4", "data.clip_len=12", "data.cache_workers=1",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.cache import add_latents
 from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config
 

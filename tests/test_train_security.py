@@ -16,8 +16,8 @@ import hydra
 import pytest
 import torch
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.training import train
 from temposyncdiff.utils.checkpoints import own_checkpoint
 from temposyncdiff.utils.weights import keep_previous, save_weights
 from tests.conftest import REPO, compose_config

@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, region_weight
 from temposyncdiff.errors import UserError
+from temposyncdiff.training import train
 from temposyncdiff.utils.io import DiskFullError
 from temposyncdiff.utils.weights import WeightsError, load_net, save_weights
 from tests.conftest import compose_config

@@ -10,8 +10,8 @@ import av
 import pytest
 import torch
 
-from temposyncdiff.cli.train import train
 from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.training import train
 from temposyncdiff.utils.weights import save_weights
 from tests.conftest import compose_config
 from tests.test_teacher import TINY

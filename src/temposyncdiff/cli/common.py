@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from omegaconf import DictConfig
 
 from temposyncdiff.utils.task import EXIT_USER_ERROR
 
@@ -39,6 +40,25 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
         return " ".join(lines) or type(err).__name__
     return None
+
+
+def compose_run(config_name: str, overrides: list[str], run_dir: Path | None = None, hydra: bool = False) -> DictConfig:
+    """``config_name`` composed with ``overrides`` as its entry point composes it (the ablation, the tests); with
+    ``run_dir``, registered as the current Hydra run there, so ``${hydra:...}`` resolves as in a real run; with
+    ``hydra``, the ``hydra`` node (launcher, sweeper) is kept without a run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=hydra or run_dir is not None)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def hydra_main(config_name: str, fn: Callable[..., Any]) -> None:

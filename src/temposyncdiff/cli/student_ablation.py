@@ -1,6 +1,6 @@
 """Student ablation: variants trained with ``tsd-train`` (shared teacher and couplings), then one evaluation.
 
-``python -m temposyncdiff.stages.student_ablation [--no-train] [hydra overrides ...]`` trains every variant
+``python -m temposyncdiff.cli.student_ablation [--no-train] [hydra overrides ...]`` trains every variant
 (with / without the identity, the temporal and the ground-truth term) from ``experiment=quickstart/student`` plus the
 overrides, then generates the same held-out utterances from the same noise with the teacher at 10/25/50 steps and
 each variant at 1/2/4 steps (``stages.student.compare``) and times each end to end per frame at batch 1.
@@ -18,40 +18,25 @@ from typing import Any
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 
-from temposyncdiff.cli.common import CONFIG_DIR, VERSION_BASE
-from temposyncdiff.cli.train import train
+from temposyncdiff.cli.common import compose_run
 from temposyncdiff.diffusion.distill import student_sampler
 from temposyncdiff.diffusion.losses import DEFAULT_REGIONS
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.stages.student import compare, frozen_net, generate, ms_per_frame, truncate
 from temposyncdiff.stages.teacher import held_out_utterances
+from temposyncdiff.training import train
 from temposyncdiff.utils.io import write_text
 from temposyncdiff.utils.tables import markdown_table
 from temposyncdiff.utils.task import log
 
+STUDENT = "experiment=quickstart/student"  # every variant starts from it
 VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"],
             "no_data": ["model.data_weight=0"]}  # fmt: skip
 COLUMNS = ("model", "steps", "identity", "temporal", "data", "psnr", "psnr_mouth", "ssim", "psnr_rec", "ssim_rec",
            "psnr_vs_teacher", "psnr_mouth_gap", "lse_c", "lse_c_gap", "lse_c_gt_gap", "flicker", "flicker_gap",
            "ms_per_frame", "speedup")  # fmt: skip
-
-
-def compose_run(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    """The ``train`` config as ``tsd-train`` would compose it, with ``run_dir`` as the Hydra output dir."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
-        cfg = compose("train", overrides=["experiment=quickstart/student", *overrides], return_hydra_config=True)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def run_ablation(
@@ -63,7 +48,7 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Train (unless ``train_variants`` is False: reuse their exports) and evaluate the variants; returns the rows."""
     variants = VARIANTS if variants is None else variants
-    base = compose_run(list(overrides))
+    base = compose_run("train", [STUDENT, *overrides])
     m = base.model
     shared = [
         f"model.{k}={'null' if m[k] is None else m[k]}"
@@ -75,7 +60,7 @@ def run_ablation(
         exports[name] = export_dir / "student_best.pt"
         if train_variants:
             run_dir = Path(base.paths.log_dir) / "student_ablation" / name
-            cfg = compose_run([*overrides, *shared, *extra, f"paths.checkpoint_dir={export_dir}", "task_name=student_ablation",
+            cfg = compose_run("train", [STUDENT, *overrides, *shared, *extra, f"paths.checkpoint_dir={export_dir}", "task_name=student_ablation",
                                "model.val_utterances=0"], run_dir)  # fmt: skip
             log.info("ablation: training %s (%s)", name, " ".join(extra) or "defaults")
             train(cfg)
@@ -98,7 +83,7 @@ def run_ablation(
         info[f"teacher{n}"] = {"model": "teacher", "steps": n, "net": teacher}  # no loss weights: blank cells
     for name, path in exports.items():
         net, meta = frozen_net(path, "student")
-        vm = compose_run([*overrides, *variants[name]]).model
+        vm = compose_run("train", [STUDENT, *overrides, *variants[name]]).model
         weights = {"identity": vm.identity_weight, "temporal": vm.temporal_weight, "data": vm.data_weight}
         for n in student_steps:
             sampler = partial(student_sampler, NoiseSchedule(**meta["schedule"]).scheduler.config)
