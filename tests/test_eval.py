@@ -34,7 +34,7 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import save_weights
 from tests.conftest import compose_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import av
 import matplotlib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from temposyncdiff.data.faces import crop_resize
@@ -30,7 +29,7 @@ from temposyncdiff.inference.inputs import (
     prepare_reference,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

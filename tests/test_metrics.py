@@ -15,7 +15,7 @@ from temposyncdiff.metrics.identity import IdentitySimilarity, as_uint8_frames
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, lpips_backbone_file, to_unit
 from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error, seam_ratio
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
 
 def unit_video(values, size: int = 8) -> torch.Tensor:

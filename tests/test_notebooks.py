@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
@@ -61,17 +60,12 @@ def test_explore_corpus_notebook(tmp_path):
     assert images(outputs) == 2  # frames; mel + words + viseme tracks
 
 
-def test_read_a_run_notebook(data_root, tmp_path):
+def test_read_a_run_notebook(data_root, tmp_path, one_thread):
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
                  {"scale_factor": 1.0})  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(compose_config("train", [*TINY, "export=false", f"paths.checkpoint_dir={ckpt}",
-                                       f"data.cache_dir={tmp_path / 'cache'}"], data_root, run))  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    train(compose_config("train", [*TINY, "export=false", f"paths.checkpoint_dir={ckpt}",
+                                   f"data.cache_dir={tmp_path / 'cache'}"], data_root, run))  # fmt: skip
     gt_lse = {"lse_c": 3.0, "lse_d": 8.0}
     result = {"status": "ok", "steps": 2, "sampler": "ddim", "lip_sync": {},
               "fidelity": {r: {"psnr": 20.0, "ssim": 0.5} for r in ("full", "mouth", "upper_face")},

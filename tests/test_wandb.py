@@ -8,7 +8,6 @@ from pathlib import Path
 
 import av
 import pytest
-import torch
 
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
@@ -37,23 +36,18 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def test_teacher_fit_logs_to_offline_wandb(data_root, tmp_path, monkeypatch):
+def test_teacher_fit_logs_to_offline_wandb(data_root, tmp_path, monkeypatch, one_thread):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets on shared CPUs
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
                  {"scale_factor": 1.0})  # fmt: skip
     cfg = compose_config("train", [*TINY, "logger=wandb", "export=false", f"paths.checkpoint_dir={ckpt}",
                                    f"data.cache_dir={tmp_path / 'cache'}"], data_root, run)  # fmt: skip
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    train(cfg)
     wandb.teardown()  # finish() may return before the service has written the offline run's last records
 
     index = json.loads((run / "samples" / "index.json").read_text())  # written for every logger
