@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from temposyncdiff.data.synth import SynthConfig, synthesize_corpus
+from temposyncdiff.data.synthetic.corpus import SynthConfig, synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

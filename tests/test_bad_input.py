@@ -628,7 +628,7 @@ def test_bad_viseme_files_are_silence_on_the_data_side(world: Path, marker: Path
 
 def test_synth_overwrite_replaces_only_its_own_corpus(tmp_path: Path) -> None:
     """overwrite=true deletes the files of the corpus synth wrote (and its emptied spk folders), then writes anew."""
-    from temposyncdiff.data.synth import META_NAME, SynthConfig, synthesize_corpus
+    from temposyncdiff.data.synthetic.corpus import META_NAME, SynthConfig, synthesize_corpus
 
     out = tmp_path / "corpus"
     for rel in ("spk000/00001.mp4", "spk000/00002.visemes.npy", "spk007/00003.mouth.npy", "spk007/00003.txt"):

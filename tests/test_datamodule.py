@@ -14,8 +14,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch, collate
 from temposyncdiff.data.cache import CacheError, add_latents, build_cache, open_cache
+from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.data.datamodule import DataConfigError, TalkingHeadDataModule
-from temposyncdiff.data.dataset import ClipDataset, EpochSampler, benchmark_loading, clip_mel_windows
+from temposyncdiff.data.dataset import ClipDataset, EpochSampler, benchmark_loading
 from temposyncdiff.data.manifest import build_manifest
 from temposyncdiff.data.visemes import SILENCE
 from tests.test_cache import AUDIO, corpus_rows

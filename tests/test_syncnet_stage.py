@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from temposyncdiff.data.audio import AudioFeatures
-from temposyncdiff.data.dataset import clip_mel_windows
+from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.nets.syncnet import SyncNet, load_expert
 from temposyncdiff.stages.syncnet import audio_at, augment_clips, augment_mel, pair_masks
 from temposyncdiff.training import train

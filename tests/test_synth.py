@@ -7,8 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from temposyncdiff.data import synth, tts
+from temposyncdiff.data import tts
 from temposyncdiff.data.audio import load_audio
+from temposyncdiff.data.synthetic import corpus as synth
 from temposyncdiff.data.transcript import read_transcript
 from temposyncdiff.data.video import probe, read_frames
 from temposyncdiff.data.visemes import NUM_VISEMES, SILENCE

@@ -14,7 +14,7 @@ COMMANDS = ("synth", "manifest", "prepare", "visemes", "cache", "shards")
 
 
 def synth(cfg: DictConfig) -> dict:
-    from temposyncdiff.data.synth import SynthConfig, synthesize_corpus
+    from temposyncdiff.data.synthetic.corpus import SynthConfig, synthesize_corpus
 
     settings = SynthConfig(**{k: cfg[k] for k in SynthConfig.__dataclass_fields__})
     return synthesize_corpus(settings, overwrite=cfg.overwrite, log=log.info)

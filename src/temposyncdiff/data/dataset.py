@@ -8,169 +8,23 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from temposyncdiff.data.audio import AudioFeatures
-from temposyncdiff.data.cache import CacheError, CacheReader, Utterance, build_cache, decode_utterance, open_cache
-from temposyncdiff.data.video import MediaError
-from temposyncdiff.data.visemes import SILENCE
-
-if TYPE_CHECKING:
-    from temposyncdiff.data.shards import ShardSource
+from temposyncdiff.data.cache import CacheError, CacheReader, build_cache, open_cache
+from temposyncdiff.data.clips import CacheSource, ClipSource, RowSource, clip_item, mel_span
 
 REFERENCES = ("other_clip", "first_frame")
-
-
-def mel_span(audio: AudioFeatures, start: int, length: int) -> tuple[int, int, int]:
-    """``(s0, m0, m1)``: the mel rows ``m0:m1`` that the windows of frames ``start..start+length-1`` read.
-
-    The rows begin at frame ``s0``, whose mel index is an even integer (so centre rounding is unchanged), early
-    enough that every window sees real mel frames, not the padding.
-    """
-    mpf = audio.mel_per_frame
-    s0 = max(0, start - int(np.ceil(audio.window_frames / mpf)) - 1)
-    while s0 > 0 and not (abs(s0 * mpf - round(s0 * mpf)) < 1e-6 and round(s0 * mpf) % 2 == 0):
-        s0 -= 1
-    return s0, round(s0 * mpf), round((start + length) * mpf) + audio.window_frames
-
-
-def span_windows(audio: AudioFeatures, rows: np.ndarray, offset: int, length: int) -> torch.Tensor:
-    """``[length, n_mels, W]`` windows of the ``length`` frames from frame ``offset`` of ``mel_span``'s rows."""
-    sub = torch.from_numpy(np.array(rows, dtype=np.float32)).T
-    return audio.frame_windows(sub, offset + length)[offset:]
-
-
-def clip_mel_windows(audio: AudioFeatures, mel: np.ndarray, start: int, length: int) -> torch.Tensor:
-    """``[length, n_mels, W]`` windows of frames ``start..start+length-1`` from an utterance's ``[M, n_mels]`` log-mel.
-
-    Equal to ``audio.frame_windows(mel.T, start + length)[start:]`` but reads only ``mel_span``'s rows.
-    """
-    s0, m0, m1 = mel_span(audio, start, length)
-    return span_windows(audio, mel[m0:m1], start - s0, length)
-
-
-class _CacheSource:
-    """Clips sliced from a cache's memmaps."""
-
-    def __init__(self, reader: CacheReader):
-        self.reader, self.ids, self.talk_ids = reader, reader.ids, reader.talk_ids
-        self.num_frames = [int(n) for n in reader.num_frames]
-        self.root, self.audio, self.image_size = reader.root, reader.audio, reader.image_size
-
-    def _latents(self, mirror: bool) -> np.ndarray | None:
-        latents = self.reader.latents
-        if mirror and latents is not None:
-            latents = self.reader.latents_mirror
-            if latents is None:
-                raise CacheError(f"{self.root}: no mirrored latents (tsd-data cache vae=... data.mirror=<p> adds them)")
-        return latents
-
-    def clip(
-        self, u: int, a: int, b: int, mirror: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        r = self.reader
-        off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
-        lo, hi = off + a, min(off + b, end)
-        mel = r.mel[int(r.mel_offsets[u]) : int(r.mel_offsets[u] + r.mel_lens[u])]
-        latents = self._latents(mirror)
-        frames = mirrored(r.frames[lo:hi]) if mirror else r.frames[lo:hi]
-        return frames, mel, r.visemes[lo:hi], None if latents is None else latents[lo:hi]
-
-    def lips(self, u: int, a: int, b: int) -> np.ndarray | None:
-        """Landmark lip shapes ``[<= b - a, 3]`` of frames [a, b) of utterance ``u`` when the cache has them."""
-        r = self.reader
-        if r.lips is None:
-            return None
-        off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
-        return r.lips[off + a : min(off + b, end)]
-
-    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        k = int(self.reader.offsets[u]) + j
-        latents, frame = self._latents(mirror), self.reader.frames[k]
-        return mirrored(frame) if mirror else frame, None if latents is None else latents[k]
-
-
-class _RowSource:
-    """Clips decoded from the manifest rows' mp4s on every access (keeps the last two utterances)."""
-
-    def __init__(self, rows: list[dict], image_size: int, audio: AudioFeatures, fps: float):
-        self.rows, self.image_size, self.audio, self.fps = rows, image_size, audio, fps
-        self.ids, self.talk_ids = [r["id"] for r in rows], [r["talk_id"] for r in rows]
-        self.num_frames = [max(1, round(r["num_frames"] * fps / (r.get("fps") or fps))) for r in rows]
-        self._memo: dict[int, Utterance] = {}
-
-    def _load(self, u: int) -> Utterance:
-        if u not in self._memo:
-            if len(self._memo) >= 2:
-                self._memo.pop(next(iter(self._memo)))
-            self._memo[u] = decode_utterance(self.rows[u], self.image_size, self.audio, self.fps)
-        return self._memo[u]
-
-    def clip(self, u: int, a: int, b: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
-        utt = self._load(u)
-        if a >= len(utt.frames):
-            raise MediaError(
-                f"{self.rows[u]['video_mp4']}: {len(utt.frames)} frames decoded, manifest says {self.num_frames[u]}"
-            )
-        return mirrored(utt.frames[a:b]) if mirror else utt.frames[a:b], utt.mel, utt.visemes[a:b], None
-
-    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, None]:
-        frames = self._load(u).frames
-        frame = frames[min(j, len(frames) - 1)]
-        return mirrored(frame) if mirror else frame, None
-
-
-def mirrored(frames: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., 3, H, W]`` frames mirrored left-right."""
-    return np.ascontiguousarray(np.asarray(frames)[..., ::-1])
-
-
-def _pad(x: np.ndarray, length: int) -> np.ndarray:
-    """Copy of ``x`` padded along axis 0 to ``length`` by repeating its last row."""
-    return np.concatenate([x, np.repeat(x[-1:], length - len(x), axis=0)]) if len(x) < length else np.array(x)
-
-
-def _image(x: np.ndarray) -> torch.Tensor:
-    """uint8 -> float in [-1, 1], in numpy (single-threaded: no OpenMP overhead per item)."""
-    out = np.array(x, dtype=np.float32)
-    out /= 127.5
-    out -= 1.0
-    return torch.from_numpy(out)
-
-
-def clip_item(
-    audio: AudioFeatures, clip_len: int, window: dict, ref: np.ndarray, ref_latent: np.ndarray | None
-) -> dict:
-    """A dataset item (the ``Batch`` fields, ``id`` for ``ids``) from ``ClipDataset.window``'s dict and a reference."""
-    n = len(window["frames"])
-    vis = np.full(clip_len, SILENCE, dtype=np.int64)
-    vis[:n] = window["visemes"]
-    item = {
-        "frames": _image(_pad(window["frames"], clip_len)),
-        "reference": _image(ref),
-        "mel": span_windows(audio, window["mel"], window["mel_offset"], clip_len),
-        "visemes": torch.from_numpy(vis),
-        "mask": torch.arange(clip_len) < n,
-        "id": window["id"],
-        "start": window["start"],
-    }
-    if "lips" in window:
-        item["lips"] = torch.from_numpy(_pad(window["lips"], clip_len).astype(np.float32))
-    if "latents" in window:
-        item["latents"] = torch.from_numpy(_pad(window["latents"], clip_len).astype(np.float32))
-        item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))
-    return item
 
 
 class ClipDataset(Dataset):
     """Windows of ``clip_len`` frames every ``stride`` frames over each utterance (a shorter one gives one padded item).
 
-    ``source`` is a ``CacheReader``, a list of manifest rows (decoded on the fly, resized to ``image_size``) or a
-    ``ShardSource`` (random access to LitData shards). An item is a dict of the ``Batch`` fields (``id`` for
+    ``source`` is a ``CacheReader``, a list of manifest rows (decoded on the fly, resized to ``image_size``) or
+    another ``ClipSource`` (``data.shards.ShardSource``: random access to LitData shards). An item is a dict of the ``Batch`` fields (``id`` for
     ``ids``); the index may be ``(index, epoch)``, as ``EpochSampler`` yields it, so workers know the epoch
     without a shared ``set_epoch``. ``mirror``: in training, this share of the items (a fixed draw per item, so
     that the student's teacher couplings stay valid) has its frames, reference and latents mirrored left-right.
@@ -178,7 +32,7 @@ class ClipDataset(Dataset):
 
     def __init__(
         self,
-        source: CacheReader | list[dict] | ShardSource,
+        source: CacheReader | list[dict] | ClipSource,
         clip_len: int = 16,
         stride: int | None = None,
         audio: AudioFeatures | None = None,
@@ -191,10 +45,8 @@ class ClipDataset(Dataset):
     ):
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-        if isinstance(source, CacheReader) or hasattr(source, "clip"):  # a cache or a ShardSource
-            self.src: _CacheSource | _RowSource | ShardSource = (
-                _CacheSource(source) if isinstance(source, CacheReader) else source
-            )
+        if isinstance(source, CacheReader) or hasattr(source, "clip"):  # a cache or a ClipSource
+            self.src: ClipSource = CacheSource(source) if isinstance(source, CacheReader) else source
             audio = audio or self.src.audio
             if asdict(audio) != asdict(self.src.audio) or image_size not in (None, self.src.image_size):
                 raise CacheError(f"{self.src.root}: made with image_size={self.src.image_size}, audio={self.src.audio}")
@@ -202,12 +54,12 @@ class ClipDataset(Dataset):
             if image_size is None:
                 raise ValueError("image_size is required when reading from manifest rows")
             audio = audio or AudioFeatures(fps=fps)
-            self.src = _RowSource(list(source), image_size, audio, fps)
+            self.src = RowSource(list(source), image_size, audio, fps)
         self.audio, self.clip_len, self.stride = audio, clip_len, stride or clip_len
         self.train, self.seed, self.reference, self.epoch = train, seed, reference, 0
         if not 0.0 <= mirror <= 1.0:
             raise ValueError(f"mirror must be a probability in [0, 1], got {mirror}")
-        if mirror and not isinstance(self.src, _CacheSource | _RowSource):
+        if mirror and not isinstance(self.src, CacheSource | RowSource):
             raise ValueError("mirror augmentation reads a cache or manifest rows, not LitData shards")
         self.mirror = mirror if train else 0.0
         self.items = [

@@ -38,7 +38,8 @@ from litdata import StreamingDataset, optimize
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.cache import CacheReader
-from temposyncdiff.data.dataset import ClipDataset, clip_item
+from temposyncdiff.data.clips import clip_item
+from temposyncdiff.data.dataset import ClipDataset
 from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_dir, write_json
 

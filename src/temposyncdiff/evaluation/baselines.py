@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from temposyncdiff.data.cache import resize_frames
-from temposyncdiff.data.synth import FPS, retake
+from temposyncdiff.data.synthetic.corpus import FPS, retake
 from temposyncdiff.data.video import read_frames, write_video
 from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.clips import Clip

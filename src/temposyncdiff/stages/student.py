@@ -33,7 +33,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.batch import Batch, collate
-from temposyncdiff.data.dataset import clip_mel_windows
+from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.distill import (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from temposyncdiff.data.face_render import VISEME_MOUTH_TABLE, FaceRenderer, Identity
+from temposyncdiff.data.synthetic.face_render import VISEME_MOUTH_TABLE, FaceRenderer, Identity
 from temposyncdiff.data.transcript import Transcript, write_transcript
 from temposyncdiff.data.tts import Espeak
 from temposyncdiff.data.video import write_video
