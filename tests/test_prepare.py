@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import wave
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from PIL import Image
 
 from temposyncdiff.cli.data import run
 from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
-from temposyncdiff.data.prepare import META_NAME, PrepareError, prepare_video, prepare_videos, split_utterances
+from temposyncdiff.data.prepare import (
+    META_NAME,
+    PrepareError,
+    PrepareSettings,
+    prepare_video,
+    prepare_videos,
+    split_utterances,
+)
 from temposyncdiff.data.video import probe, read_audio_track, read_frames
 from tests.conftest import compose_config
 
@@ -25,6 +33,8 @@ pytest.importorskip("dlib")
 PHOTO = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
 FPS, SR, SIZE = 25.0, 16000, 128
 MAX_S, MIN_S = 2.0, 0.5
+SETTINGS = PrepareSettings(image_size=SIZE, max_utterance_s=MAX_S, min_utterance_s=MIN_S)
+WHOLE = replace(SETTINGS, max_utterance_s=None)  # one utterance per video
 
 
 def render(t: float, size=(640, 480), x=(80, 280), y=(60, 100), scale=(0.5, 0.6)) -> np.ndarray:
@@ -94,7 +104,7 @@ def prepared(tmp_path_factory):
     (src / "notes.txt").write_text("not a video")
     out = src / "prepared"
     logs: list[str] = []
-    result = prepare_videos(src, out, image_size=SIZE, max_utterance_s=MAX_S, min_utterance_s=MIN_S, log=logs.append)
+    result = prepare_videos(src, out, SETTINGS, log=logs.append)
     return src, out, result, logs
 
 
@@ -119,14 +129,13 @@ def test_a_video_without_sound_takes_its_sidecar_audio_file(tmp_path):
     with wave.open(str(tmp_path / "take.wav"), "wb") as out:
         out.setnchannels(1), out.setsampwidth(2), out.setframerate(22050)
         out.writeframes((tone(2.0, 22050, 1)[0] * 32767).astype("<i2").tobytes())
-    prepare_videos([video], tmp_path / "out", image_size=SIZE, max_utterance_s=None, min_utterance_s=MIN_S,
-                   log=lambda _: None)  # fmt: skip
+    prepare_videos([video], tmp_path / "out", WHOLE, log=lambda _: None)
     (mp4,) = (tmp_path / "out" / "take").glob("*.mp4")
     audio, rate = read_audio_track(mp4)
     assert rate == SR and abs(audio.shape[1] / SR - 2.0) <= 2 / FPS and np.abs(audio).max() > 0.1  # AAC pads
     (tmp_path / "take.wav").unlink()
     with pytest.raises(PrepareError, match=r"no audio track \(nor a sidecar audio file take\{\.wav"):
-        prepare_videos([video], tmp_path / "out2", image_size=SIZE, log=lambda _: None)
+        prepare_videos([video], tmp_path / "out2", PrepareSettings(image_size=SIZE), log=lambda _: None)
 
 
 def test_a_phone_video_is_turned_upright(tmp_path):
@@ -139,8 +148,7 @@ def test_a_phone_video_is_turned_upright(tmp_path):
     assert (info.width, info.height, info.rotation) == (640, 480, 270) and probe(plain).rotation == 0
     (truth, _), (read, _) = read_frames(plain), read_frames(phone)
     assert read.shape == truth.shape and np.abs(read.astype(int) - truth).mean() < 3
-    prepare_videos([plain, phone], tmp_path / "out", image_size=SIZE, max_utterance_s=None, min_utterance_s=MIN_S,
-                   log=lambda _: None)  # fmt: skip
+    prepare_videos([plain, phone], tmp_path / "out", WHOLE, log=lambda _: None)
     (a, _), (b, _) = (read_frames(next((tmp_path / "out" / name).glob("*.mp4"))) for name in ("plain", "phone"))
     assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 4  # the same upright face crops
 
@@ -176,7 +184,7 @@ def test_rerun_skips_finished_talks(prepared):
     src, out, first, _ = prepared
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
     logs: list[str] = []
-    again = prepare_videos(src, out, image_size=SIZE, max_utterance_s=MAX_S, min_utterance_s=MIN_S, log=logs.append)
+    again = prepare_videos(src, out, SETTINGS, log=logs.append)
     assert (again["videos"], again["utterances"], again["existing"]) == (2, 3, 2)
     assert again["skipped"] == first["skipped"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")} == stamps
@@ -232,14 +240,7 @@ def test_memory_does_not_hold_the_video(prepared, tmp_path):
     src, _, _, _ = prepared
     tracemalloc.start()
     try:
-        count = prepare_video(
-            src / "pan.mp4",
-            tmp_path / "pan",
-            FaceDetector(),
-            image_size=SIZE,
-            max_utterance_s=MAX_S,
-            min_utterance_s=MIN_S,
-        )
+        count = prepare_video(src / "pan.mp4", tmp_path / "pan", FaceDetector(), SETTINGS)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

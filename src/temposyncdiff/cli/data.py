@@ -31,11 +31,12 @@ def manifest(cfg: DictConfig) -> dict:
 
 
 def prepare(cfg: DictConfig) -> dict:
-    from temposyncdiff.data.prepare import prepare_videos
+    from dataclasses import fields
 
-    keys = ("image_size", "fps", "sample_rate", "max_utterance_s", "min_utterance_s", "detect_every",
-            "smooth_window", "margin", "min_face_ratio")  # fmt: skip
-    return prepare_videos(cfg.inputs, cfg.out, log=log.info, **{k: cfg[k] for k in keys})
+    from temposyncdiff.data.prepare import PrepareSettings, prepare_videos
+
+    settings = PrepareSettings(**{f.name: cfg[f.name] for f in fields(PrepareSettings)})
+    return prepare_videos(cfg.inputs, cfg.out, settings, log=log.info)
 
 
 def visemes(cfg: DictConfig) -> dict:

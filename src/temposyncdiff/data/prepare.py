@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -181,41 +182,50 @@ def split_utterances(
     return [(a, b) for a, b in ranges if b - a >= math.ceil(min_s * fps - 1e-6)]
 
 
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How footage is cut into a corpus: square face crops of ``image_size`` px at ``fps``, audio at
+    ``sample_rate``, utterances of ``min_utterance_s`` to ``max_utterance_s`` (None: whole videos) cut at quiet
+    points, the face detector on every ``detect_every``-th frame, boxes smoothed over ``smooth_window`` detections
+    and widened by ``margin``; a video whose frames show a face less than ``min_face_ratio`` of the time is skipped."""
+
+    image_size: int = 128
+    fps: float = 25.0
+    sample_rate: int = 16000
+    max_utterance_s: float | None = 8.0
+    min_utterance_s: float = 1.0
+    detect_every: int = 5
+    smooth_window: int = 9
+    margin: float = 0.5
+    min_face_ratio: float = 0.5
+
+
 def prepare_video(
-    path: Path,
-    talk_dir: Path,
-    detector: FaceDetector,
-    image_size: int = 128,
-    fps: float = 25.0,
-    sample_rate: int = 16000,
-    max_utterance_s: float | None = 8.0,
-    min_utterance_s: float = 1.0,
-    detect_every: int = 5,
-    smooth_window: int = 9,
-    margin: float = 0.5,
-    min_face_ratio: float = 0.5,
+    path: Path, talk_dir: Path, detector: FaceDetector, settings: PrepareSettings = PrepareSettings()
 ) -> int:
     """Prepare one video into ``talk_dir`` (written whole or not at all); returns the utterance count.
 
     Two decoding passes keep memory flat in the video's length: the first finds the face track, the
     second crops each frame and streams it into its utterance's writer. Only the audio is held whole.
     """
+    s = settings
+    image_size, fps, sample_rate, margin = s.image_size, s.fps, s.sample_rate, s.margin
     info = probe(path, count_frames=False)
     if info.num_frames <= 1:
         raise PrepareError("not a video (a single image)")
     sound = path if info.audio_sample_rate is not None else sidecar_audio(path)
     if sound is None:
         raise PrepareError(f"no audio track (nor a sidecar audio file {path.stem}{{{','.join(AUDIO_EXTS)}}})")
-    every_s = max(1, detect_every) / fps
+    every_s = max(1, s.detect_every) / fps
     expected = math.floor(info.duration_s / every_s) + 2 if info.duration_s > 0 else None
     reader = VideoFrames(path)
-    times, index, _, track = output_rate_track(reader, detector, fps, detect_every, smooth_window, min_face_ratio,
-                                               expected)  # fmt: skip
+    times, index, _, track = output_rate_track(reader, detector, fps, s.detect_every, s.smooth_window,
+                                               s.min_face_ratio, expected)  # fmt: skip
     n = len(index)
     audio = load_audio(sound, sample_rate, num_samples=round(n / fps * sample_rate))
-    ranges = split_utterances(audio, sample_rate, fps, n, max_utterance_s, min_utterance_s)
+    ranges = split_utterances(audio, sample_rate, fps, n, s.max_utterance_s, s.min_utterance_s)
     if not ranges:
-        raise PrepareError(f"shorter than min_utterance_s={min_utterance_s} ({n / fps:.2f} s)")
+        raise PrepareError(f"shorter than min_utterance_s={s.min_utterance_s} ({n / fps:.2f} s)")
 
     def crops() -> Iterator[np.ndarray]:  # pass 2: output frames in order, each source frame converted once
         repeats, k = np.bincount(index, minlength=len(times)), 0
@@ -245,15 +255,7 @@ def prepare_video(
 def prepare_videos(
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
     out_root: str | os.PathLike,
-    image_size: int = 128,
-    fps: float = 25.0,
-    sample_rate: int = 16000,
-    max_utterance_s: float | None = 8.0,
-    min_utterance_s: float = 1.0,
-    detect_every: int = 5,
-    smooth_window: int = 9,
-    margin: float = 0.5,
-    min_face_ratio: float = 0.5,
+    settings: PrepareSettings = PrepareSettings(),
     log: Callable[[str], None] = print,
 ) -> dict:
     """Prepare a folder or list of videos into LRS3 layout under ``out_root``; writes ``prepare_meta.json``.
@@ -263,14 +265,9 @@ def prepare_videos(
     Skipped inputs are summed up in one last line; when no input is prepared (or done before), that line
     is a ``PrepareError`` instead, and neither the report nor a folder this run made is left behind.
     """
-    if image_size % 2:
-        raise PrepareError(f"image_size={image_size}: must be even (H.264 yuv420p)")
+    if settings.image_size % 2:
+        raise PrepareError(f"image_size={settings.image_size}: must be even (H.264 yuv420p)")
     out_root = Path(out_root)
-    settings = dict(
-        image_size=image_size, fps=fps, sample_rate=sample_rate, max_utterance_s=max_utterance_s,
-        min_utterance_s=min_utterance_s, detect_every=detect_every, smooth_window=smooth_window,
-        margin=margin, min_face_ratio=min_face_ratio,
-    )  # fmt: skip
     detector = FaceDetector()
     result: dict = {"videos": 0, "utterances": 0, "existing": 0, "skipped": []}
     talks: dict[str, str] = {}
@@ -290,7 +287,7 @@ def prepare_videos(
             log(f"{path}: exists, {count} utterances in {talk_dir}")
         else:
             try:
-                count = prepare_video(path, talk_dir, detector, **settings)
+                count = prepare_video(path, talk_dir, detector, settings)
             except Exception as err:  # a bad file must not end the batch
                 known = isinstance(err, (MediaError, PrepareError))
                 reason = str(err).removeprefix(f"{path}: ") if known else f"{type(err).__name__}: {err}"
@@ -312,7 +309,7 @@ def prepare_videos(
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
         raise PrepareError(f"nothing prepared: {summary}")
-    meta = {**result, "out_root": str(out_root), "talks": talks, "settings": settings}
+    meta = {**result, "out_root": str(out_root), "talks": talks, "settings": asdict(settings)}
     write_json(out_root / META_NAME, {**meta, "elapsed_s": round(time.time() - start, 2)})
     if skipped:
         log(summary)
