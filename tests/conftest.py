@@ -11,6 +11,15 @@ from temposyncdiff.data.synthetic.corpus import SynthConfig, synthesize_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
+def face_regions():
+    """The project's regions as the configs give them (conf/regions/face.yaml, the one place they are written)."""
+    from omegaconf import OmegaConf
+
+    from temposyncdiff.regions import RegionBoxes
+
+    return RegionBoxes(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "regions" / "face.yaml")))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny nets on shared CPUs: one intra-op thread (several spin against each other under load)."""

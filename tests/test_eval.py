@@ -27,12 +27,11 @@ from temposyncdiff.evaluation.generation import GenerationScorer, evaluate_gener
 from temposyncdiff.evaluation.report import write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
-from temposyncdiff.metrics.image import RegionBoxes
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import save_weights
-from tests.conftest import compose_config
+from tests.conftest import compose_config, face_regions
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -264,7 +263,7 @@ def test_denoise_from_with_exact_predictions_recovers_x0(sampler, steps):
 
 def test_identical_videos_give_inf_psnr_and_ssim_one_in_report(tmp_path):
     video = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    scorer = GenerationScorer(RegionBoxes(), lse_reason="no expert", identity_reason="no dlib")
+    scorer = GenerationScorer(face_regions(), lse_reason="no expert", identity_reason="no dlib")
     scorer.update(video, video.copy(), video[0], borders=[3])
     run = {"model": "oracle", "steps": 1, "status": "ok", **scorer.compute(), "latency": Timings().report(1.0)}
     report = {"generation": {"results": {"oracle@1": run}, "ground_truth": {"lip_sync": run["lip_sync"]}}}
@@ -305,9 +304,9 @@ def test_known_shift_gives_known_lse_offset(shift):
     gt = np.broadcast_to(level[:, None, None, None], (n, 32, 32, 3)).astype(np.uint8)
     own = gt[np.clip(np.arange(n) + shift, 0, n - 1)]  # frame t shows ground-truth frame t + shift
     other = rng.integers(0, 256, (n, 1, 1, 1)).repeat(32, 1).repeat(32, 2).repeat(3, 3).astype(np.uint8)
-    scorer = GenerationScorer(RegionBoxes(), LoudnessExpert(), identity_reason="no dlib", vshift=6)
+    scorer = GenerationScorer(face_regions(), LoudnessExpert(), identity_reason="no dlib", vshift=6)
     scorer.update(gt, own, gt[0], borders=[], mel=mel, swapped=other)
-    truth = GenerationScorer(RegionBoxes(), LoudnessExpert(), vshift=6)
+    truth = GenerationScorer(face_regions(), LoudnessExpert(), vshift=6)
     truth.update(gt, gt, gt[0], borders=[], mel=mel)
     ls, exact = scorer.compute()["lip_sync"], truth.compute()["lip_sync"]["own"]
     assert ls["own"]["clip_offset"] == [shift] and exact["clip_offset"] == [0]
@@ -325,7 +324,7 @@ def test_face_vs_itself_has_identity_cosine_one():
         Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg").convert("RGB").resize((96, 96))
     )
     video = np.stack([face, face])
-    scorer = GenerationScorer(RegionBoxes(), lse_reason="no expert", identity=identity.IdentitySimilarity())
+    scorer = GenerationScorer(face_regions(), lse_reason="no expert", identity=identity.IdentitySimilarity())
     scorer.update(video, video, face, borders=[])
     ident = scorer.compute()["identity"]
     assert ident["status"] == "ok" and ident["num_frames"] == 2

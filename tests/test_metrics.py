@@ -12,8 +12,10 @@ from PIL import Image
 
 from temposyncdiff.metrics import identity
 from temposyncdiff.metrics.identity import IdentitySimilarity, as_uint8_frames
-from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, RegionBoxes, json_float, lpips_backbone_file, to_unit
+from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, json_float, lpips_backbone_file, to_unit
 from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error, seam_ratio
+from temposyncdiff.regions import RegionBoxes, crop, region_weight
+from tests.conftest import face_regions
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -49,17 +51,22 @@ def test_to_unit_layouts():
 
 
 def test_region_boxes():
-    r = RegionBoxes(mouth=[0.25, 0.5, 0.75, 1.0])
+    r = RegionBoxes(mouth=[0.25, 0.5, 0.75, 1.0], upper_face=(0, 0, 1, 0.5))
     assert r.mouth == (0.25, 0.5, 0.75, 1.0) and [n for n, _ in r.items()] == ["full", "mouth", "upper_face"]
-    assert RegionBoxes.crop(torch.zeros(1, 3, 64, 64), r.mouth).shape == (1, 3, 32, 32)
+    assert [n for n, _ in r.parts()] == ["mouth", "upper_face"]
+    assert crop(torch.zeros(1, 3, 64, 64), r.mouth).shape == (1, 3, 32, 32)
+    assert crop(torch.zeros(4, 16, 8), r.mouth).shape == (4, 8, 4)  # rows from y, columns from x
     with pytest.raises(ValueError, match="mouth"):
-        RegionBoxes(mouth=(0.5, 0.5, 0.4, 1.0))
+        RegionBoxes(mouth=(0.5, 0.5, 0.4, 1.0), upper_face=(0, 0, 1, 0.5))
+    weight = region_weight(16, 8, r.mouth, 3.0)  # the loss weighting covers exactly the cropped cells
+    assert weight.sum() == 16 * 8 + 2 * 8 * 4 and bool((crop(weight, r.mouth) == 3).all())
+    assert region_weight(16, 8, r.mouth, 1.0) is None
 
 
 def test_fidelity_identical_and_different():
     g = torch.Generator().manual_seed(0)
     target = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
-    m = FidelityMetrics()
+    m = FidelityMetrics(face_regions())
     m.update(target, target)
     out = m.compute()
     json.dumps(out, allow_nan=False)
@@ -69,7 +76,7 @@ def test_fidelity_identical_and_different():
         assert out[region]["ms_ssim"]["status"] == "unavailable" and "64x64" in out["full"]["ms_ssim"]["reason"]
 
     pred = target.clone()
-    mouth = RegionBoxes.crop(pred, RegionBoxes().mouth)
+    mouth = crop(pred, face_regions().mouth)
     mouth += 0.2  # [-1,1] scale: 0.1 on [0,1] -> MSE 0.01 -> 20 dB where nothing clamps
     m.reset()
     m.update(pred.clamp(-1, 1), target)
@@ -80,7 +87,7 @@ def test_fidelity_identical_and_different():
 
 def test_fidelity_ms_ssim_on_large_frames():
     x = torch.rand(1, 3, 176, 176, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    m = FidelityMetrics(RegionBoxes(mouth=(0.0, 0.5, 1.0, 1.0)))
+    m = FidelityMetrics(RegionBoxes(mouth=(0.0, 0.5, 1.0, 1.0), upper_face=(0, 0, 1, 0.5)))
     m.update(x, x)
     out = m.compute()
     assert out["full"]["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
@@ -234,19 +241,19 @@ def test_mouth_motion_follows_the_truth_and_not_other_speech():
     phase = 2 * np.pi * np.arange(40) / 10  # syllables at 2.5 Hz; the other speech a quarter period off
     truth_open, other_open = 0.5 + 0.5 * np.sin(phase), 0.5 + 0.5 * np.cos(phase)
     truth = _talking(truth_open)
-    m = MouthMotion()
+    m = MouthMotion(face_regions().mouth)
     m.update(truth, truth)
     out = m.compute()
     assert out["corr"] == pytest.approx(1.0) and out["amplitude"] == pytest.approx(1.0) and out["num_clips"] == 1
-    half = MouthMotion()
+    half = MouthMotion(face_regions().mouth)
     half.update(_talking(truth_open * 0.5), truth)  # the same timing, half the opening
     assert half.compute()["corr"] > 0.9 and 0.3 < half.compute()["amplitude"] < 0.7
-    other, still = MouthMotion(), MouthMotion()
+    other, still = MouthMotion(face_regions().mouth), MouthMotion(face_regions().mouth)
     other.update(_talking(other_open), truth)
     still.update(_talking(np.zeros(40)), truth)
     assert abs(other.compute()["corr"]) < 0.1
     assert still.compute() == {"corr": 0.0, "amplitude": 0.0, "num_clips": 1}
-    empty = MouthMotion()
+    empty = MouthMotion(face_regions().mouth)
     empty.update(truth[:1].repeat(5, 0), truth[:1].repeat(5, 0))  # a still truth says nothing: not counted
     assert empty.compute() == {"corr": None, "amplitude": None, "num_clips": 0}
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from temposyncdiff.evaluation.generation import GenerationScorer
 from temposyncdiff.evaluation.report import GEN_COLUMNS, gen_row
-from temposyncdiff.metrics.image import RegionBoxes
 from temposyncdiff.metrics.mouth import MouthOpening, lip_opening, silent_frames
+from tests.conftest import face_regions
 
 
 def shrink(frames: np.ndarray, size: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def test_generation_scorer_reports_lip_landmarks(landmarks, opener):
     truth = shrink(np.stack([open_by(h) for h in (0, 8, 16, 8, 0, 8, 16, 8)]), 64)
     still = np.repeat(truth[:1], len(truth), axis=0)
     scorer = GenerationScorer(
-        RegionBoxes(), lse_reason="no expert", identity_reason="no dlib", lips=MouthOpening(landmarks)
+        face_regions(), lse_reason="no expert", identity_reason="no dlib", lips=MouthOpening(landmarks)
     )
     scorer.update(truth, truth, truth[0], borders=[], swapped=still, wave=np.zeros(8 * 640), clip_id="a")
     report = scorer.compute()
@@ -122,6 +122,6 @@ def test_generation_scorer_reports_lip_landmarks(landmarks, opener):
     assert row["lip_corr"] == pytest.approx(1.0) and row["lip_corr_swapped"] == 0.0
     assert row["lip_amplitude"] == pytest.approx(1.0) and row["lip_silence"] is None  # all silent: no loud level
     assert {"lip_corr", "lip_corr_swapped", "lip_amplitude", "lip_silence", "lip_silence_gap"} <= set(GEN_COLUMNS)
-    absent = GenerationScorer(RegionBoxes(), lse_reason="no expert", identity_reason="no dlib")
+    absent = GenerationScorer(face_regions(), lse_reason="no expert", identity_reason="no dlib")
     absent.update(truth, truth, truth[0], borders=[])
     assert absent.compute()["lip_landmarks"]["status"] == "unavailable"

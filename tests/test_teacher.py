@@ -61,7 +61,7 @@ def test_teacher_trains_validates_and_exports(data_root, tmp_path):
         "val/ssim",
         "val/psnr_mouth",
         "val/psnr_mouth_swap",
-        "val/psnr_upper",
+        "val/psnr_upper_face",
         "val/seam_ratio",
     ):
         assert key in header

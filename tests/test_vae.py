@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, region_weight
 from temposyncdiff.errors import UserError
+from temposyncdiff.regions import region_weight
 from temposyncdiff.training import train
 from temposyncdiff.utils.io import DiskFullError
 from temposyncdiff.utils.weights import WeightsError, load_net, save_weights
-from tests.conftest import compose_config
+from tests.conftest import compose_config, face_regions
 
 TINY = ["experiment=quickstart/vae", "data.batch_size=4", "data.num_workers=0", "data.persistent_workers=false",
         "data.val_max_items=8", "data.cache_workers=1", "~callbacks.rich_progress_bar", "trainer.log_every_n_steps=1",
@@ -197,7 +197,7 @@ def test_mouth_weight_emphasises_the_mouth_box():
     inside, outside = target.clone(), target.clone()
     inside[..., 12, 8] = 1.0  # row 0.75, column 0.5: in the default mouth box
     outside[..., 2, 2] = 1.0
-    weight = region_weight(16, 16, DEFAULT_REGIONS["mouth"], 4.0)
+    weight = region_weight(16, 16, face_regions().mouth, 4.0)
     assert reconstruction_loss(inside, target) == reconstruction_loss(outside, target)
     assert reconstruction_loss(inside, target, "l1", weight) > 3 * reconstruction_loss(outside, target, "l1", weight)
     for kind in ("l1", "charbonnier", "mse"):  # the weight map averages to one: a uniform error keeps its loss

@@ -21,9 +21,9 @@ import torch
 
 from temposyncdiff.cli.common import compose_run
 from temposyncdiff.diffusion.distill import student_sampler
-from temposyncdiff.diffusion.losses import DEFAULT_REGIONS
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.stages.student import compare, frozen_net, generate, ms_per_frame, truncate
 from temposyncdiff.stages.teacher import held_out_utterances
 from temposyncdiff.training import train
@@ -91,7 +91,7 @@ def run_ablation(
                 generate, net, make_scheduler=sampler, steps=n, guidance_scale=1.0, overlap=overlap
             )
             info[f"{name}@{n}"] = {"model": f"student/{name}", "steps": n, **weights, "net": net}
-    regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (m.regions or {}).items()}}
+    regions = RegionBoxes(**m.regions)
     metrics = compare(runs, utts, vae, dm.audio, regions, teacher.window, overlap, expert, m.eval_seed, m.eval_visemes)
     size = dm.hparams.image_size // vae.downsample
     shapes = (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames)

@@ -7,14 +7,14 @@ and a sync loss from the frozen lip-sync expert on decoded frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from temposyncdiff.nets.syncnet import mel_context
-
-# (top, bottom, left, right) fractions of the face-centred frame (the training losses' convention)
-DEFAULT_REGIONS = {"mouth": (0.58, 0.82, 0.3, 0.7), "upper": (0.0, 0.5, 0.0, 1.0)}
+from temposyncdiff.regions import crop
 
 
 def _masked_mean(err: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -30,7 +30,7 @@ def diffusion_loss(
 ) -> Tensor:
     """MSE between prediction and target over frames where ``mask [B,T]`` is True (real, not given).
 
-    ``weight [B]`` scales samples (e.g. min-SNR); ``pixel_weight [h,w]`` (mean-normalised here) emphasises regions.
+    ``weight [B]`` scales samples (e.g. min-SNR); ``pixel_weight [h,w]`` (mean-normalised here) emphasises regions (``regions.region_weight``).
     """
     err = weigh_pixels((pred - target).pow(2), pixel_weight)
     return _masked_mean(err.flatten(2).mean(-1), mask, weight)
@@ -41,35 +41,11 @@ def weigh_pixels(err: Tensor, pixel_weight: Tensor | None) -> Tensor:
     return err if pixel_weight is None else err * (pixel_weight / pixel_weight.mean())
 
 
-def region_weight(
-    height: int, width: int, box: tuple[float, float, float, float], factor: float, device: torch.device | str = "cpu"
-) -> Tensor | None:
-    """``[height, width]`` map: ``factor`` inside ``box`` (top, bottom, left, right fractions), 1 elsewhere.
-
-    None for ``factor == 1`` (no weighting: the losses' unweighted path).
-    """
-    if factor == 1.0:
-        return None
-    w = torch.ones(height, width, device=device)
-    w[region_rows(height, box[:2]), region_rows(width, box[2:])] = factor
-    return w
-
-
-def region_rows(height: int, rows: tuple[float, float]) -> slice:
-    """Index slice for fractions ``(start, end)`` of ``height`` (at least one row)."""
-    return slice(round(rows[0] * height), max(round(rows[1] * height), round(rows[0] * height) + 1))
-
-
-def crop(x: Tensor, box: tuple[float, float, float, float]) -> Tensor:
-    """Region ``(top, bottom, left, right)`` (fractions of the side) of images or latents ``[..., H, W]``."""
-    return x[..., region_rows(x.shape[-2], box[:2]), region_rows(x.shape[-1], box[2:])]
-
-
-def identity_loss(x0_hat: Tensor, ref_latent: Tensor, mask: Tensor, rows: tuple[float, float] = (0.0, 0.5),
+def identity_loss(x0_hat: Tensor, ref_latent: Tensor, mask: Tensor, box: Sequence[float],
                   weight: Tensor | None = None) -> Tensor:  # fmt: skip
-    """L1 between the predicted upper face (latent rows ``rows``) of every frame and the reference's."""
-    r = region_rows(x0_hat.shape[-2], rows)
-    err = (x0_hat[..., r, :] - ref_latent[:, None, :, r, :]).abs().flatten(2).mean(-1)
+    """L1 between the predicted upper face (latent cells of ``box``, ``regions.Box``) of every frame and the
+    reference's."""
+    err = (crop(x0_hat, box) - crop(ref_latent[:, None], box)).abs().flatten(2).mean(-1)
     return _masked_mean(err, mask, weight)
 
 

@@ -15,13 +15,8 @@ from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.evaluation.clips import Clip
 from temposyncdiff.evaluation.models import runs
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
-from temposyncdiff.metrics.image import (
-    LPIPS,
-    FidelityMetrics,
-    RegionBoxes,
-    to_unit,
-    unavailable,
-)
+from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, to_unit, unavailable
+from temposyncdiff.regions import RegionBoxes
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
 from temposyncdiff.metrics.image import (
     FidelityMetrics,
-    RegionBoxes,
     json_float,
     to_unit,
     unavailable,
@@ -33,6 +32,7 @@ from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening, interpolate_
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
 from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
 from temposyncdiff.nets.syncnet import load_expert
+from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.utils.task import log
 
 

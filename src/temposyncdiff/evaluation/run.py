@@ -19,9 +19,9 @@ from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.image import (
     LPIPS,
     LPIPS_BACKBONES,
-    RegionBoxes,
     unavailable,
 )
+from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.utils.task import log
 
 

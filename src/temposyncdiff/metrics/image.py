@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +26,8 @@ from torchmetrics.image import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-Frac = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of width / height
+from temposyncdiff.regions import RegionBoxes, crop
+
 LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 
 
@@ -56,40 +56,6 @@ def unavailable(reason: str) -> dict[str, str]:
     return {"status": "unavailable", "reason": reason}
 
 
-@dataclass
-class RegionBoxes:
-    """Regions as (x0, y0, x1, y1) fractions of a face-centred square frame.
-
-    Defaults fit LRS3-style crops as ``data.faces.square_crop_box`` makes them (margin 0.5: the dlib face box
-    spans about 0.25-0.75 of the side). dlib's 68 landmarks on such a crop of grace_hopper put the closed lips
-    at x 0.41-0.58, y 0.61-0.65, the eyes at y 0.41-0.44 and the brows at y 0.34-0.41; ``mouth`` leaves room
-    for an open jaw and small head motion, ``upper_face`` covers brows and eyes down to above the nose tip.
-    """
-
-    full: Frac = (0.0, 0.0, 1.0, 1.0)
-    mouth: Frac = (0.3, 0.55, 0.7, 0.8)
-    upper_face: Frac = (0.25, 0.28, 0.75, 0.5)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            box = tuple(float(v) for v in getattr(self, f.name))
-            if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-                raise ValueError(f"region {f.name}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box}")
-            setattr(self, f.name, box)
-
-    def items(self) -> Iterator[tuple[str, Frac]]:
-        """(name, box) pairs in field order."""
-        return zip((f.name for f in fields(self)), astuple(self))
-
-    @staticmethod
-    def crop(frames: Tensor, box: Sequence[float]) -> Tensor:
-        """The pixels of ``box`` (at least one) from ``[..., H, W]`` frames."""
-        h, w = frames.shape[-2:]
-        x0, y0 = min(round(box[0] * w), w - 1), min(round(box[1] * h), h - 1)
-        x1, y1 = max(round(box[2] * w), x0 + 1), max(round(box[3] * h), y0 + 1)
-        return frames[..., y0:y1, x0:x1]
-
-
 class FidelityMetrics(nn.Module):
     """PSNR, SSIM and MS-SSIM (torchmetrics, data range 1) per region between predicted and target videos.
 
@@ -98,9 +64,9 @@ class FidelityMetrics(nn.Module):
     least 176 px; a region where any frame was too small reports it unavailable with torchmetrics' reason.
     """
 
-    def __init__(self, regions: RegionBoxes | None = None) -> None:
+    def __init__(self, regions: RegionBoxes) -> None:
         super().__init__()
-        self.regions = regions or RegionBoxes()
+        self.regions = regions
         self.metrics = nn.ModuleDict(
             {
                 name: nn.ModuleDict(
@@ -123,7 +89,7 @@ class FidelityMetrics(nn.Module):
             raise ValueError(f"pred {tuple(p.shape)} and target {tuple(t.shape)} differ in shape")
         for name, box in self.regions.items():
             m = self.metrics[name]
-            rp, rt = (RegionBoxes.crop(x, box).to(m["psnr"].device) for x in (p, t))
+            rp, rt = (crop(x, box).to(m["psnr"].device) for x in (p, t))
             m["psnr"].update(rp, rt)
             m["ssim"].update(rp, rt)
             if name in self.ms_ssim_reason:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from temposyncdiff.metrics.image import RegionBoxes, json_float, to_unit
+from temposyncdiff.metrics.image import json_float, to_unit
+from temposyncdiff.regions import crop
 
 
 def frame_differences(frames: Tensor | np.ndarray) -> Tensor:
@@ -97,11 +98,11 @@ class FlickerMetric(Metric):
 
 
 def mouth_signal(frames: Tensor | np.ndarray, box: Sequence[float]) -> Tensor:
-    """``[T]`` mean luminance of the mouth region ``box`` (``RegionBoxes`` convention) per frame, on [0,1].
+    """``[T]`` mean luminance of the mouth region ``box`` (``regions.Box``) per frame, on [0,1].
 
     An opening mouth shows its dark cavity (and teeth), so the signal moves with articulation.
     """
-    x = RegionBoxes.crop(to_unit(frames), box).double()
+    x = crop(to_unit(frames), box).double()
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2))
 
 
@@ -118,7 +119,7 @@ class MouthMotion(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, box: Sequence[float] = RegionBoxes.mouth, **kwargs: Any) -> None:
+    def __init__(self, box: Sequence[float], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.box = tuple(box)
         self.add_state("corr_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")

@@ -43,15 +43,7 @@ from temposyncdiff.diffusion.distill import (
     teacher_couplings,
     trajectory_loss,
 )
-from temposyncdiff.diffusion.losses import (
-    DEFAULT_REGIONS,
-    crop,
-    diffusion_loss,
-    identity_loss,
-    region_weight,
-    sync_loss,
-    temporal_loss,
-)
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
@@ -60,6 +52,7 @@ from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker, seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.regions import RegionBoxes, crop, region_weight
 from temposyncdiff.stages.base import StageModule, weights_digest
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.stages.teacher import held_out_utterances, model_stats
@@ -122,7 +115,7 @@ def compare(
     utterances: list[dict[str, Any]],
     vae: nn.Module,
     audio: AudioFeatures,
-    regions: dict[str, tuple[float, ...]],
+    regions: RegionBoxes,
     window: int,
     overlap: int,
     expert: nn.Module | None = None,
@@ -187,9 +180,9 @@ def compare(
             add(name, "ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
             add(name, "psnr_rec", _psnr(video[0], rec))
             add(name, "ssim_rec", structural_similarity_index_measure(video[0], rec, data_range=1.0, reduction="none"))
-            for region, box in regions.items():
+            for region, box in regions.parts():
                 add(name, f"psnr_{region}", _psnr(crop(video[0], box), crop(gt, box)))
-            add(name, "psnr_mouth_swap", _psnr(crop(video[1], regions["mouth"]), crop(gt, regions["mouth"])))
+            add(name, "psnr_mouth_swap", _psnr(crop(video[1], regions.mouth), crop(gt, regions.mouth)))
             add(name, "flicker", flicker(video[0] * 2 - 1))
             add(name, "flicker_gt", flicker(utt["frames"]))
             add(name, "seam_ratio", seam_ratio(video[0] * 2 - 1, borders))
@@ -257,6 +250,7 @@ class StudentStage(StageModule):
         self,
         net: Denoiser,
         optimizer: Callable[..., torch.optim.Optimizer],
+        regions: dict[str, list[float]],
         scheduler: Callable | None = None,
         teacher_weights: str = "checkpoints/teacher_best.pt",
         vae_weights: str = "checkpoints/vae_pretrained.pt",
@@ -281,7 +275,6 @@ class StudentStage(StageModule):
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
-        regions: dict[str, list[float]] | None = None,
         overlap: int | None = None,
         eval_visemes: str = "audio",
         val_steps: tuple[int, ...] = (1, 2, 4),
@@ -308,7 +301,7 @@ class StudentStage(StageModule):
         # the student runs without guidance, so its null audio token is never used: frozen, so that DDP (which
         # wants a gradient for every trainable parameter) needs no find_unused_parameters
         self.net.null_audio.requires_grad_(False)
-        self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
+        self.regions = RegionBoxes(**regions)
         self._frozen: dict[str, nn.Module] = {}  # teacher, VAE, lip-sync expert: outside optimiser, EMA, checkpoints
         self._couplings: dict[str, Couplings] = {}
         self._teacher_eval: dict[str, Tensor] = {}  # the teacher's validation latents (fixed: computed once)
@@ -479,7 +472,7 @@ class StudentStage(StageModule):
             truth = c["lips"] if batch.lips is None else self.net.standardize_lips(batch.lips)
             guess = self.net.predict_lips(emb, c["visemes"])
             lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
-        pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
+        pixel_weight = region_weight(*x0.shape[-2:], self.regions.mouth, hp.mouth_weight, self.device)
         distill, x0_hat = trajectory_loss(
             self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight
         )
@@ -493,7 +486,7 @@ class StudentStage(StageModule):
             known[..., None, None, None], x0, x0_hat
         )  # known frames as given (continuation borders count)
         if hp.identity_weight:
-            out["identity"] = identity_loss(x0_hat, c["ref_latent"], target_mask, self.regions["upper"][:2])
+            out["identity"] = identity_loss(x0_hat, c["ref_latent"], target_mask, self.regions.upper_face)
         if hp.temporal_weight:
             out["temporal"] = temporal_loss(full, x0, mask)
         if hp.sync_weight:

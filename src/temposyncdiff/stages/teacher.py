@@ -33,21 +33,14 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
-from temposyncdiff.diffusion.losses import (
-    DEFAULT_REGIONS,
-    crop,
-    diffusion_loss,
-    identity_loss,
-    region_weight,
-    sync_loss,
-    temporal_loss,
-)
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.regions import RegionBoxes, crop, region_weight
 from temposyncdiff.stages.base import StageModule
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain
 from temposyncdiff.utils.weights import load_net
@@ -145,6 +138,7 @@ class TeacherStage(StageModule):
         net: Denoiser,
         schedule: NoiseSchedule,
         optimizer: Callable[..., torch.optim.Optimizer],
+        regions: dict[str, list[float]],
         scheduler: Callable | None = None,
         vae_weights: str = "checkpoints/vae_pretrained.pt",
         syncnet_weights: str | None = None,
@@ -159,7 +153,6 @@ class TeacherStage(StageModule):
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
-        regions: dict[str, list[float]] | None = None,
         sampler: str = "ddim",
         steps: int = 50,
         guidance_scale: float = 2.0,
@@ -178,7 +171,7 @@ class TeacherStage(StageModule):
         if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
             raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
         self.net, self.schedule = net, schedule
-        self.regions = {**DEFAULT_REGIONS, **{k: tuple(v) for k, v in (regions or {}).items()}}
+        self.regions = RegionBoxes(**regions)
         self._frozen: dict[str, nn.Module] = {}  # VAE, lip-sync expert: outside net, optimiser, EMA and checkpoints
 
     # ---- frozen helpers -------------------------------------------------------------------------------------
@@ -253,7 +246,7 @@ class TeacherStage(StageModule):
         pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop,
                         pose=pose, lips=lips)  # fmt: skip
         target_mask = mask & ~known
-        pixel_weight = region_weight(*x0.shape[-2:], self.regions["mouth"], hp.mouth_weight, self.device)
+        pixel_weight = region_weight(*x0.shape[-2:], self.regions.mouth, hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
         out = {
             "diffusion": diffusion_loss(pred, target, target_mask, sch.loss_weight(ts), pixel_weight),
@@ -267,7 +260,7 @@ class TeacherStage(StageModule):
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
             if hp.identity_weight:
-                out["identity"] = identity_loss(x0_hat, ref, target_mask, self.regions["upper"][:2], ab)
+                out["identity"] = identity_loss(x0_hat, ref, target_mask, self.regions.upper_face, ab)
             if hp.temporal_weight:
                 out["temporal"] = temporal_loss(x0_hat, x0, mask, ab)
             if hp.sync_weight:
@@ -359,7 +352,7 @@ class TeacherStage(StageModule):
             gt = (utt["frames"] + 1) / 2
             for suffix, v in (("", video[0]), ("_swap", video[1])):
                 add(f"psnr{suffix}", peak_signal_noise_ratio(v, gt, data_range=1.0, dim=(1, 2, 3), reduction="none"))
-                for region, box in self.regions.items():
+                for region, box in self.regions.parts():
                     add(f"psnr_{region}{suffix}", peak_signal_noise_ratio(crop(v, box), crop(gt, box), data_range=1.0,
                                                                           dim=(1, 2, 3), reduction="none"))  # fmt: skip
             add("ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))

@@ -9,8 +9,9 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.diffusion.losses import DEFAULT_REGIONS, crop, region_weight, weigh_pixels
+from temposyncdiff.diffusion.losses import weigh_pixels
 from temposyncdiff.nets.vae import TinyVAE, kl_divergence
+from temposyncdiff.regions import check_box, crop, region_weight
 from temposyncdiff.stages.base import StageModule
 
 
@@ -42,18 +43,18 @@ class VAEStage(StageModule):
         self,
         net: TinyVAE,
         optimizer: Callable[..., torch.optim.Optimizer],
+        mouth_box: tuple[float, float, float, float],
         scheduler: Callable | None = None,
         recon_loss: str = "l1",
         kl_weight: float = 1e-6,
         mouth_weight: float = 1.0,
-        mouth_box: tuple[float, float, float, float] = DEFAULT_REGIONS["mouth"],
         scale_fit_batches: int = 20,
         log_images: int = 8,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
-        self.mouth_box = tuple(mouth_box)
+        self.mouth_box = check_box("mouth_box", mouth_box)
         self.val_psnr = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
         self.val_psnr_mouth = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
