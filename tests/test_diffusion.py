@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, region_weight, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import (
     generate_long,
     make_sampler,
@@ -17,6 +17,7 @@ from temposyncdiff.diffusion.sampling import (
 from temposyncdiff.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet
+from temposyncdiff.regions import region_weight
 
 B, T, C, S = 2, 4, 4, 8
 
@@ -175,12 +176,12 @@ def test_aux_losses_have_gradients():
     x0, ref = torch.randn(B, T, C, S, S), torch.randn(B, C, S, S)
     x0_hat = (x0 + 0.1 * torch.randn_like(x0)).requires_grad_()
     mask = torch.tensor([[True] * T, [True] * (T - 1) + [False]])
-    total = identity_loss(x0_hat, ref, mask) + temporal_loss(x0_hat, x0, mask)
+    total = identity_loss(x0_hat, ref, mask, (0.0, 0.0, 1.0, 0.5)) + temporal_loss(x0_hat, x0, mask)
     total.backward()
     assert torch.isfinite(total) and x0_hat.grad.abs().sum() > 0
     assert temporal_loss(x0, x0, mask) == 0
-    w = region_weight(S, S, (0.5, 1.0, 0.25, 0.75), 4.0)
-    assert region_weight(S, S, (0.5, 1.0, 0.25, 0.75), 1.0) is None
+    w = region_weight(S, S, (0.25, 0.5, 0.75, 1.0), 4.0)
+    assert region_weight(S, S, (0.25, 0.5, 0.75, 1.0), 1.0) is None
     assert w.sum() == S * S + 3 * (S // 2) ** 2
     assert torch.allclose(
         diffusion_loss(x0_hat, x0, mask, pixel_weight=torch.full((S, S), 3.0)), diffusion_loss(x0_hat, x0, mask)
