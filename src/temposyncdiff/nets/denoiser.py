@@ -29,6 +29,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -100,8 +101,8 @@ class Attention(nn.Module):
         h = self.norm(x)
         ctx = h if self.norm_ctx is None else self.norm_ctx(context)
         q, (k, v) = self.q(h), self.kv(ctx).chunk(2, dim=-1)
-        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        q, k, v = (rearrange(z, "n l (heads d) -> n heads l d", heads=self.heads) for z in (q, k, v))
+        y = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
         return x + self.out(y)
 
 
@@ -133,19 +134,18 @@ class Block(nn.Module):
         x = self.res(x, ctx.film)
         n, c, h, w = x.shape
         if self.spatial is not None or self.cross is not None:
-            tok = x.flatten(2).transpose(1, 2)
+            tok = rearrange(x, "n c h w -> n (h w) c")
             if self.spatial is not None:
                 tok = self.spatial(tok)
             if self.cross is not None:
                 tok = self.cross(tok, ctx.tokens)
-            x = tok.transpose(1, 2).reshape(n, c, h, w)
+            x = rearrange(tok, "n (h w) c -> n c h w", h=h)
         if self.temporal is not None:
             t = ctx.frames
-            tok = x.view(n // t, t, c, h * w).permute(0, 3, 1, 2).reshape(-1, t, c)  # [B*h*w, T, C]
+            tok = rearrange(x, "(b t) c h w -> (b h w) t c", t=t)
             if isinstance(self.temporal, Attention):
                 tok = tok + sinusoidal(torch.arange(t, device=x.device), c).to(tok.dtype)
-            tok = self.temporal(tok)
-            x = tok.view(n // t, h * w, t, c).permute(0, 2, 3, 1).reshape(n, c, h, w)
+            x = rearrange(self.temporal(tok), "(b h w) t c -> (b t) c h w", h=h, w=w)
         return x
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,10 +34,9 @@ class Attention(nn.Module):
         self.norm, self.qkv, self.out = nn.GroupNorm(_groups(ch), ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
-        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+        qkv = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        y = F.scaled_dot_product_attention(*qkv)
+        return x + self.out(rearrange(y, "b 1 (h w) c -> b c h w", h=x.shape[-2]))
 
 
 def _mid(ch: int, attention: bool) -> nn.Sequential:
