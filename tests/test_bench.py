@@ -9,12 +9,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from temposyncdiff import latency as lat
+from temposyncdiff.bench import generation as lat
 from temposyncdiff.cli.bench import latency, load_models, plan
 from temposyncdiff.cli.common import compose_run
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
+from temposyncdiff.utils.timing import count_flops
 from temposyncdiff.utils.weights import save_weights
 from tests.conftest import compose_config
 from tests.test_teacher import TINY as TINY_TEACHER
@@ -125,7 +126,7 @@ def test_quickstart_student_needs_fewer_flops_than_the_teacher():
 
 def test_end_to_end_flops_are_affine_in_the_steps(tmp_path):
     path, _, _ = load_models(_bench_cfg(tmp_path).bench, torch.device("cpu"))["teacher"]
-    direct = lat.count_flops(path.calls(lat.eager(path), path.inputs(1, torch.device("cpu")), [5])["end_to_end", 5])
+    direct = count_flops(path.calls(lat.eager(path), path.inputs(1, torch.device("cpu")), [5])["end_to_end", 5])
     assert path.flops_per_frame([5], torch.device("cpu"))["end_to_end", 5] * path.frames == pytest.approx(direct)
 
 

@@ -3,7 +3,7 @@ teardown moves the net to the CPU): logged as ``latency/*`` to every logger and 
 
 Generation stages (teacher, student: a ``Denoiser`` net with an audio encoder, the frozen VAE as
 ``frozen("vae")`` and the sampler settings of ``export_meta()``) get the generation path per component and end
-to end per frame (``temposyncdiff.latency.GenerationPath``) at ``steps`` (null = the stage's exported steps).
+to end per frame (``bench.generation.GenerationPath``) at ``steps`` (null = the stage's exported steps).
 Every other stage gets one call of its net on the inputs of its first training batch, or, when the stage calls
 only the net's sub-nets (e.g. the lip-sync expert's towers), one call of each of those.
 """
@@ -19,20 +19,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from temposyncdiff.latency import (
-    COMPONENTS,
-    GenerationPath,
-    Setting,
-    autocast,
-    bench_generation,
-    count_flops,
-    machine_info,
-    num_threads,
-    param_count,
-    time_call,
-)
+from temposyncdiff.bench.generation import COMPONENTS, GenerationPath, Setting, bench_generation
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.utils.io import write_json
+from temposyncdiff.utils.timing import autocast, count_flops, machine_info, num_threads, param_count, time_call
 
 
 def _detached(x: Any) -> Any:

@@ -15,7 +15,6 @@ from temposyncdiff.evaluation.denoise import Fidelity, evaluate_denoise
 from temposyncdiff.evaluation.generation import evaluate_generation
 from temposyncdiff.evaluation.models import file_sha256, load_models
 from temposyncdiff.evaluation.report import DEN_COLUMNS, GEN_COLUMNS, markdown, table_rows, versions, write_outputs
-from temposyncdiff.latency import device_name
 from temposyncdiff.metrics.image import (
     LPIPS,
     LPIPS_BACKBONES,
@@ -23,6 +22,7 @@ from temposyncdiff.metrics.image import (
 )
 from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.utils.task import log
+from temposyncdiff.utils.timing import device_name
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:

@@ -47,7 +47,6 @@ from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_l
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.latency import time_call
 from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker, seam_ratio
@@ -57,6 +56,7 @@ from temposyncdiff.stages.base import StageModule, weights_digest
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.stages.teacher import held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
+from temposyncdiff.utils.timing import time_call
 from temposyncdiff.utils.weights import load_net
 
 
