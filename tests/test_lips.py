@@ -191,7 +191,7 @@ def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tm
     assert torch.equal(model.net.lip_norm, teacher.lip_norm)
     couplings = model.couplings("train", dm.train_dataloader().dataset)
     assert couplings.lips.shape == (*couplings.visemes.shape, 3) and couplings.lips.abs().sum() > 0
-    out = model.distill_step(next(iter(dm.train_dataloader())))
+    out = model.losses(next(iter(dm.train_dataloader())))
     out["loss"].backward()
     assert "lips" in out and torch.isfinite(out["lips"])
     assert all(p.grad is not None for p in model.net.lip_head.parameters())

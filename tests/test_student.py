@@ -136,7 +136,7 @@ def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
     dm.setup("fit")
     model.setup("fit")
     model.couplings("train", dm.train_dataloader().dataset)
-    out = model.distill_step(next(iter(dm.train_dataloader())))
+    out = model.losses(next(iter(dm.train_dataloader())))
     out["loss"].backward()
     teacher = model.frozen("teacher")
     assert {"distill", "data", "identity", "temporal", "viseme_ce"} <= set(out) and torch.isfinite(out["loss"])

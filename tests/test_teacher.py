@@ -89,7 +89,7 @@ def test_teacher_step_without_cached_latents(data_root, tmp_path):
     model.setup("validate")
     batch = next(iter(dm.train_dataloader()))
     assert batch.latents is None
-    out = model.diffusion_step(batch)  # latents encoded on the fly by the frozen VAE
+    out = model.losses(batch)  # latents encoded on the fly by the frozen VAE
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and all(p.grad is None for p in model.frozen("vae").parameters())
     assert not any(n.startswith("vae") for n, _ in model.named_parameters())

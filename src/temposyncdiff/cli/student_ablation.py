@@ -24,8 +24,8 @@ from temposyncdiff.diffusion.distill import student_sampler
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.regions import RegionBoxes
-from temposyncdiff.stages.student import compare, frozen_net, generate, ms_per_frame, truncate
-from temposyncdiff.stages.teacher import held_out_utterances
+from temposyncdiff.stages.latent import frozen_net, held_out_utterances
+from temposyncdiff.stages.student import compare, generate, ms_per_frame, truncate
 from temposyncdiff.training import train
 from temposyncdiff.utils.io import write_text
 from temposyncdiff.utils.tables import markdown_table

@@ -1,4 +1,5 @@
-"""How far a lip-conditioned net's predicted lip shapes swing at inference (``Denoiser.lip_gain``), set on val clips.
+"""A lip-conditioned net's lip shapes: their standardisation (``set_lip_norm``, from the training cache) and how far
+the predicted shapes swing at inference (``Denoiser.lip_gain``), set on val clips at export.
 
 Two steps, both at export: ``calibrate_lip_gain`` matches the head's predicted shapes to the true shapes' spread
 (per shape, std over std), and ``calibrate_rendered_gain`` then scales that gain until the *rendered* videos' lips
@@ -14,13 +15,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores
 from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.stages.latent import base_dataset
+
+
+def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
+    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set)."""
+    if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
+        return
+    ds = (
+        base_dataset(datamodule.datasets["train"])
+        if datamodule is not None and "train" in datamodule.datasets
+        else None
+    )
+    reader = getattr(getattr(ds, "src", None), "reader", None)
+    lips = None if reader is None else reader.lips
+    if lips is None:
+        rank_zero_warn(
+            "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
+            "tsd-data cache lips=true): the lip head learns from the diffusion loss alone"
+        )
+        return
+    lips = torch.from_numpy(np.array(lips, dtype=np.float32))  # a copy: the cache is a read-only memmap
+    net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
+    rank_zero_info(f"teacher: lip shapes standardised by mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}")
 
 
 @torch.no_grad()

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import time
 from collections.abc import Callable, Collection
 from functools import partial
@@ -25,16 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch, collate
 from temposyncdiff.data.clips import clip_mel_windows
-from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.distill import (
     Couplings,
@@ -52,19 +49,18 @@ from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import flicker, seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes, crop, region_weight
-from temposyncdiff.stages.base import StageModule, weights_digest
+from temposyncdiff.stages.base import weights_digest
+from temposyncdiff.stages.latent import (
+    LatentDiffusionStage,
+    decode,
+    frozen_net,
+    held_out_utterances,
+    model_stats,
+    write_sample,
+)
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
-from temposyncdiff.stages.teacher import held_out_utterances, model_stats
 from temposyncdiff.utils.io import atomic_path
 from temposyncdiff.utils.timing import time_call
-from temposyncdiff.utils.weights import load_net
-
-
-def frozen_net(path: str, kind: str) -> tuple[nn.Module, dict]:
-    """An exported net in eval mode without gradients, and its meta."""
-    net, meta = load_net(path, kind)
-    net.requires_grad_(False)
-    return net.eval(), meta
 
 
 def clip_keys(dataset: Dataset) -> list[str]:
@@ -96,12 +92,6 @@ def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Te
     pose = pose if getattr(net, "pose_mask", None) is not None else None
     return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
                          tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator, pose)  # fmt: skip
-
-
-def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
-    """Latents ``[..., C, h, w]`` -> frames ``[..., 3, H, W]`` in [-1, 1]."""
-    flat = latents.flatten(0, -4)
-    return torch.cat([vae.from_latent(z) for z in flat.split(chunk)]).clamp(-1, 1).unflatten(0, latents.shape[:-3])
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:
@@ -192,7 +182,7 @@ def compare(
                 for suffix, frames in (("", video[0]), ("_swap", video[1])):
                     lse[name][suffix].update(*embed_clip(expert, frames.to(dev) * 2 - 1, audio_mel))
         if video_dir is not None and i < sample_videos:
-            _write_sample(
+            write_sample(
                 video_dir / f"{utt['id'].replace('/', '_')}.mp4",
                 [gt, *own.values()],
                 (rows or {}).get(utt["id"]),
@@ -214,16 +204,6 @@ def compare(
     return out
 
 
-def _write_sample(path: Path, videos: list[Tensor], row: dict | None, audio: AudioFeatures) -> None:
-    """Side-by-side mp4 of ``[N,3,H,W]`` videos in [0, 1], with the utterance's own audio when its file is there."""
-    frames = torch.cat(videos, dim=-1).mul(255).round().clamp(0, 255).byte()
-    wave = None
-    if row is not None and os.path.isfile(row["video_mp4"]):
-        wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(frames) * audio.sample_rate / audio.fps)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
-
-
 def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, latent_shape: tuple[int, int, int],
                  mel_shape: tuple[int, int], frames: int | None = None, repeats: int = 3) -> float:  # fmt: skip
     """End-to-end milliseconds per frame at batch 1 (audio encoder, every sampler step, VAE decoder; median).
@@ -242,7 +222,7 @@ def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, late
         return time_call(run, dev, warmup=1, repeats=repeats)["median_ms"] / n
 
 
-class StudentStage(StageModule):
+class StudentStage(LatentDiffusionStage):
     kind = "student"
     export_names = {"best": "student_best.pt", "last": "student_last.pt"}
 
@@ -285,33 +265,19 @@ class StudentStage(StageModule):
         eval_seed: int = 0,
         lip_render: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(net, optimizer, regions, scheduler, eval_visemes, val_utterances)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
-        if net.audio is None:
-            raise UserError("model.net.audio_encoder is required: the student has its own audio encoder")
-        if eval_visemes not in ("audio", "data"):
-            raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
-        if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
-            raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
         if not set(val_steps) | {steps} <= set(train_steps):
             raise UserError(
                 f"model.steps / val_steps {sorted(set(val_steps) | {steps})} must be among train_steps {list(train_steps)}"
             )
-        self.net = net
         # the student runs without guidance, so its null audio token is never used: frozen, so that DDP (which
         # wants a gradient for every trainable parameter) needs no find_unused_parameters
         self.net.null_audio.requires_grad_(False)
-        self.regions = RegionBoxes(**regions)
-        self._frozen: dict[str, nn.Module] = {}  # teacher, VAE, lip-sync expert: outside optimiser, EMA, checkpoints
         self._couplings: dict[str, Couplings] = {}
         self._teacher_eval: dict[str, Tensor] = {}  # the teacher's validation latents (fixed: computed once)
         self.teacher_meta: dict[str, Any] = {}
         self.lip_calibration: dict[str, Any] | None = None  # calibrate_rendered_gain's result, in the export's meta
-
-    # ---- frozen nets, schedule ---------------------------------------------------------------------------------
-    def frozen(self, name: str) -> nn.Module | None:
-        m = self._frozen.get(name)
-        return None if m is None else m.to(self.device)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -326,10 +292,7 @@ class StudentStage(StageModule):
                                    ("VAE latent channels", vae.latent_channels, teacher.latent_channels)):  # fmt: skip
             if mine != theirs:
                 raise UserError(f"{hp.teacher_weights}: teacher has {name}={theirs}, the student setup has {mine}")
-        if hp.syncnet_weights and os.path.isfile(hp.syncnet_weights) and "syncnet" not in self._frozen:
-            self._frozen["syncnet"], _ = frozen_net(hp.syncnet_weights, "syncnet")
-        elif hp.sync_weight > 0 and "syncnet" not in self._frozen:
-            raise UserError(f"model.sync_weight > 0 needs the lip-sync expert; {hp.syncnet_weights} not found")
+        self.load_expert()
         sch = {k: self.teacher_meta["schedule"][k] for k in SCHEDULE_KEYS}
         self.teacher_schedule = NoiseSchedule(**sch, snr_gamma=None)
         self.schedule = NoiseSchedule(
@@ -359,16 +322,6 @@ class StudentStage(StageModule):
             if hp.max_flops_ratio is not None and ratio > hp.max_flops_ratio:
                 raise UserError(f"the student needs {ratio:.2f}x the teacher's FLOPs per frame; model.max_flops_ratio "
                                 f"is {hp.max_flops_ratio} (make model.net smaller)")  # fmt: skip
-
-    def latents(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Clip and reference latents: from the cache, else encoded on the fly by the frozen VAE."""
-        if batch.latents is not None and batch.ref_latent is not None:
-            return batch.latents, batch.ref_latent
-        vae = self.frozen("vae")
-        with torch.no_grad():
-            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(
-                batch.reference
-            )
 
     # ---- teacher couplings --------------------------------------------------------------------------------------
     def couplings(self, split: str, dataset: Dataset | None = None) -> Couplings:
@@ -444,9 +397,7 @@ class StudentStage(StageModule):
         }
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def distill_step(
-        self, batch: Batch, split: str = "train", generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]:
+    def losses(self, batch: Batch, split: str = "train", generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All losses of one batch against the teacher couplings of ``split``."""
         hp = self.hparams
         c = self.couplings(split).rows(batch_keys(batch), self.device)
@@ -497,19 +448,6 @@ class StudentStage(StageModule):
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.distill_step(batch)
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch))
-        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=len(batch))
-        return out["loss"]
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        split = "test" if self.trainer.testing else "val"
-        out = self.distill_step(batch, split, torch.Generator().manual_seed(batch_idx))
-        self.log_dict({f"{split}/{k}": v for k, v in out.items()}, batch_size=len(batch))
-
-    test_step = validation_step
-
     # ---- generation and validation -----------------------------------------------------------------------------
     def runs(self, steps: Collection[int], teacher_steps: Collection[int] = ()) -> dict[str, Callable[..., Tensor]]:
         """``generate`` functions: ``teacher<N>`` (its own sampler, guided) and ``student<n>`` (one call per step)."""
@@ -525,32 +463,25 @@ class StudentStage(StageModule):
             )
         return out
 
-    def on_validation_epoch_start(self) -> None:
-        # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
+    def held_out(self) -> list[dict[str, Any]]:
+        utts = held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
+        return [truncate(u, self.hparams.val_frames) for u in utts]
+
+    def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path,
+                           rows: dict[str, dict]) -> dict[str, float]:  # fmt: skip
+        """The student at ``val_steps`` beside the teacher (``compare``): ``<run>/<metric>``."""
         hp = self.hparams
-        self.sample_paths: list[Path] = []  # this validation's mp4s, published by callbacks.SampleVideos
-        if self.trainer.sanity_checking or not hp.val_utterances:
-            return
-        utts = [
-            truncate(u, hp.val_frames)
-            for u in held_out_utterances(self.trainer.val_dataloaders.dataset, hp.val_utterances)
-        ]
-        if len(utts) < 2:
-            rank_zero_warn(f"sampled validation skipped: the val split has {len(utts)} utterance(s), it needs 2")
-            return
-        dm = self.trainer.datamodule
         teacher = f"teacher{hp.teacher_eval_steps}"
-        rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
-        video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
-        metrics = compare(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utts, self.frozen("vae"), dm.audio,
-                          self.regions, self.net.window, self.overlap, self.frozen("syncnet"), hp.eval_seed, hp.eval_visemes, video_dir, rows,
-                          hp.sample_videos, self._teacher_eval, {teacher})  # fmt: skip
-        self.sample_paths = sorted(video_dir.glob("*.mp4"))
-        flat = {f"val/{run}/{k}": v for run, m in metrics.items() for k, v in m.items() if math.isfinite(v)}
-        self.log_dict(flat)
-        rank_zero_info("student val: " + "; ".join(f"{run}: psnr_mouth={m['psnr_mouth']:.2f} psnr={m['psnr']:.2f} "
-                       f"flicker={m['flicker']:.4f}" + (f" lse_c_gap={m['lse_c_gap']:.2f}" if "lse_c_gap" in m else "")
-                       for run, m in metrics.items()))  # fmt: skip
+        metrics = compare(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utterances, self.frozen("vae"), audio,
+                          self.regions, self.net.window, self.overlap, self.frozen("syncnet"), hp.eval_seed,
+                          hp.eval_visemes, video_dir, rows, hp.sample_videos, self._teacher_eval, {teacher})  # fmt: skip
+        return {f"{run}/{k}": v for run, m in metrics.items() for k, v in m.items()}
+
+    def val_summary(self, metrics: dict[str, float]) -> str:
+        runs = dict.fromkeys(k.split("/")[0] for k in metrics)
+        keys = ("psnr_mouth", "psnr", "flicker", "lse_c_gap")
+        return "; ".join(f"{run}: " + " ".join(f"{k}={metrics[f'{run}/{k}']:.3f}" for k in keys if f"{run}/{k}" in metrics)
+                         for run in runs)  # fmt: skip
 
     def before_export(self) -> None:
         if self.net.lip_dim:

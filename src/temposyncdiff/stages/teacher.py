@@ -13,25 +13,20 @@ and upper-face PSNR, the seam ratio, LSE-C/D when the expert is there, and mp4s 
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import Dataset, Subset
-from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.data.clips import clip_mel_windows
-from temposyncdiff.data.video import write_video
 from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
@@ -40,62 +35,10 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.regions import RegionBoxes, crop, region_weight
-from temposyncdiff.stages.base import StageModule
-from temposyncdiff.stages.lip_gain import calibrate_lip_gain
+from temposyncdiff.regions import crop, region_weight
+from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats, write_sample
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain, set_lip_norm
 from temposyncdiff.utils.weights import load_net
-
-
-def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tuple[int, int]) -> dict[str, float]:
-    """Parameter counts and forward FLOPs per frame of one denoiser call and of the audio encoder."""
-    t, dev = net.window, next(net.parameters()).device
-    x, ref = torch.zeros(1, t, *latent_shape, device=dev), torch.zeros(1, *latent_shape, device=dev)
-    audio = torch.zeros(1, t, net.config["audio_dim"], device=dev)
-    stats = {"params_denoiser": sum(p.numel() for n, p in net.named_parameters() if not n.startswith("audio."))}
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        visemes = torch.zeros(1, t, dtype=torch.long, device=dev)
-        net(x, torch.tensor([500], device=dev), ref, audio, visemes, pose=x if net.pose_mask is not None else None)
-    stats["flops_per_frame"] = fc.get_total_flops() / t
-    if net.audio is not None:
-        stats["params_audio"] = sum(p.numel() for p in net.audio.parameters())
-        was = net.audio.training
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            net.audio.eval()(torch.zeros(1, t, *mel_shape, device=dev))
-        net.audio.train(was)
-        stats["audio_flops_per_frame"] = fc.get_total_flops() / t
-    return stats
-
-
-def _base(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
-def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
-    """Up to ``count`` evenly spaced whole utterances of a ``ClipDataset``: frames, mel, visemes, latents, reference.
-
-    The reference is the one the dataset gives the utterance's first clip (deterministic outside training).
-    """
-    ds = _base(dataset)
-    src, n = ds.src, len(ds.src.num_frames)
-    first = {}
-    for i, (u, _) in enumerate(ds.items):
-        first.setdefault(u, i)
-    out = []
-    for u in sorted(set(np.linspace(0, n - 1, min(n, count)).round().astype(int).tolist())):
-        frames, mel, visemes, latents = src.clip(u, 0, src.num_frames[u])
-        ref, ref_latent = src.frame(*ds.reference_frame(first[u]))
-        out.append({
-            "id": src.ids[u],
-            "frames": torch.from_numpy(np.array(frames, dtype=np.float32)) / 127.5 - 1.0,
-            "mel": np.array(mel, dtype=np.float32),
-            "visemes": torch.from_numpy(np.array(visemes, dtype=np.int64)),
-            "latents": None if latents is None else torch.from_numpy(np.array(latents, dtype=np.float32)),
-            "reference": torch.from_numpy(np.array(ref, dtype=np.float32)) / 127.5 - 1.0,
-            "ref_latent": None if ref_latent is None else torch.from_numpy(np.array(ref_latent, dtype=np.float32)),
-        })  # fmt: skip
-    return out
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
@@ -104,32 +47,7 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
-def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
-    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set)."""
-    if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
-        return
-    ds = _base(datamodule.datasets["train"]) if datamodule is not None and "train" in datamodule.datasets else None
-    reader = getattr(getattr(ds, "src", None), "reader", None)
-    lips = None if reader is None else reader.lips
-    if lips is None:
-        rank_zero_warn(
-            "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
-            "tsd-data cache lips=true): the lip head learns from the diffusion loss alone"
-        )
-        return
-    lips = torch.from_numpy(np.asarray(lips, dtype=np.float32))
-    net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
-    rank_zero_info(f"teacher: lip shapes standardised by mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}")
-
-
-def _frozen(path: str, kind: str) -> nn.Module:
-    net, _ = load_net(path, kind)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
-
-
-class TeacherStage(StageModule):
+class TeacherStage(LatentDiffusionStage):
     kind = "teacher"
     export_names = {"best": "teacher_best.pt", "last": "teacher_last.pt"}
 
@@ -162,36 +80,20 @@ class TeacherStage(StageModule):
         sample_videos: int = 2,
         eval_seed: int = 0,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(net, optimizer, regions, scheduler, eval_visemes, val_utterances)
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "scheduler"], logger=False)
-        if net.audio is None:
-            raise UserError("model.net.audio_encoder is required: the teacher trains its audio encoder jointly")
-        if eval_visemes not in ("audio", "data"):
-            raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
-        if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
-            raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
-        self.net, self.schedule = net, schedule
-        self.regions = RegionBoxes(**regions)
-        self._frozen: dict[str, nn.Module] = {}  # VAE, lip-sync expert: outside net, optimiser, EMA and checkpoints
-
-    # ---- frozen helpers -------------------------------------------------------------------------------------
-    def frozen(self, name: str) -> nn.Module | None:
-        m = self._frozen.get(name)
-        return None if m is None else m.to(self.device)
+        self.schedule = schedule
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if "vae" not in self._frozen:
-            self._frozen["vae"] = _frozen(hp.vae_weights, "vae")
+            self._frozen["vae"], _ = frozen_net(hp.vae_weights, "vae")
         vae = self._frozen["vae"]
         if vae.latent_channels != self.net.latent_channels:
             raise UserError(
                 f"{hp.vae_weights}: {vae.latent_channels} latent channels, model.net has {self.net.latent_channels}"
             )
-        if hp.syncnet_weights and os.path.isfile(hp.syncnet_weights) and "syncnet" not in self._frozen:
-            self._frozen["syncnet"] = _frozen(hp.syncnet_weights, "syncnet")
-        elif hp.sync_weight > 0 and "syncnet" not in self._frozen:
-            raise UserError(f"model.sync_weight > 0 needs the lip-sync expert; {hp.syncnet_weights} not found")
+        self.load_expert()
         if stage == "fit" and hp.audio_weights:
             audio, _ = load_net(hp.audio_weights, "audio")
             self.net.audio.load_state_dict(audio.state_dict())
@@ -208,18 +110,8 @@ class TeacherStage(StageModule):
                 f"{s['audio_flops_per_frame'] / 1e6:.1f} MFLOP per frame"
             )
 
-    # ---- training ---------------------------------------------------------------------------------------------
-    def latents(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Clip and reference latents: from the cache, else encoded on the fly by the frozen VAE."""
-        if batch.latents is not None and batch.ref_latent is not None:
-            return batch.latents, batch.ref_latent
-        vae = self.frozen("vae")
-        with torch.no_grad():
-            return vae.to_latent(batch.frames.flatten(0, 1)).unflatten(0, batch.frames.shape[:2]), vae.to_latent(
-                batch.reference
-            )
-
-    def diffusion_step(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    # ---- training -----------------------------------------------------------------------------------------------
+    def losses(self, batch: Batch, split: str = "train", generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All training losses of one batch (random draws from ``generator`` when given)."""
         hp, sch = self.hparams, self.schedule
         x0, ref = self.latents(batch)
@@ -271,20 +163,6 @@ class TeacherStage(StageModule):
         out["loss"] = sum(weights[k] * v for k, v in out.items() if k in weights)
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.diffusion_step(batch)
-        loss = out["loss"]
-        self.log("train/loss", out.pop("loss"), prog_bar=True, batch_size=len(batch))
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=len(batch))
-        return loss
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        split = "test" if self.trainer.testing else "val"
-        out = self.diffusion_step(batch, torch.Generator().manual_seed(batch_idx))
-        self.log_dict({f"{split}/{k}": v for k, v in out.items()}, batch_size=len(batch))
-
-    test_step = validation_step
-
     # ---- end-to-end sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -312,15 +190,12 @@ class TeacherStage(StageModule):
             hp.guidance_scale if guidance_scale is None else guidance_scale, generator, pose,
         )  # fmt: skip
 
-    def decode(self, latents: Tensor, chunk: int = 64) -> Tensor:
-        """Latents ``[..., C, h, w]`` -> frames ``[..., 3, H, W]`` in [-1, 1] with the frozen VAE."""
-        vae, flat = self.frozen("vae"), latents.flatten(0, -4)
-        frames = torch.cat([vae.from_latent(z) for z in flat.split(chunk)])
-        return frames.unflatten(0, latents.shape[:-3])
+    def held_out(self) -> list[dict[str, Any]]:
+        return held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
 
     @torch.no_grad()
-    def evaluate(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path | None = None,
-                 rows: dict[str, dict] | None = None) -> dict[str, float]:  # fmt: skip
+    def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path | None = None,
+                           rows: dict[str, dict] | None = None) -> dict[str, float]:  # fmt: skip
         """Each utterance with its own and with the next one's audio: quality, region PSNR, seams, LSE, videos."""
         hp, dev = self.hparams, self.device
         vae, expert = self.frozen("vae"), self.frozen("syncnet")
@@ -364,9 +239,8 @@ class TeacherStage(StageModule):
                 for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
                     lse[key].update(*embed_clip(expert, frames.to(dev) * 2 - 1, mel))
             if video_dir is not None and i < hp.sample_videos:
-                self._write_sample(
-                    video_dir / f"{utt['id'].replace('/', '_')}.mp4", gt, video, (rows or {}).get(utt["id"]), audio
-                )
+                write_sample(video_dir / f"{utt['id'].replace('/', '_')}.mp4", [gt, video[0], video[1]],
+                             (rows or {}).get(utt["id"]), audio)  # fmt: skip
         out = {k: float(np.nanmean(v)) for k, v in acc.items()}
         out["psnr_mouth_gap"] = out["psnr_mouth"] - out["psnr_mouth_swap"]
         for key, metric in lse.items():
@@ -375,32 +249,6 @@ class TeacherStage(StageModule):
         if lse:
             out["lse_c_gap"] = out["lse_c"] - out["lse_c_swap"]
         return out
-
-    def _write_sample(self, path: Path, gt: Tensor, video: Tensor, row: dict | None, audio: AudioFeatures) -> None:
-        """mp4 of ground truth | own audio | swapped audio side by side, with the utterance's own audio track."""
-        frames = torch.cat([gt, video[0], video[1]], dim=-1).mul(255).round().clamp(0, 255).byte()
-        wave = None
-        if row is not None and os.path.isfile(row["video_mp4"]):
-            wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(gt) * audio.sample_rate / audio.fps)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
-
-    def on_validation_epoch_start(self) -> None:
-        # here, not at epoch end: StageEMA's epoch-end hook (run before the module's) swaps the averaged weights out
-        self.sample_paths: list[Path] = []  # this validation's mp4s, published by callbacks.SampleVideos
-        if self.trainer.sanity_checking or not self.hparams.val_utterances:
-            return
-        dm = self.trainer.datamodule
-        utts = held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
-        if len(utts) < 2:
-            rank_zero_warn(f"sampled validation skipped: the val split has {len(utts)} utterance(s), it needs 2")
-            return
-        rows = {r["id"]: r for r in dm.rows("val")} if hasattr(dm, "rows") else {}
-        video_dir = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:06d}"
-        metrics = self.evaluate(utts, dm.audio, video_dir, rows)
-        self.sample_paths = sorted(video_dir.glob("*.mp4"))
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if math.isfinite(v)}, prog_bar=False)
-        rank_zero_info("teacher val: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
 
     def before_export(self) -> None:
         if self.net.lip_dim:
