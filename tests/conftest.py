@@ -65,10 +65,11 @@ def save_tiny_exports(
     kinds: tuple[str, ...] = ("teacher",),
     pose_mask: tuple[float, float, float, float] | None = None,
     lip_dim: int = 0,
+    guidance_scale: float = 1.0,
 ) -> None:
     """A tiny random VAE and denoiser exported as the stages export them (32 px): ``vae_pretrained.pt`` and
     ``<kind>_best.pt`` for each of ``kinds``; ``pose_mask`` builds a re-voicing denoiser, ``lip_dim`` one that draws
-    lip shapes."""
+    lip shapes, ``guidance_scale`` the sampling default stored with it."""
     import torch
 
     from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
@@ -96,7 +97,7 @@ def save_tiny_exports(
         "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
         "sampler": "ddim",
         "steps": 2,
-        "guidance_scale": 1.0,
+        "guidance_scale": guidance_scale,
         "overlap": 1,
         "image_size": 32,
     }

@@ -27,11 +27,8 @@ from temposyncdiff.evaluation.generation import GenerationScorer, evaluate_gener
 from temposyncdiff.evaluation.report import write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
-from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from temposyncdiff.nets.vae import TinyVAE
-from temposyncdiff.utils.weights import save_weights
-from tests.conftest import compose_config, face_regions
+from tests.conftest import compose_config, face_regions, save_tiny_exports
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -39,16 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Tiny random VAE, teacher and lip-sync expert exports (32 px)."""
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt")
-    vae = TinyVAE(channels=(8,), patch_size=4)
-    net = Denoiser(channels=(16, 16), attention_levels=(), cross_attention_levels=(1,), temporal_levels=(1,), heads=2,
-                   cond_dim=32, audio_dim=16, window=4, audio_encoder={"dim": 16, "width": 16})  # fmt: skip
-    schedule = dict(NoiseSchedule().scheduler.config)
-    save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
-    meta = {"schedule": {k: schedule[k] for k in SCHEDULE_KEYS}, "sampler": "ddim", "steps": 2, "guidance_scale": 1.5,
-            "overlap": 1, "image_size": 32}  # fmt: skip
-    save_weights(out / "teacher_best.pt", "teacher", net, meta)
+    save_tiny_exports(out, guidance_scale=1.5)
     export_expert(SyncNet(image_size=32, dim=16, width=8), out / "syncnet.pt")
     return out
 

@@ -20,7 +20,7 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_tiny_exports
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
@@ -96,6 +96,20 @@ def test_graphs_match_pytorch(exported):
     for a, b in pairs:
         a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
         assert all(torch.allclose(u, v, atol=TOLERANCE, rtol=0) for u, v in zip(a, b))
+
+
+def test_a_revoicing_nets_box_travels_with_its_graphs(tmp_path):
+    """A pose-mask net's graphs take the pose input, and the stand-in knows the box it re-draws (paste-back uses it)."""
+    box = (0.25, 0.5, 0.75, 0.9)
+    save_tiny_exports(tmp_path, pose_mask=box)
+    export_onnx(tmp_path / "teacher_best.pt", tmp_path / "vae_pretrained.pt", tmp_path / "onnx", kind="teacher")
+    onet, _ = load_onnx(tmp_path / "onnx", tmp_path / "teacher_best.pt", tmp_path / "vae_pretrained.pt", "teacher")
+    assert onet.pose_mask == box and "pose" in {i.name for i in onet.session.get_inputs()}
+    sidecar = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    del sidecar["pose_mask"]  # an export made before the box was recorded: export again
+    (tmp_path / "onnx" / "export.json").write_text(json.dumps(sidecar))
+    with pytest.raises(UserError, match="pose_mask"):
+        load_onnx(tmp_path / "onnx", tmp_path / "teacher_best.pt", tmp_path / "vae_pretrained.pt", "teacher")
 
 
 def test_onnx_pipeline_matches_torch(exported, synth_corpus):

@@ -154,7 +154,7 @@ def generation(
         image, at = reference_frame(track)
         reference = f"{cfg.video} at {at:.2f} s"
     face, ref = pipe.reference(image)
-    region = changed_region(pipe, cfg.checkpoint, cfg.stage)
+    region = changed_region(pipe)
     lips = None
     if cfg.score_lips:
         try:

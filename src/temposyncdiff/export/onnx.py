@@ -163,6 +163,7 @@ def export_nets(
         "tolerance": tolerance, "torch": torch.__version__, "onnxruntime": _ort().__version__,
         "image_size": image_size, "window": net.window, "audio_encoder": net.audio.config,
         "downsample": vae.downsample, "latent_channels": vae.latent_channels, "graphs": graphs,
+        "pose_mask": None if net.pose_mask is None else list(net.pose_mask),
     }  # fmt: skip
 
 
@@ -182,10 +183,10 @@ class OnnxAudioEncoder(nn.Module):
 class OnnxDenoiser(nn.Module):
     """The Denoiser's call signature (and ``embed_audio``) over the exported graphs; CPU torch tensors in and out."""
 
-    def __init__(self, session, audio: OnnxAudioEncoder, window: int) -> None:
+    def __init__(self, session, audio: OnnxAudioEncoder, window: int, pose_mask: list[float] | None) -> None:
         super().__init__()
         self.session, self.audio, self.window = session, audio, window
-        self.pose_mask = "pose" if "pose" in {i.name for i in session.get_inputs()} else None  # as Denoiser.pose_mask
+        self.pose_mask = None if pose_mask is None else tuple(pose_mask)  # as Denoiser.pose_mask (from the sidecar)
 
     def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         return self.audio(mel)
@@ -262,10 +263,12 @@ def sessions(onnx_dir: Path, meta: dict[str, Any], threads: int | None = None) -
         except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
             reason = " ".join(str(err).split())[:300]
             raise UserError(f"{onnx_dir / g}.onnx: not a loadable ONNX graph ({reason}); {EXPORT_AGAIN}") from err
-    if missing := [k for k in ("audio_encoder", "window", "downsample", "latent_channels") if k not in meta]:
+    if missing := [
+        k for k in ("audio_encoder", "window", "downsample", "latent_channels", "pose_mask") if k not in meta
+    ]:
         raise UserError(f"{onnx_dir / SIDECAR}: incomplete export sidecar (no {', '.join(missing)}); {EXPORT_AGAIN}")
     audio = OnnxAudioEncoder(s["audio_encoder"], meta["audio_encoder"])
     return (
-        OnnxDenoiser(s["denoiser"], audio, meta["window"]),
+        OnnxDenoiser(s["denoiser"], audio, meta["window"], meta["pose_mask"]),
         OnnxVAE(s["vae_encoder"], s["vae_decoder"], meta["downsample"], meta["latent_channels"]),
     )

@@ -38,7 +38,6 @@ from temposyncdiff.data.video import MediaError, VideoFrames, VideoInfo, probe
 from temposyncdiff.inference.inputs import InputError, Region, blend_mask, even_size, paste_blend, seam_ratio
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
 from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores, silent_frames
-from temposyncdiff.utils.weights import load_payload
 
 log = logging.getLogger(__name__)
 
@@ -351,14 +350,10 @@ def reference_frame(track: VideoTrack) -> tuple[np.ndarray, float]:
     return rgb, round(float(track.frame_times[j] - track.times[0]), 3)
 
 
-def changed_region(pipe: TalkingHeadPipeline, checkpoint: str | os.PathLike, kind: str) -> Region | None:
-    """The crop box a net re-draws (its ``pose_mask``); None for a net without one (it draws the whole crop).
-
-    ONNX stand-ins only flag a pose input, so their box is read from the checkpoint's config.
-    """
-    mask = getattr(pipe.net, "pose_mask", None)
-    if isinstance(mask, str):
-        mask = load_payload(checkpoint, kind)["config"].get("pose_mask")
+def changed_region(pipe: TalkingHeadPipeline) -> Region | None:
+    """The crop box a net re-draws (its ``pose_mask``, as the ONNX stand-ins' sidecar records it too); None for a
+    net without one (it draws the whole crop)."""
+    mask = pipe.net.pose_mask
     return None if mask is None else tuple(float(v) for v in mask)
 
 
