@@ -715,7 +715,9 @@ def test_ctrl_c_removes_the_partial_sample_and_keeps_the_previous_one(
     env = {k: v for k, v in os.environ.items() if k != "TSD_ROOT"} | {"OMP_NUM_THREADS": "1"}
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=world, env=env, stdout=stdout, stderr=stderr)
+        # a shell's background job (`make test &`) starts with SIGINT ignored, which the child would inherit
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(cmd, cwd=world, env=env, stdout=stdout, stderr=stderr, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not list(samples.glob(".ctrl_c.partial-*/frames/00002.png")):  # generating: frames are being written
