@@ -278,6 +278,15 @@ def write_video(
     return path
 
 
+def write_side_by_side(path: str | os.PathLike, videos: list[np.ndarray], audio: np.ndarray | None = None,
+                       fps: float = 25.0, sample_rate: int = 16000) -> Path:  # fmt: skip
+    """uint8 ``[N,H,W,3]`` videos side by side in one mp4 (cut to the shortest), with ``audio`` when given."""
+    n = min(len(v) for v in videos)
+    return write_video(
+        path, (np.concatenate([v[k] for v in videos], axis=1) for k in range(n)), fps, audio, sample_rate
+    )
+
+
 def _encode_audio(out, stream, audio: np.ndarray, sample_rate: int, num_samples: int) -> None:
     mono = np.asarray(audio, dtype=np.float32).reshape(-1)[:num_samples]
     mono = np.pad(mono, (0, num_samples - len(mono)))

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from temposyncdiff.data.audio import AudioFeatures
-from temposyncdiff.data.video import write_video
+from temposyncdiff.data.video import write_side_by_side
 from temposyncdiff.diffusion.sampling import window_borders, window_plan
 from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.baselines import BASELINES, BaselineUnavailable
@@ -254,12 +254,6 @@ def evaluate_generation(
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, row_text(gen_row(name, out["baselines"][name])))
     return out
-
-
-def write_side_by_side(path: Path, videos: list[np.ndarray], wave: np.ndarray) -> Path:
-    """uint8 ``[N,H,W,3]`` videos side by side in one mp4 with the clip's audio (truth | own audio | swapped)."""
-    n = min(len(v) for v in videos)
-    return write_video(path, (np.concatenate([v[k] for v in videos], axis=1) for k in range(n)), audio=wave)
 
 
 def truth_lip_shapes(landmarks: LipLandmarks, frames: np.ndarray) -> np.ndarray | None:

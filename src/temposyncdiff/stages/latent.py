@@ -17,7 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.data.video import write_video
+from temposyncdiff.data.clips import clip_mel_windows
+from temposyncdiff.data.video import write_side_by_side
+from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes
@@ -38,15 +40,41 @@ def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
     return torch.cat([vae.from_latent(z) for z in flat.split(chunk)]).clamp(-1, 1).unflatten(0, latents.shape[:-3])
 
 
-def write_sample(path: Path, videos: list[Tensor], row: dict | None, audio: AudioFeatures) -> None:
+def write_comparison(path: Path, videos: list[Tensor], row: dict | None, audio: AudioFeatures) -> None:
     """Side-by-side mp4 of ``[N,3,H,W]`` videos in [0, 1] (the truth first), with the utterance's own audio when its
     file is there."""
-    frames = torch.cat(videos, dim=-1).mul(255).round().clamp(0, 255).byte()
+    frames = [v.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() for v in videos]
     wave = None
     if row is not None and os.path.isfile(row["video_mp4"]):
-        wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(frames) * audio.sample_rate / audio.fps)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, (f.permute(1, 2, 0).numpy() for f in frames), audio.fps, wave, audio.sample_rate)
+        samples = int(round(len(frames[0]) * audio.sample_rate / audio.fps))
+        wave = load_audio(row["video_mp4"], audio.sample_rate, samples)
+    write_side_by_side(path, frames, wave, audio.fps, audio.sample_rate)
+
+
+def frame_latents(utt: dict[str, Any], vae: nn.Module, device: torch.device) -> Tensor:
+    """A held-out utterance's frame latents ``[N,C,h,w]`` on ``device``: the cache's, else encoded by ``vae``."""
+    z = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(device))
+    return z.to(device)
+
+
+def reference_latent(utt: dict[str, Any], vae: nn.Module, device: torch.device) -> Tensor:
+    """A held-out utterance's reference latent ``[C,h,w]`` on ``device``: the cache's, else encoded by ``vae``."""
+    ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(device))[0]
+    return ref.to(device)
+
+
+def own_and_swapped(utt: dict[str, Any], other: dict[str, Any], audio: AudioFeatures, data_visemes: bool,
+                    device: torch.device) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Mel windows ``[2,N,n_mels,W]`` of ``utt``'s own audio and ``other``'s (the audio-swap control), and their
+    viseme labels ``[2,N]`` (``other``'s cut or padded with silence) when ``data_visemes``, else None (the nets'
+    own viseme heads)."""
+    n = len(utt["frames"])
+    mel = torch.stack([clip_mel_windows(audio, utt["mel"], 0, n), clip_mel_windows(audio, other["mel"], 0, n)])
+    if not data_visemes:
+        return mel.to(device), None
+    swap = torch.full((n,), SILENCE, dtype=torch.long)
+    swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
+    return mel.to(device), torch.stack([utt["visemes"], swap]).to(device)
 
 
 def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tuple[int, int]) -> dict[str, float]:

@@ -32,7 +32,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch, collate
 from temposyncdiff.data.clips import clip_mel_windows
-from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.distill import (
     Couplings,
     student_sampler,
@@ -53,10 +52,13 @@ from temposyncdiff.stages.base import weights_digest
 from temposyncdiff.stages.latent import (
     LatentDiffusionStage,
     decode,
+    frame_latents,
     frozen_net,
     held_out_utterances,
     model_stats,
-    write_sample,
+    own_and_swapped,
+    reference_latent,
+    write_comparison,
 )
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.utils.io import atomic_path
@@ -69,8 +71,11 @@ def clip_keys(dataset: Dataset) -> list[str]:
     idx = list(range(len(dataset)))
     while isinstance(dataset, Subset):
         idx, dataset = [dataset.indices[i] for i in idx], dataset.dataset
-    return [f"{dataset.src.ids[u]}@{s}" + ("~m" if dataset.mirrored(i) else "")
-            for i, (u, s) in ((i, dataset.items[i]) for i in idx)]  # fmt: skip
+    keys = []
+    for i in idx:
+        u, start = dataset.items[i]
+        keys.append(f"{dataset.src.ids[u]}@{start}" + ("~m" if dataset.mirrored(i) else ""))
+    return keys
 
 
 def batch_keys(batch: Batch) -> list[str]:
@@ -138,16 +143,10 @@ def compare(
     for i, utt in enumerate(utterances):
         other = utterances[(i + 1) % len(utterances)]
         n = len(utt["frames"])
-        mel = torch.stack([clip_mel_windows(audio, utt["mel"], 0, n), clip_mel_windows(audio, other["mel"], 0, n)]).to(
-            dev
-        )
-        vis_swap = torch.full((n,), SILENCE, dtype=torch.long)
-        vis_swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
-        visemes = torch.stack([utt["visemes"], vis_swap]).to(dev) if eval_visemes == "data" else None
-        latents = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
-        ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
-        ref = ref.to(dev)[None].expand(2, -1, -1, -1)
-        gt, rec = (utt["frames"] + 1) / 2, (decode(vae, latents.to(dev)).cpu() + 1) / 2
+        mel, visemes = own_and_swapped(utt, other, audio, eval_visemes == "data", dev)
+        latents = frame_latents(utt, vae, dev)
+        ref = reference_latent(utt, vae, dev)[None].expand(2, -1, -1, -1)
+        gt, rec = (utt["frames"] + 1) / 2, (decode(vae, latents).cpu() + 1) / 2
         borders = window_borders(window_plan(max(n, window), window, overlap))
         if expert is not None:  # ground truth scored with its own and with the other utterance's audio
             audio_mel = torch.from_numpy(utt["mel"]).T.to(dev)
@@ -182,7 +181,7 @@ def compare(
                 for suffix, frames in (("", video[0]), ("_swap", video[1])):
                     lse[name][suffix].update(*embed_clip(expert, frames.to(dev) * 2 - 1, audio_mel))
         if video_dir is not None and i < sample_videos:
-            write_sample(
+            write_comparison(
                 video_dir / f"{utt['id'].replace('/', '_')}.mp4",
                 [gt, *own.values()],
                 (rows or {}).get(utt["id"]),
@@ -278,6 +277,7 @@ class StudentStage(LatentDiffusionStage):
         self._teacher_eval: dict[str, Tensor] = {}  # the teacher's validation latents (fixed: computed once)
         self.teacher_meta: dict[str, Any] = {}
         self.lip_calibration: dict[str, Any] | None = None  # calibrate_rendered_gain's result, in the export's meta
+        self._calibrated: dict[str, tuple[Tensor, dict[str, Any] | None]] = {}  # weights digest -> lip gain, result
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -484,10 +484,15 @@ class StudentStage(LatentDiffusionStage):
                          for run in runs)  # fmt: skip
 
     def before_export(self) -> None:
-        if self.net.lip_dim:
+        if not self.net.lip_dim:
+            return
+        key = weights_digest(self.net)  # the best and last exports are often the same weights: calibrate them once
+        if key not in self._calibrated:
             dm = getattr(self._trainer, "datamodule", None)
             calibrate_lip_gain(self.net, dm, self.device, "student")
-            self.lip_calibration = self.calibrate_rendered_gain(dm)
+            self._calibrated[key] = self.net.lip_gain.clone(), self.calibrate_rendered_gain(dm)
+        gain, self.lip_calibration = self._calibrated[key]
+        self.net.lip_gain.copy_(gain)
 
     def calibrate_rendered_gain(self, dm: Any) -> dict[str, Any] | None:
         """``lip_render``: scale the lip gain until the val utterances' rendered lips swing as the truth's do."""
@@ -506,12 +511,9 @@ class StudentStage(LatentDiffusionStage):
             n = len(utt["frames"])
             mel = clip_mel_windows(dm.audio, utt["mel"], 0, n)[None].to(dev)
             visemes = utt["visemes"][None].to(dev) if hp.eval_visemes == "data" else None
-            z = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
-            ref = (
-                utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
-            )
-            out = generate(self.net, ref[None].to(dev), mel, visemes, torch.Generator(dev).manual_seed(hp.eval_seed),
-                           sampler, hp.steps, 1.0, self.overlap, pose=z[None].to(dev))  # fmt: skip
+            out = generate(self.net, reference_latent(utt, vae, dev)[None], mel, visemes,
+                           torch.Generator(dev).manual_seed(hp.eval_seed), sampler, hp.steps, 1.0, self.overlap,
+                           pose=frame_latents(utt, vae, dev)[None])  # fmt: skip
             return (decode(vae, out)[0].cpu() + 1) / 2
 
         utts = held_out_utterances(dm.datasets["val"], int(cfg["utterances"]))

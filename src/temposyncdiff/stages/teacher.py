@@ -26,8 +26,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.data.clips import clip_mel_windows
-from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
@@ -36,7 +34,16 @@ from temposyncdiff.metrics.sync import LipSyncError, embed_clip
 from temposyncdiff.metrics.temporal import seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import crop, region_weight
-from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats, write_sample
+from temposyncdiff.stages.latent import (
+    LatentDiffusionStage,
+    frame_latents,
+    frozen_net,
+    held_out_utterances,
+    model_stats,
+    own_and_swapped,
+    reference_latent,
+    write_comparison,
+)
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, set_lip_norm
 from temposyncdiff.utils.weights import load_net
 
@@ -207,22 +214,14 @@ class TeacherStage(LatentDiffusionStage):
             acc.setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
 
         for i, utt in enumerate(utterances):
-            other = utterances[(i + 1) % len(utterances)]
             n = len(utt["frames"])
-            mel_own = clip_mel_windows(audio, utt["mel"], 0, n)
-            mel_swap = clip_mel_windows(audio, other["mel"], 0, n)
-            vis_swap = torch.full((n,), SILENCE, dtype=torch.long)
-            vis_swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
-            visemes = torch.stack([utt["visemes"], vis_swap]).to(dev) if hp.eval_visemes == "data" else None
-            ref = (
-                utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(dev))[0]
-            )
+            other = utterances[(i + 1) % len(utterances)]
+            mel, visemes = own_and_swapped(utt, other, audio, hp.eval_visemes == "data", dev)
+            ref = reference_latent(utt, vae, dev)
             pose = None
             if self.net.pose_mask is not None:  # re-voicing: the utterance's own frames give pose and upper face
-                truth = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(dev))
-                pose = truth.to(dev)[None].expand(2, -1, -1, -1, -1)
-            z = self.generate(ref.to(dev)[None].expand(2, -1, -1, -1), torch.stack([mel_own, mel_swap]).to(dev),
-                              visemes, gen, pose=pose)  # fmt: skip
+                pose = frame_latents(utt, vae, dev)[None].expand(2, -1, -1, -1, -1)
+            z = self.generate(ref[None].expand(2, -1, -1, -1), mel, visemes, gen, pose=pose)
             video = (self.decode(z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
             gt = (utt["frames"] + 1) / 2
             for suffix, v in (("", video[0]), ("_swap", video[1])):
@@ -239,8 +238,8 @@ class TeacherStage(LatentDiffusionStage):
                 for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
                     lse[key].update(*embed_clip(expert, frames.to(dev) * 2 - 1, mel))
             if video_dir is not None and i < hp.sample_videos:
-                write_sample(video_dir / f"{utt['id'].replace('/', '_')}.mp4", [gt, video[0], video[1]],
-                             (rows or {}).get(utt["id"]), audio)  # fmt: skip
+                write_comparison(video_dir / f"{utt['id'].replace('/', '_')}.mp4", [gt, video[0], video[1]],
+                                 (rows or {}).get(utt["id"]), audio)  # fmt: skip
         out = {k: float(np.nanmean(v)) for k, v in acc.items()}
         out["psnr_mouth_gap"] = out["psnr_mouth"] - out["psnr_mouth_swap"]
         for key, metric in lse.items():
