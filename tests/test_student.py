@@ -15,7 +15,7 @@ from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.syncnet import SyncNet
 from temposyncdiff.nets.vae import TinyVAE
-from temposyncdiff.stages.student import generate
+from temposyncdiff.stages.scoring import generate
 from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.conftest import compose_config

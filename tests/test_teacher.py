@@ -60,7 +60,7 @@ def test_teacher_trains_validates_and_exports(data_root, tmp_path):
         "val/psnr",
         "val/ssim",
         "val/psnr_mouth",
-        "val/psnr_mouth_swap",
+        "val/psnr_mouth_swapped",
         "val/psnr_upper_face",
         "val/seam_ratio",
     ):
@@ -75,7 +75,7 @@ def test_teacher_with_a_pose_source_trains_and_validates(data_root, tmp_path):
     net, _ = load_net(ckpt / "teacher_best.pt", "teacher")
     assert net.pose_mask == (0.2, 0.5, 0.8, 1.0)
     header = next(iter((tmp_path / "run" / "csv").rglob("metrics.csv"))).read_text().splitlines()[0]
-    assert "val/psnr_mouth_swap" in header
+    assert "val/psnr_mouth_swapped" in header
 
 
 def test_teacher_step_without_cached_latents(data_root, tmp_path):

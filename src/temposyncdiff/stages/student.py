@@ -6,9 +6,9 @@ expert are plain attributes: not optimised, averaged or checkpointed, and the te
 step on a split the teacher's guided ODE couplings of all its clips are made, or loaded from ``couplings_dir``
 (keyed by the teacher's weights, the settings and the clips). Training regresses the teacher's samples from their
 interpolants at the student's 1/2/4-step timesteps, plus optional identity, temporal and sync terms on the student's
-x0. Validation (``compare``): the student at each of ``val_steps`` and the teacher at ``teacher_eval_steps`` generate
-the same held-out utterances from the same noise; fidelity vs ground truth and vs the VAE reconstruction, region
-PSNR, flicker, seams, LSE with own vs swapped audio, and side-by-side mp4s (truth | teacher | students).
+x0. Validation (``stages.scoring``): the student at each of ``val_steps`` and the teacher at ``teacher_eval_steps``
+generate the same held-out utterances from the same noise, scored as tsd-eval scores them, plus fidelity vs the VAE
+reconstruction and side-by-side mp4s (truth | teacher | students).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch, collate
@@ -40,29 +38,17 @@ from temposyncdiff.diffusion.distill import (
     trajectory_loss,
 )
 from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
-from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
+from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.mouth import LipLandmarks
-from temposyncdiff.metrics.sync import LipSyncError, embed_clip
-from temposyncdiff.metrics.temporal import flicker, seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.regions import RegionBoxes, crop, region_weight
+from temposyncdiff.regions import region_weight
 from temposyncdiff.stages.base import weights_digest
-from temposyncdiff.stages.latent import (
-    LatentDiffusionStage,
-    decode,
-    frame_latents,
-    frozen_net,
-    held_out_utterances,
-    model_stats,
-    own_and_swapped,
-    reference_latent,
-    write_comparison,
-)
+from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
+from temposyncdiff.stages.scoring import decode, frame_latents, generate, reference_latent, score_runs
 from temposyncdiff.utils.io import atomic_path
-from temposyncdiff.utils.timing import time_call
 
 
 def clip_keys(dataset: Dataset) -> list[str]:
@@ -80,145 +66,6 @@ def clip_keys(dataset: Dataset) -> list[str]:
 
 def batch_keys(batch: Batch) -> list[str]:
     return [f"{i}@{int(s)}" for i, s in zip(batch.ids, batch.start)]
-
-
-@torch.no_grad()
-def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator,
-             make_scheduler: Callable, steps: int, guidance_scale: float, overlap: int,
-             pose: Tensor | None = None) -> Tensor:  # fmt: skip
-    """Latents ``[B,N,C,h,w]`` from whole-utterance mel windows with ``net``'s own audio encoder (teacher or student).
-
-    ``visemes`` None: the audio encoder's viseme head (as at inference without a transcript). ``pose``: the pose
-    source latents ``[B,N,C,h,w]``, used by nets built with a ``pose_mask`` (None: the reference).
-    """
-    emb, logits = net.embed_audio(mel_windows)
-    if visemes is None:
-        visemes = logits.argmax(-1)
-    pose = pose if getattr(net, "pose_mask", None) is not None else None
-    return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
-                         tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator, pose)  # fmt: skip
-
-
-def _psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-frame PSNR of ``[N,3,H,W]`` frames in [0, 1]."""
-    return peak_signal_noise_ratio(a, b, data_range=1.0, dim=(1, 2, 3), reduction="none")
-
-
-@torch.no_grad()
-def compare(
-    runs: dict[str, Callable[..., Tensor]],
-    utterances: list[dict[str, Any]],
-    vae: nn.Module,
-    audio: AudioFeatures,
-    regions: RegionBoxes,
-    window: int,
-    overlap: int,
-    expert: nn.Module | None = None,
-    seed: int = 0,
-    eval_visemes: str = "audio",
-    video_dir: Path | None = None,
-    rows: dict[str, dict] | None = None,
-    sample_videos: int = 0,
-    cache: dict[str, Tensor] | None = None,
-    cached: Collection[str] = (),
-) -> dict[str, dict[str, float]]:
-    """Metrics per run; every run generates each utterance with its own and the next one's audio from the same noise.
-
-    ``runs[name](ref_latent [2,C,h,w], mel [2,N,n_mels,W], visemes [2,N] | None, generator, pose=) -> latents``
-    (nets built with a ``pose_mask`` re-voice the utterance: its own frames are the pose source); the first
-    run is the reference that the others are also compared with (``psnr_vs_ref``). With an ``expert``: LSE of each
-    run's own- and swapped-audio videos against the own audio, and ``lse_c_gt[_gap]`` of the ground truth (its
-    gap: the truth scored with its own minus with the other utterance's audio). Latents of runs named in
-    ``cached`` are kept in (and reused from) ``cache``. ``window``/``overlap``: the generation windows (for seams).
-    Videos: truth | each run (own audio), with the audio track.
-    """
-    dev = next(vae.parameters()).device
-    acc: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
-    lse = {name: {k: LipSyncError() for k in ("", "_swap")} for name in [*runs, "truth"]} if expert is not None else {}
-    first = next(iter(runs))
-
-    def add(name: str, key: str, values: Tensor | float) -> None:
-        acc[name].setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
-
-    for i, utt in enumerate(utterances):
-        other = utterances[(i + 1) % len(utterances)]
-        n = len(utt["frames"])
-        mel, visemes = own_and_swapped(utt, other, audio, eval_visemes == "data", dev)
-        latents = frame_latents(utt, vae, dev)
-        ref = reference_latent(utt, vae, dev)[None].expand(2, -1, -1, -1)
-        gt, rec = (utt["frames"] + 1) / 2, (decode(vae, latents).cpu() + 1) / 2
-        borders = window_borders(window_plan(max(n, window), window, overlap))
-        if expert is not None:  # ground truth scored with its own and with the other utterance's audio
-            audio_mel = torch.from_numpy(utt["mel"]).T.to(dev)
-            lse["truth"][""].update(*embed_clip(expert, utt["frames"].to(dev), audio_mel))
-            lse["truth"]["_swap"].update(
-                *embed_clip(expert, utt["frames"].to(dev), torch.from_numpy(other["mel"]).T.to(dev))
-            )
-        own: dict[str, Tensor] = {}
-        for name, fn in runs.items():
-            key = f"{name}/{utt['id']}"
-            z = cache.get(key) if cache is not None and name in cached else None
-            if z is None:
-                pose = latents.to(dev)[None].expand(2, -1, -1, -1, -1)
-                z = fn(ref, mel, visemes, torch.Generator(dev).manual_seed(seed + i), pose=pose)
-                if cache is not None and name in cached:
-                    cache[key] = z
-            video = (decode(vae, z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
-            own[name] = video[0]
-            add(name, "psnr", _psnr(video[0], gt))
-            add(name, "ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
-            add(name, "psnr_rec", _psnr(video[0], rec))
-            add(name, "ssim_rec", structural_similarity_index_measure(video[0], rec, data_range=1.0, reduction="none"))
-            for region, box in regions.parts():
-                add(name, f"psnr_{region}", _psnr(crop(video[0], box), crop(gt, box)))
-            add(name, "psnr_mouth_swap", _psnr(crop(video[1], regions.mouth), crop(gt, regions.mouth)))
-            add(name, "flicker", flicker(video[0] * 2 - 1))
-            add(name, "flicker_gt", flicker(utt["frames"]))
-            add(name, "seam_ratio", seam_ratio(video[0] * 2 - 1, borders))
-            if name != first:
-                add(name, "psnr_vs_ref", _psnr(video[0], own[first]))
-            if expert is not None:
-                for suffix, frames in (("", video[0]), ("_swap", video[1])):
-                    lse[name][suffix].update(*embed_clip(expert, frames.to(dev) * 2 - 1, audio_mel))
-        if video_dir is not None and i < sample_videos:
-            write_comparison(
-                video_dir / f"{utt['id'].replace('/', '_')}.mp4",
-                [gt, *own.values()],
-                (rows or {}).get(utt["id"]),
-                audio,
-            )
-    res = {name: {k: v.compute() for k, v in m.items()} for name, m in lse.items()}
-    out = {}
-    for name, values in acc.items():
-        m = {k: float(np.nanmean(v)) for k, v in values.items()}
-        m["psnr_mouth_gap"] = m["psnr_mouth"] - m["psnr_mouth_swap"]
-        m["flicker_gap"] = m["flicker"] - m["flicker_gt"]
-        for suffix, r in res.get(name, {}).items():
-            m[f"lse_c{suffix}"], m[f"lse_d{suffix}"] = float(r["lse_c"]), float(r["lse_d"])
-        if name in res:
-            truth = {k: float(r["lse_c"]) for k, r in res["truth"].items()}
-            m["lse_c_gap"] = m["lse_c"] - m["lse_c_swap"]
-            m["lse_c_gt"], m["lse_c_gt_gap"] = truth[""], truth[""] - truth["_swap"]
-        out[name] = m
-    return out
-
-
-def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, latent_shape: tuple[int, int, int],
-                 mel_shape: tuple[int, int], frames: int | None = None, repeats: int = 3) -> float:  # fmt: skip
-    """End-to-end milliseconds per frame at batch 1 (audio encoder, every sampler step, VAE decoder; median).
-
-    ``gen`` is ``generate`` with the sampler settings bound (``partial(generate, net, make_scheduler=...)``).
-    """
-    dev = next(net.parameters()).device
-    n = frames or net.window
-    ref, mel = torch.zeros(1, *latent_shape, device=dev), torch.randn(1, n, *mel_shape, device=dev)
-    g = torch.Generator(dev)
-
-    def run() -> Tensor:
-        return decode(vae, gen(ref, mel, None, g.manual_seed(0)))
-
-    with torch.inference_mode():
-        return time_call(run, dev, warmup=1, repeats=repeats)["median_ms"] / n
 
 
 class StudentStage(LatentDiffusionStage):
@@ -469,19 +316,13 @@ class StudentStage(LatentDiffusionStage):
 
     def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path,
                            rows: dict[str, dict]) -> dict[str, float]:  # fmt: skip
-        """The student at ``val_steps`` beside the teacher (``compare``): ``<run>/<metric>``."""
+        """The student at ``val_steps`` beside the teacher (``score_runs``): ``<run>/<metric>``."""
         hp = self.hparams
         teacher = f"teacher{hp.teacher_eval_steps}"
-        metrics = compare(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utterances, self.frozen("vae"), audio,
-                          self.regions, self.net.window, self.overlap, self.frozen("syncnet"), hp.eval_seed,
-                          hp.eval_visemes, video_dir, rows, hp.sample_videos, self._teacher_eval, {teacher})  # fmt: skip
+        metrics = score_runs(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utterances, self.frozen("vae"), audio,
+                             self.score_settings(self.overlap), self.frozen("syncnet"), video_dir, rows,
+                             self._teacher_eval, {teacher})  # fmt: skip
         return {f"{run}/{k}": v for run, m in metrics.items() for k, v in m.items()}
-
-    def val_summary(self, metrics: dict[str, float]) -> str:
-        runs = dict.fromkeys(k.split("/")[0] for k in metrics)
-        keys = ("psnr_mouth", "psnr", "flicker", "lse_c_gap")
-        return "; ".join(f"{run}: " + " ".join(f"{k}={metrics[f'{run}/{k}']:.3f}" for k in keys if f"{run}/{k}" in metrics)
-                         for run in runs)  # fmt: skip
 
     def before_export(self) -> None:
         if not self.net.lip_dim:

@@ -7,44 +7,33 @@
 Lightning checkpoints. Training: random timesteps, condition dropout for classifier-free guidance (audio and
 visemes together), and, with probability ``motion_prob``, the first k frames of a clip given as motion frames
 (so the net learns to continue earlier windows). Validation samples ``val_utterances`` held-out utterances
-with their own and with another utterance's audio (``generate_long``), decodes them and logs PSNR/SSIM, mouth
-and upper-face PSNR, the seam ratio, LSE-C/D when the expert is there, and mp4s (ground truth | own | swapped).
+with their own and with another utterance's audio and scores them as tsd-eval does (``stages.scoring``): region
+PSNR/SSIM, the audio-swap gaps, mouth motion, flicker, seams, LSE-C/D when the expert is there, and mp4s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn import functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
-from temposyncdiff.diffusion.sampling import generate_long, make_sampler, window_borders, window_plan
+from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.metrics.sync import LipSyncError, embed_clip
-from temposyncdiff.metrics.temporal import seam_ratio
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.regions import crop, region_weight
-from temposyncdiff.stages.latent import (
-    LatentDiffusionStage,
-    frame_latents,
-    frozen_net,
-    held_out_utterances,
-    model_stats,
-    own_and_swapped,
-    reference_latent,
-    write_comparison,
-)
+from temposyncdiff.regions import region_weight
+from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, set_lip_norm
+from temposyncdiff.stages.scoring import generate, score_runs
 from temposyncdiff.utils.weights import load_net
 
 
@@ -170,84 +159,18 @@ class TeacherStage(LatentDiffusionStage):
         out["loss"] = sum(weights[k] * v for k, v in out.items() if k in weights)
         return out
 
-    # ---- end-to-end sampling --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        ref_latent: Tensor,
-        mel_windows: Tensor,
-        visemes: Tensor | None,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        pose: Tensor | None = None,
-    ) -> Tensor:
-        """Latents ``[B,N,C,h,w]`` for references ``[B,C,h,w]`` and whole-utterance mel windows ``[B,N,n_mels,W]``.
-
-        ``visemes`` None: the audio encoder's own viseme tokens (as at inference without a transcript).
-        ``pose [B,N,C,h,w]``: the pose source latents, for nets built with a ``pose_mask``.
-        """
-        hp, net = self.hparams, self.net
-        emb, logits = net.embed_audio(mel_windows)
-        if visemes is None:
-            visemes = logits.argmax(-1)
-        return generate_long(
-            net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, hp.overlap, tuple(ref_latent.shape[1:]),
-            lambda: make_sampler(hp.sampler, self.schedule.scheduler.config), steps or hp.steps,
-            hp.guidance_scale if guidance_scale is None else guidance_scale, generator, pose,
-        )  # fmt: skip
-
+    # ---- sampled validation --------------------------------------------------------------------------------------
     def held_out(self) -> list[dict[str, Any]]:
         return held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
 
-    @torch.no_grad()
     def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path | None = None,
                            rows: dict[str, dict] | None = None) -> dict[str, float]:  # fmt: skip
-        """Each utterance with its own and with the next one's audio: quality, region PSNR, seams, LSE, videos."""
-        hp, dev = self.hparams, self.device
-        vae, expert = self.frozen("vae"), self.frozen("syncnet")
-        gen = torch.Generator(device="cpu").manual_seed(hp.eval_seed)
-        acc: dict[str, list[float]] = {}
-        lse = {k: LipSyncError() for k in ("", "_swap", "_gt")} if expert is not None else {}
-
-        def add(key: str, values: Tensor | float) -> None:
-            acc.setdefault(key, []).extend(torch.as_tensor(values).flatten().tolist())
-
-        for i, utt in enumerate(utterances):
-            n = len(utt["frames"])
-            other = utterances[(i + 1) % len(utterances)]
-            mel, visemes = own_and_swapped(utt, other, audio, hp.eval_visemes == "data", dev)
-            ref = reference_latent(utt, vae, dev)
-            pose = None
-            if self.net.pose_mask is not None:  # re-voicing: the utterance's own frames give pose and upper face
-                pose = frame_latents(utt, vae, dev)[None].expand(2, -1, -1, -1, -1)
-            z = self.generate(ref[None].expand(2, -1, -1, -1), mel, visemes, gen, pose=pose)
-            video = (self.decode(z).cpu() + 1) / 2  # [2, N, 3, H, W] in [0, 1]
-            gt = (utt["frames"] + 1) / 2
-            for suffix, v in (("", video[0]), ("_swap", video[1])):
-                add(f"psnr{suffix}", peak_signal_noise_ratio(v, gt, data_range=1.0, dim=(1, 2, 3), reduction="none"))
-                for region, box in self.regions.parts():
-                    add(f"psnr_{region}{suffix}", peak_signal_noise_ratio(crop(v, box), crop(gt, box), data_range=1.0,
-                                                                          dim=(1, 2, 3), reduction="none"))  # fmt: skip
-            add("ssim", structural_similarity_index_measure(video[0], gt, data_range=1.0, reduction="none"))
-            borders = window_borders(window_plan(max(n, self.net.window), self.net.window, hp.overlap))
-            add("seam_ratio", seam_ratio(video[0] * 2 - 1, borders))
-            add("seam_ratio_gt", seam_ratio(utt["frames"], borders))
-            if expert is not None:
-                mel = torch.from_numpy(utt["mel"]).T.to(dev)
-                for key, frames in (("", video[0]), ("_swap", video[1]), ("_gt", gt)):
-                    lse[key].update(*embed_clip(expert, frames.to(dev) * 2 - 1, mel))
-            if video_dir is not None and i < hp.sample_videos:
-                write_comparison(video_dir / f"{utt['id'].replace('/', '_')}.mp4", [gt, video[0], video[1]],
-                                 (rows or {}).get(utt["id"]), audio)  # fmt: skip
-        out = {k: float(np.nanmean(v)) for k, v in acc.items()}
-        out["psnr_mouth_gap"] = out["psnr_mouth"] - out["psnr_mouth_swap"]
-        for key, metric in lse.items():
-            r = metric.compute()
-            out[f"lse_c{key}"], out[f"lse_d{key}"] = float(r["lse_c"]), float(r["lse_d"])
-        if lse:
-            out["lse_c_gap"] = out["lse_c"] - out["lse_c_swap"]
-        return out
+        """Each utterance with its own and with the next one's audio, scored and written as mp4s (``score_runs``)."""
+        hp = self.hparams
+        run = partial(generate, self.net, make_scheduler=partial(make_sampler, hp.sampler, self.schedule.scheduler.config),
+                      steps=hp.steps, guidance_scale=hp.guidance_scale, overlap=hp.overlap)  # fmt: skip
+        return score_runs({"teacher": run}, utterances, self.frozen("vae"), audio, self.score_settings(hp.overlap),
+                          self.frozen("syncnet"), video_dir, rows)["teacher"]  # fmt: skip
 
     def before_export(self) -> None:
         if self.net.lip_dim:
