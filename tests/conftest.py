@@ -8,17 +8,6 @@ import pytest
 
 from temposyncdiff.data.synthetic.corpus import SynthConfig, synthesize_corpus
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def face_regions():
-    """The project's regions as the configs give them (conf/regions/face.yaml, the one place they are written)."""
-    from omegaconf import OmegaConf
-
-    from temposyncdiff.regions import RegionBoxes
-
-    return RegionBoxes(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "regions" / "face.yaml")))
-
 
 @pytest.fixture
 def one_thread():
@@ -51,59 +40,6 @@ def data_root(tmp_path_factory, synth_corpus) -> Path:
     build_manifest(synth_corpus, root / "data" / "manifests", name="synth", viseme_root=visemes,
                    val_ratio=0.34, test_ratio=0.0, seed=0, log=lambda *_: None)  # fmt: skip
     return root
-
-
-def compose_config(config_name: str, overrides: list[str], root: Path, run_dir: Path):
-    """Compose an entry config as Hydra would for a run in ``run_dir`` (so ${hydra:...} resolves), under ``root``."""
-    from temposyncdiff.cli.common import compose_run
-
-    return compose_run(config_name, [f"paths.root_dir={root}", "extras.print_config=false", *overrides], run_dir)
-
-
-def save_tiny_exports(
-    out: Path,
-    kinds: tuple[str, ...] = ("teacher",),
-    pose_mask: tuple[float, float, float, float] | None = None,
-    lip_dim: int = 0,
-    guidance_scale: float = 1.0,
-) -> None:
-    """A tiny random VAE and denoiser exported as the stages export them (32 px): ``vae_pretrained.pt`` and
-    ``<kind>_best.pt`` for each of ``kinds``; ``pose_mask`` builds a re-voicing denoiser, ``lip_dim`` one that draws
-    lip shapes, ``guidance_scale`` the sampling default stored with it."""
-    import torch
-
-    from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
-    from temposyncdiff.nets.denoiser import Denoiser
-    from temposyncdiff.nets.vae import TinyVAE
-    from temposyncdiff.utils.weights import save_weights
-
-    torch.manual_seed(0)
-    vae = TinyVAE(channels=(8,), patch_size=4)
-    net = Denoiser(
-        channels=(16, 16),
-        attention_levels=(),
-        cross_attention_levels=(1,),
-        temporal_levels=(1,),
-        heads=2,
-        cond_dim=32,
-        audio_dim=16,
-        window=4,
-        audio_encoder={"dim": 16, "width": 16},
-        pose_mask=pose_mask,
-        lip_dim=lip_dim,
-    )
-    schedule = dict(NoiseSchedule().scheduler.config)
-    meta = {
-        "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
-        "sampler": "ddim",
-        "steps": 2,
-        "guidance_scale": guidance_scale,
-        "overlap": 1,
-        "image_size": 32,
-    }
-    save_weights(out / "vae_pretrained.pt", "vae", vae, {"image_size": 32})
-    for kind in kinds:
-        save_weights(out / f"{kind}_best.pt", kind, net, meta)
 
 
 INTERIOR = (70, 25, 30)  # dark mouth cavity

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from temposyncdiff.stages.audio import confusion_figure, figure_image
 from temposyncdiff.utils.weights import load_net
-from tests.conftest import compose_config
+from tests.helpers.configs import compose_config
 from tests.test_syncnet_stage import instantiate_stage
 
 TINY = ["experiment=quickstart/audio", "data.batch_size=4", "data.clip_len=12", "data.cache_workers=1",

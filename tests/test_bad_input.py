@@ -40,7 +40,7 @@ from temposyncdiff.data.transcript_visemes import write_viseme_files
 from temposyncdiff.data.video import read_frames, write_video
 from temposyncdiff.metrics.image import lpips_backbone_file
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from tests.conftest import save_tiny_exports
+from tests.helpers.nets import save_tiny_exports
 
 BIN = Path(sys.executable).parent
 MAINS = {

@@ -17,9 +17,10 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
 from temposyncdiff.utils.timing import count_flops
 from temposyncdiff.utils.weights import save_weights
-from tests.conftest import compose_config
-from tests.test_teacher import TINY as TINY_TEACHER
-from tests.test_vae import TINY as TINY_VAE
+from tests.helpers.configs import TINY_TEACHER as TINY_TEACHER
+from tests.helpers.configs import TINY_VAE as TINY_VAE
+from tests.helpers.configs import compose_config
+from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
@@ -137,7 +138,7 @@ def test_gpu_preset_without_cuda_is_a_user_error(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@RunIf(cuda=True)
 def test_gpu_rows_record_peak_memory(tmp_path):
     report = latency(_bench_cfg(tmp_path, "bench=gpu", "bench.runtimes=[eager]", "bench.batch_sizes=[1,8]"))
     assert report["rows"] and all(r["peak_mem_mb"] > 0 for r in report["rows"])
@@ -188,9 +189,9 @@ def test_exports_bring_their_nets_and_sampler_settings(tmp_path):
     assert torch.equal(path.net.stem.weight, teacher.net.stem.weight)
 
 
+@RunIf(modules=("dlib",))
 def test_prepare_memory_rows_and_outputs(tmp_path):
     """task=prepare_memory on two tiny made-up videos: one child process each, peak RSS, outputs."""
-    pytest.importorskip("dlib")
     from temposyncdiff.cli.bench import prepare_memory
 
     cfg = compose_config(

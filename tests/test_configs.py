@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from temposyncdiff.cli.common import compose_run
-from tests.conftest import REPO
+from tests.helpers.configs import REPO
 
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(

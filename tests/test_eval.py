@@ -28,7 +28,9 @@ from temposyncdiff.evaluation.report import write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from tests.conftest import compose_config, face_regions, save_tiny_exports
+from tests.helpers.configs import compose_config, face_regions
+from tests.helpers.nets import save_tiny_exports
+from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -193,9 +195,9 @@ def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
     assert sorted(line.split()[:2] for line in talk_lines) == sorted([t, "teacher@1"] for t in talks)
 
 
+@RunIf(modules=("dlib",))
 def test_truth_lips_need_a_lip_net_and_a_known_mode(exports, data_root, tmp_path):
     """eval.generation.lips=truth: a net without lip shapes is reported unavailable; an unknown mode is an error."""
-    pytest.importorskip("dlib")
     base = ["eval=generation", "split=val", "max_utterances=1", f"vae={exports / 'vae_pretrained.pt'}",
             f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
             "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.baselines=[]",
@@ -303,10 +305,8 @@ def test_known_shift_gives_known_lse_offset(shift):
     assert ls["gap_lse_c"] > 0 and ls["gap_lse_d"] > 0  # another utterance's audio drives the video: worse sync
 
 
+@RunIf(face_models=True)
 def test_face_vs_itself_has_identity_cosine_one():
-    pytest.importorskip("dlib")
-    if identity.default_weights_dir() is None:
-        pytest.skip("face_recognition_models not installed")
     import matplotlib
 
     face = np.asarray(

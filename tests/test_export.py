@@ -20,7 +20,8 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config, save_tiny_exports
+from tests.helpers.configs import compose_config
+from tests.helpers.nets import save_tiny_exports
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 

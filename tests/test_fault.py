@@ -21,9 +21,9 @@ from temposyncdiff.data.datamodule import ResumableLoader
 from temposyncdiff.data.dataset import EpochSampler
 from temposyncdiff.training import train
 from temposyncdiff.utils.io import DiskFullError
-from tests.conftest import REPO, compose_config
+from tests.helpers.configs import REPO, compose_config
+from tests.helpers.configs import TINY_VAE as TINY
 from tests.test_train_security import Trap
-from tests.test_vae import TINY
 
 BIN = Path(sys.executable).parent
 # 24 steps, validation and a checkpoint every 4 (ModelCheckpoint waits for the first val/psnr before it saves);

@@ -80,7 +80,7 @@ def _wav(tmp: Path) -> bytes:
 
 def _mp4(tmp: Path) -> bytes:
     wave = np.random.default_rng(0).normal(0, 0.1, 8000)
-    path = write_video(tmp / "clip.mp4", _frames(), 25.0, wave, 16000, encoder_threads=1)  # the same bytes anywhere
+    path = write_video(tmp / "clip.mp4", _frames(), 25.0, wave, 16000, deterministic=True)  # the same bytes anywhere
     return path.read_bytes()
 
 

@@ -28,6 +28,7 @@ from temposyncdiff.inference.inputs import (
     paste_back,
     prepare_reference,
 )
+from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -137,8 +138,8 @@ def test_bad_image_files(tmp_path):
 # --- faces ------------------------------------------------------------------------------------------------
 
 
+@RunIf(modules=("dlib",))
 def test_dlib_framing_of_a_real_face():
-    pytest.importorskip("dlib")
     from temposyncdiff.data.faces import FaceDetector
 
     ref = prepare_reference(PHOTO, 160, detector="dlib")
@@ -155,15 +156,15 @@ def _no_face(tmp_path: Path) -> Path:
     return _save(tmp_path, Image.fromarray(np.add.outer(ramp[:80] / 2, ramp / 2).astype(np.uint8)), "wall.png")
 
 
+@RunIf(modules=("dlib",))
 def test_no_face_with_dlib_is_a_clear_error(tmp_path):
-    pytest.importorskip("dlib")
     path = _no_face(tmp_path)
     with pytest.raises(InputError, match="no face found in .*wall.png; pass detector=center"):
         prepare_reference(path, 64, detector="dlib")
 
 
+@RunIf(modules=("dlib",))
 def test_no_face_auto_falls_back_to_centre_crop(tmp_path, caplog):
-    pytest.importorskip("dlib")
     with caplog.at_level(logging.WARNING):
         ref = prepare_reference(_no_face(tmp_path), 64)
     assert ref.method == "center" and "no face found" in caplog.text
@@ -192,8 +193,8 @@ def test_tiny_reference_is_refused(tmp_path, size):
     assert prepare_reference(path, 64, detector="center", min_face_px=min(size)).crop.shape == (64, 64, 3)
 
 
+@RunIf(modules=("dlib",))
 def test_two_faces_the_largest_is_used_and_reported(tmp_path, caplog):
-    pytest.importorskip("dlib")
     photo = Image.open(PHOTO)  # 512 x 600
     group = Image.new("RGB", (410, 300), (128, 128, 128))
     group.paste(photo.resize((154, 180)), (0, 60))

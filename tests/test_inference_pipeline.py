@@ -23,7 +23,8 @@ from temposyncdiff.inference.writer import MARKER, write_sample
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.task import EXIT_INTERRUPTED, EXIT_USER_ERROR
-from tests.conftest import compose_config, save_tiny_exports
+from tests.helpers.configs import compose_config
+from tests.helpers.nets import save_tiny_exports
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,11 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config, save_tiny_exports
-from tests.test_student import TINY as STUDENT
-from tests.test_teacher import TINY as TEACHER
+from tests.helpers.configs import TINY_STUDENT as STUDENT
+from tests.helpers.configs import TINY_TEACHER as TEACHER
+from tests.helpers.configs import compose_config
+from tests.helpers.nets import save_tiny_exports
+from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = {"log": lambda *_: None}
@@ -55,10 +57,10 @@ def _fake_lips(cache_dir, seed: int = 0) -> np.ndarray:
     return lips
 
 
+@RunIf(modules=("dlib",))
 def test_add_lips_measures_known_lip_gaps_and_batches_carry_them(tmp_path):
     """A real face (grace_hopper) with the mouth opened by known gaps: the cached inner opening grows with the gap;
     the shapes are reused, read back and batched."""
-    pytest.importorskip("dlib")
     matplotlib = pytest.importorskip("matplotlib")
     from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
     from temposyncdiff.metrics.mouth import LipLandmarks

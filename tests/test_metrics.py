@@ -15,7 +15,8 @@ from temposyncdiff.metrics.identity import IdentitySimilarity, as_uint8_frames
 from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, json_float, lpips_backbone_file, to_unit
 from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error, seam_ratio
 from temposyncdiff.regions import RegionBoxes, crop, region_weight
-from tests.conftest import face_regions
+from tests.helpers.configs import face_regions
+from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -171,9 +172,9 @@ def test_seam_error_smooth_and_edge_cases():
 
 
 @pytest.fixture(scope="module")
+@RunIf(modules=("dlib",))
 def grace():
     """grace_hopper.jpg as a 160 px face-centred crop (the project's cropping), uint8 RGB."""
-    pytest.importorskip("dlib")
     matplotlib = pytest.importorskip("matplotlib")
     from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
 
@@ -183,10 +184,8 @@ def grace():
 
 
 @pytest.fixture(scope="module")
+@RunIf(face_models=True)
 def embedder():
-    pytest.importorskip("dlib")
-    if identity.default_weights_dir() is None:
-        pytest.skip("face_recognition_models not installed")
     return identity.FaceEmbedder()
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from temposyncdiff.evaluation.generation import GenerationScorer
 from temposyncdiff.evaluation.report import GEN_COLUMNS, gen_row
 from temposyncdiff.metrics.mouth import MouthOpening, lip_opening, silent_frames
-from tests.conftest import face_regions
+from tests.helpers.configs import face_regions
 
 
 def shrink(frames: np.ndarray, size: int) -> np.ndarray:

@@ -12,8 +12,8 @@ import pytest
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
 from temposyncdiff.utils.weights import save_weights
-from tests.conftest import REPO, compose_config
-from tests.test_teacher import TINY
+from tests.helpers.configs import REPO, compose_config
+from tests.helpers.configs import TINY_TEACHER as TINY
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

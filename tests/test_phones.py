@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import shutil
 import sys
@@ -18,11 +17,10 @@ from temposyncdiff.data.transcript_visemes import Pronouncer
 from temposyncdiff.data.tts import Espeak
 from temposyncdiff.data.visemes import SILENCE, VISEME_ID, espeak_visemes, expand_segments, frame_visemes
 from temposyncdiff.errors import UserError
-from tests.conftest import compose_config
+from tests.helpers.configs import compose_config
+from tests.helpers.run_if import RunIf
 
-needs_pocketsphinx = pytest.mark.skipif(
-    importlib.util.find_spec("pocketsphinx") is None, reason="pip install pocketsphinx"
-)
+needs_pocketsphinx = RunIf(modules=("pocketsphinx",))
 
 SENTENCE = "Please bring me my blue boat from the market before it rains."
 PAD_S = 0.6  # silence around the speech

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf, open_dict
 
 from temposyncdiff.cli.pipeline import pipeline
 from temposyncdiff.utils.weights import load_net
-from tests.conftest import compose_config
+from tests.helpers.configs import compose_config
 
 
 def _cfg(root, tmp_path, *overrides):

@@ -26,7 +26,7 @@ from temposyncdiff.data.prepare import (
     split_utterances,
 )
 from temposyncdiff.data.video import probe, read_audio_track, read_frames
-from tests.conftest import compose_config
+from tests.helpers.configs import compose_config
 
 pytest.importorskip("dlib")
 

@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from temposyncdiff.training import train
-from tests.conftest import REPO, compose_config
-from tests.test_vae import TINY
+from tests.helpers.configs import REPO, compose_config
+from tests.helpers.configs import TINY_VAE as TINY
 
 BIN = Path(sys.executable).parent
 TRAINERS = sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml"))
@@ -135,15 +135,15 @@ def test_submitit_slurm_launcher_config(tmp_path):
 def _setup_stage(stage: str, data_root: Path, tmp_path: Path) -> list[str]:
     """Tiny overrides for ``stage`` with its inputs (VAE, latents, teacher, expert) made under tmp_path."""
     if stage == "syncnet":
-        from tests.test_syncnet_stage import TINY as tiny
+        from tests.helpers.configs import TINY_SYNCNET as tiny
 
         return [o for o in tiny if not o.startswith("debug=")] + ["data.num_workers=0", "model.lse_vshift=2"]
     if stage == "teacher":
-        from tests.test_teacher import TINY as tiny
-        from tests.test_teacher import _setup
+        from tests.helpers.configs import TINY_TEACHER as tiny
+        from tests.helpers.nets import teacher_run as _setup
     else:
-        from tests.test_student import TINY as tiny
-        from tests.test_student import _setup
+        from tests.helpers.configs import TINY_STUDENT as tiny
+        from tests.helpers.nets import student_run as _setup
     _, ckpt = _setup(data_root, tmp_path, **({"latents": True} if stage == "teacher" else {}))
     return [*tiny, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}", "model.val_utterances=0"]
 

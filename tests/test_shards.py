@@ -16,8 +16,8 @@ from temposyncdiff.data.datamodule import TalkingHeadDataModule
 from temposyncdiff.data.dataset import ClipDataset
 from temposyncdiff.errors import UserError
 from temposyncdiff.training import train
-from tests.conftest import compose_config
-from tests.test_vae import TINY
+from tests.helpers.configs import TINY_VAE as TINY
+from tests.helpers.configs import compose_config
 
 litdata = pytest.importorskip("litdata", reason="pip install -e .[scale]")
 from temposyncdiff.data.shards import (  # noqa: E402

@@ -12,30 +12,19 @@ from omegaconf import OmegaConf
 from temposyncdiff.diffusion.distill import student_sampler, student_timesteps, teacher_couplings, trajectory_loss
 from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.diffusion.schedule import NoiseSchedule
-from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.nets.syncnet import SyncNet
-from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.stages.scoring import generate
 from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config
+from tests.helpers.configs import TINY_STUDENT as TINY
+from tests.helpers.nets import LATENT_CHANNELS as C
+from tests.helpers.nets import WINDOW as T
+from tests.helpers.nets import student_run as _setup
+from tests.helpers.nets import tiny_denoiser as tiny_net
 
-B, T, C, S = 2, 4, 4, 8
-AUDIO = {"n_mels": 80, "window": 16, "dim": 16, "context": 1, "num_visemes": 15, "width": 16}
+B, S = 2, 8
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
-
-
-def tiny_net(channels=(8, 16), seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    net = Denoiser(latent_channels=C, channels=channels, attention_levels=(1,), cross_attention_levels=(1,),
-                   temporal_levels=(0, 1), heads=2, cond_dim=16, audio_dim=16, window=T, audio_encoder=AUDIO)  # fmt: skip
-    with torch.no_grad():  # zero-initialised output layers would hide the conditioning from a fresh net
-        for p in net.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-    return net
 
 
 def inputs(seed: int = 0) -> dict:
@@ -93,35 +82,6 @@ def test_couplings_are_the_teachers_ode_solution_and_the_student_overfits_them()
     assert all(p.grad is None for p in teacher.parameters())
 
 
-TINY = ["experiment=quickstart/student", "data.batch_size=2", "data.num_workers=0", "data.persistent_workers=false",
-        "data.clip_len=4", "data.stride=8", "data.val_max_items=2", "data.cache_workers=1", "~callbacks.rich_progress_bar",
-        "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "model.net.channels=[8,8]", "model.net.cond_dim=16", "model.net.heads=2",
-        "model.net.attention_levels=[1]", "model.net.cross_attention_levels=[1]", "model.net.temporal_levels=[0,1]",
-        "model.net.audio_encoder.dim=16", "model.net.audio_encoder.width=16", "model.net.audio_encoder.context=1",
-        "model.teacher_steps=2", "model.teacher_eval_steps=2", "model.val_steps=[1,2]", "model.val_frames=6",
-        "model.val_utterances=2", "model.sample_videos=1", "model.coupling_batch=32"]  # fmt: skip
-
-
-def _setup(data_root, tmp_path, overrides=()):
-    """A tiny random VAE and teacher exported under tmp_path/ckpt, and the composed student config."""
-    ckpt = tmp_path / "ckpt"
-    torch.manual_seed(0)
-    save_weights(
-        ckpt / "vae_pretrained.pt",
-        "vae",
-        TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
-        {"scale_factor": 1.0},
-    )
-    sch = NoiseSchedule().scheduler.config
-    meta = {"schedule": {k: sch[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                                             "prediction_type", "timestep_spacing")},
-            "sampler": "ddim", "steps": 50, "guidance_scale": 2.0, "overlap": 1}  # fmt: skip
-    save_weights(ckpt / "teacher_best.pt", "teacher", tiny_net((16, 16)), meta)
-    save_weights(ckpt / "syncnet.pt", "syncnet", SyncNet(image_size=64, frames=3, mel_window=12, width=8, dim=16), {})
-    cfg = compose_config("train", [*TINY, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}", *overrides],
-                         data_root, tmp_path / "run")  # fmt: skip
-    return cfg, ckpt
 
 
 def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):

@@ -10,10 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from temposyncdiff.cli.common import compose_run
+from tests.helpers.configs import TINY_STUDENT as STUDENT
+from tests.helpers.configs import TINY_VAE as VAE
+from tests.helpers.nets import student_run as _setup
 from tests.test_cli import BIN
-from tests.test_student import TINY as STUDENT
-from tests.test_student import _setup
-from tests.test_vae import TINY as VAE
 
 
 def tsd_train(args: list[str], root: Path, cwd: Path) -> Path:

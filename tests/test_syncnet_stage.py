@@ -15,10 +15,8 @@ from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.nets.syncnet import SyncNet, load_expert
 from temposyncdiff.stages.syncnet import audio_at, augment_clips, augment_mel, pair_masks
 from temposyncdiff.training import train
-from tests.conftest import compose_config
-
-TINY = ["experiment=quickstart/syncnet", "debug=fdr", "data.batch_size=4", "data.clip_len=12", "data.cache_workers=1",
-        "model.net.width=8", "model.net.dim=16", "model.lse_vshift=3", "~callbacks.rich_progress_bar"]  # fmt: skip
+from tests.helpers.configs import TINY_SYNCNET as TINY
+from tests.helpers.configs import compose_config
 
 
 def instantiate_stage(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:

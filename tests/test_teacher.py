@@ -7,38 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from temposyncdiff.data.cache import add_latents
-from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
-from temposyncdiff.utils.weights import load_net, save_weights
-from tests.conftest import compose_config
+from temposyncdiff.utils.weights import load_net
+from tests.helpers.nets import teacher_run as _setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
-TINY = ["experiment=quickstart/teacher", "data.batch_size=2", "data.num_workers=0", "data.persistent_workers=false",
-        "data.clip_len=4", "data.val_max_items=2", "data.cache_workers=1", "~callbacks.rich_progress_bar",
-        "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "model.net.channels=[8,16]", "model.net.cond_dim=16", "model.net.heads=2",
-        "model.net.attention_levels=[1]", "model.net.cross_attention_levels=[1]", "model.net.temporal_levels=[0,1]",
-        "model.net.audio_encoder.dim=16", "model.net.audio_encoder.width=16", "model.steps=2", "model.overlap=1",
-        "model.val_utterances=2", "model.sample_videos=1", "model.temporal_weight=0.1", "model.identity_weight=0.1",
-        "model.mouth_weight=2.0"]  # fmt: skip
-
-
-def _setup(data_root, tmp_path, latents: bool):
-    ckpt = tmp_path / "ckpt"
-    torch.manual_seed(0)
-    vae = TinyVAE(channels=(8,), latent_channels=4, patch_size=4)
-    save_weights(ckpt / "vae_pretrained.pt", "vae", vae, {"scale_factor": 1.0})
-    cfg = compose_config("train", [*TINY, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}"],
-                         data_root, tmp_path / "run")  # fmt: skip
-    if latents:
-        dm = hydra.utils.instantiate(cfg.data)
-        dm.prepare_data()
-        for split in ("train", "val"):
-            add_latents(dm.cache_path(split), vae.eval().to_latent, log=lambda *_: None)
-    return cfg, ckpt
 
 
 def test_teacher_trains_validates_and_exports(data_root, tmp_path):

@@ -20,8 +20,8 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.training import train
 from temposyncdiff.utils.checkpoints import own_checkpoint
 from temposyncdiff.utils.weights import keep_previous, save_weights
-from tests.conftest import REPO, compose_config
-from tests.test_vae import TINY
+from tests.helpers.configs import REPO, compose_config
+from tests.helpers.configs import TINY_VAE as TINY
 
 BIN = Path(sys.executable).parent
 

@@ -18,11 +18,8 @@ from temposyncdiff.regions import region_weight
 from temposyncdiff.training import train
 from temposyncdiff.utils.io import DiskFullError
 from temposyncdiff.utils.weights import WeightsError, load_net, save_weights
-from tests.conftest import compose_config, face_regions
-
-TINY = ["experiment=quickstart/vae", "data.batch_size=4", "data.num_workers=0", "data.persistent_workers=false",
-        "data.val_max_items=8", "data.cache_workers=1", "~callbacks.rich_progress_bar", "trainer.log_every_n_steps=1",
-        "trainer.num_sanity_val_steps=0", "trainer.deterministic=true", "model.net.channels=[16]", "model.log_images=0"]  # fmt: skip
+from tests.helpers.configs import TINY_VAE as TINY
+from tests.helpers.configs import compose_config, face_regions
 
 
 def _cfg(data_root, tmp_path, *extra):

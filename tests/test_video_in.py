@@ -32,7 +32,8 @@ from temposyncdiff.inference.video_in import (
     source_plan,
     track_video,
 )
-from tests.conftest import compose_config, save_tiny_exports
+from tests.helpers.configs import compose_config
+from tests.helpers.nets import save_tiny_exports
 
 pytest.importorskip("dlib")
 MOUTH = (0.28, 0.6, 0.72, 0.9)  # the own-footage nets' pose_mask
