@@ -47,7 +47,7 @@ def synthetic_retake(clip: Clip, face: ReferenceFace, pipe: TalkingHeadPipeline)
     except (ValueError, UserError) as err:  # not a corpus utterance; no espeak-ng to speak it again
         raise BaselineUnavailable(f"{clip.id}: {err}") from err
     with tempfile.TemporaryDirectory() as tmp:
-        write_video(Path(tmp) / "retake.mp4", frames, FPS, encoder_threads=1)
+        write_video(Path(tmp) / "retake.mp4", frames, FPS, deterministic=True)
         decoded, _ = read_frames(Path(tmp) / "retake.mp4", FPS)
     return resize_frames(decoded, pipe.image_size).transpose(0, 2, 3, 1)
 

@@ -179,7 +179,7 @@ def _utterance(job: tuple[dict, int, int]) -> tuple[str, float, int]:
     mouth = mouth_track(segments, num_frames)
     write_transcript(talk / f"{name}.txt", Transcript(text=" ".join(w for w, _, _ in words), words=words))
     _save_npy(talk / f"{name}.visemes.npy", visemes)
-    write_video(mp4, _render(cfg, identity, mouth, audio, rng), FPS, audio, SAMPLE_RATE, encoder_threads=1)
+    write_video(mp4, _render(cfg, identity, mouth, audio, rng), FPS, audio, SAMPLE_RATE, deterministic=True)
     _save_npy(talk / f"{name}.mouth.npy", mouth)  # written last: it marks a finished utterance
     return str(mp4), time.perf_counter() - start, num_frames
 
