@@ -67,6 +67,7 @@ def test_rows_for_every_component_and_setting_and_outputs(tmp_path):
         assert im.size[0] > 200 and im.size[1] > 200
 
 
+@pytest.mark.slow  # ~40 s: ONNX export and onnxruntime timing rows (test_export checks the graphs)
 def test_onnx_runtime_rows_match_eager_work(tmp_path):
     pytest.importorskip("onnxruntime")
     report = latency(_bench_cfg(tmp_path, "bench.runtimes=[eager,onnx]", "bench.batch_sizes=[1]",

@@ -54,6 +54,7 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow  # ~20 s: three tsd-train processes, one killed
 def test_sigkill_and_resume_equals_uninterrupted_run(data_root):
     logs = data_root / "logs"
     straight = _tsd_train(data_root, logs / "straight" / "runs" / "a", "task_name=straight")

@@ -16,7 +16,6 @@ from temposyncdiff.metrics.image import LPIPS, FidelityMetrics, json_float, lpip
 from temposyncdiff.metrics.temporal import FlickerMetric, flicker, frame_differences, seam_error, seam_ratio
 from temposyncdiff.regions import RegionBoxes, crop, region_weight
 from tests.helpers.configs import face_regions
-from tests.helpers.run_if import RunIf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets on shared CPUs
 
@@ -172,9 +171,9 @@ def test_seam_error_smooth_and_edge_cases():
 
 
 @pytest.fixture(scope="module")
-@RunIf(modules=("dlib",))
 def grace():
     """grace_hopper.jpg as a 160 px face-centred crop (the project's cropping), uint8 RGB."""
+    pytest.importorskip("dlib")
     matplotlib = pytest.importorskip("matplotlib")
     from temposyncdiff.data.faces import FaceDetector, crop_resize, square_crop_box
 
@@ -184,8 +183,10 @@ def grace():
 
 
 @pytest.fixture(scope="module")
-@RunIf(face_models=True)
 def embedder():
+    pytest.importorskip("dlib")
+    if identity.default_weights_dir() is None:
+        pytest.skip("face_recognition_models not installed")
     return identity.FaceEmbedder()
 
 

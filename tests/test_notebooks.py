@@ -17,6 +17,8 @@ from tests.helpers.configs import TINY_TEACHER as TINY
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+
+pytestmark = pytest.mark.slow  # ~9 s per notebook, executed in a kernel
 NOTEBOOKS = REPO / "notebooks"
 
 

@@ -153,6 +153,7 @@ def _train_losses(run: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows]
 
 
+@pytest.mark.slow  # ~20 s per stage: two-process DDP runs beside one-process runs
 @pytest.mark.parametrize("stage", ["syncnet", "teacher", "student"])
 def test_ddp_sim_trains_each_stage_as_one_process_does(stage, data_root, tmp_path):
     """Two processes with half the batch each see, per step, the same clips as one process with the whole batch

@@ -15,6 +15,8 @@ from tests.helpers.configs import TINY_VAE as VAE
 from tests.helpers.nets import student_run as _setup
 from tests.test_cli import BIN
 
+pytestmark = pytest.mark.slow  # Hydra multiruns: a training process per job
+
 
 def tsd_train(args: list[str], root: Path, cwd: Path) -> Path:
     """Run ``tsd-train`` (one thread per job) and return its multirun dir under ``root/logs``."""

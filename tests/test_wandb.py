@@ -17,6 +17,8 @@ from tests.helpers.configs import compose_config
 
 wandb = pytest.importorskip("wandb")
 
+pytestmark = pytest.mark.slow  # a teacher fit with offline W&B
+
 
 def wandb_records(path: Path) -> list:
     """The protobuf records of an offline ``run-*.wandb`` file (LevelDB log: 32 KiB blocks, 7-byte headers)."""
