@@ -37,8 +37,16 @@ def data_root(tmp_path_factory, synth_corpus) -> Path:
     root = tmp_path_factory.mktemp("project")
     visemes = root / "data" / "visemes" / "synth"
     write_viseme_files(synth_corpus, visemes, log=lambda *_: None)
-    build_manifest(synth_corpus, root / "data" / "manifests", name="synth", viseme_root=visemes,
-                   val_ratio=0.34, test_ratio=0.0, seed=0, log=lambda *_: None)  # fmt: skip
+    build_manifest(
+        synth_corpus,
+        root / "data" / "manifests",
+        name="synth",
+        viseme_root=visemes,
+        val_ratio=0.34,
+        test_ratio=0.0,
+        seed=0,
+        log=lambda *_: None,
+    )
     return root
 
 

@@ -33,9 +33,16 @@ def test_training_step_changes_weights(data_root: Path, tmp_path: Path):
 
 def test_validation_logs_confusion_with_csv_logger_and_exports(data_root: Path, tmp_path: Path):
     dm, stage = instantiate_stage(compose_config("train", TINY, data_root, tmp_path / "run"))
-    trainer = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=1,
-                        logger=CSVLogger(tmp_path, name="csv", version=""), enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(stage, datamodule=dm)
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -44,8 +44,11 @@ def test_rows_for_every_component_and_setting_and_outputs(tmp_path):
     for model, steps in (("teacher", [2]), ("student", [1, 2])):
         for dtype in ("fp32", "bf16"):
             for batch in (1, 2):
-                got = {(r["component"], r["steps"]) for r in rows
-                       if (r["model"], r["dtype"], r["batch"], r["threads"]) == (model, dtype, batch, 1)}  # fmt: skip
+                got = {
+                    (r["component"], r["steps"])
+                    for r in rows
+                    if (r["model"], r["dtype"], r["batch"], r["threads"]) == (model, dtype, batch, 1)
+                }
                 want = {(c, None) for c in lat.COMPONENTS[:-1]} | {("end_to_end", n) for n in steps}
                 assert got == want, (model, dtype, batch)
     for r in rows:
@@ -70,8 +73,16 @@ def test_rows_for_every_component_and_setting_and_outputs(tmp_path):
 @pytest.mark.slow  # ~40 s: ONNX export and onnxruntime timing rows (test_export checks the graphs)
 def test_onnx_runtime_rows_match_eager_work(tmp_path):
     pytest.importorskip("onnxruntime")
-    report = latency(_bench_cfg(tmp_path, "bench.runtimes=[eager,onnx]", "bench.batch_sizes=[1]",
-                                "bench.models.teacher.steps=[1]", "bench.components=[denoiser,end_to_end]", "bench.restrict.onnx=null"))  # fmt: skip
+    report = latency(
+        _bench_cfg(
+            tmp_path,
+            "bench.runtimes=[eager,onnx]",
+            "bench.batch_sizes=[1]",
+            "bench.models.teacher.steps=[1]",
+            "bench.components=[denoiser,end_to_end]",
+            "bench.restrict.onnx=null",
+        )
+    )
     rows = {(r["model"], r["runtime"], r["dtype"], r["component"], r["steps"]): r for r in report["rows"]}
     for model in ("teacher", "student"):
         onnx, eager = rows[model, "onnx", "fp32", "end_to_end", 1], rows[model, "eager", "fp32", "end_to_end", 1]
@@ -86,8 +97,15 @@ def test_failing_runtime_is_skipped_with_its_reason(tmp_path, monkeypatch):
         raise RuntimeError("no C++ compiler\nmore")
 
     monkeypatch.setitem(lat.RUNTIMES, "compile", broken)
-    report = latency(_bench_cfg(tmp_path, "bench.runtimes=[eager,compile]", "bench.batch_sizes=[1]",
-                                "bench.dtypes=[fp32]", "bench.components=[decoder]"))  # fmt: skip
+    report = latency(
+        _bench_cfg(
+            tmp_path,
+            "bench.runtimes=[eager,compile]",
+            "bench.batch_sizes=[1]",
+            "bench.dtypes=[fp32]",
+            "bench.components=[decoder]",
+        )
+    )
     assert {(r["model"], r["runtime"]) for r in report["rows"]} == {("teacher", "eager"), ("student", "eager")}
     assert [(s["model"], s["runtime"], s["reason"]) for s in report["skipped"]] == [
         ("teacher", "compile", "RuntimeError: no C++ compiler"),
@@ -149,10 +167,23 @@ def test_callback_benchmarks_the_teacher_after_fit(data_root, tmp_path):
     ckpt = tmp_path / "ckpt"
     torch.manual_seed(0)
     save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4), {})
-    cfg = compose_config("train", [*TINY_TEACHER, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}",
-                                   "callbacks=[default,latency]", "callbacks.latency.steps=[1,2]", "callbacks.latency.repeats=2",
-                                   "callbacks.latency.warmup=0", "trainer.max_steps=1", "+trainer.limit_val_batches=0",
-                                   "export=false"], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_TEACHER,
+            f"paths.checkpoint_dir={ckpt}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "callbacks=[default,latency]",
+            "callbacks.latency.steps=[1,2]",
+            "callbacks.latency.repeats=2",
+            "callbacks.latency.warmup=0",
+            "trainer.max_steps=1",
+            "+trainer.limit_val_batches=0",
+            "export=false",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     train(cfg)
     report = json.loads((tmp_path / "run" / "latency.json").read_text())
     assert report["stage"] == "TeacherStage"
@@ -163,8 +194,19 @@ def test_callback_benchmarks_the_teacher_after_fit(data_root, tmp_path):
 
 
 def test_callback_times_one_net_call_of_other_stages(data_root, tmp_path):
-    cfg = compose_config("train", [*TINY_VAE, "callbacks=[default,latency]", "callbacks.latency.repeats=2", "trainer.max_steps=1",
-                                   "+trainer.limit_val_batches=0", "export=false"], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_VAE,
+            "callbacks=[default,latency]",
+            "callbacks.latency.repeats=2",
+            "trainer.max_steps=1",
+            "+trainer.limit_val_batches=0",
+            "export=false",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     train(cfg)
     (row,) = json.loads((tmp_path / "run" / "latency.json").read_text())["rows"]
     assert row["component"] == "net" and row["batch"] == 4 and row["flops"] > 0 and row["median_ms"] > 0
@@ -181,8 +223,12 @@ def test_exports_bring_their_nets_and_sampler_settings(tmp_path):
     save_weights(tmp_path / "teacher.pt", "teacher", teacher.net, meta)
     save_weights(tmp_path / "student.pt", "student", student.net, meta | {"guidance_scale": 1.0})
     save_weights(tmp_path / "vae.pt", "vae", teacher.vae, {})
-    cfg = _bench_cfg(tmp_path, f"bench.vae.weights={tmp_path / 'vae.pt'}", f"bench.models.teacher.weights={tmp_path / 'teacher.pt'}",
-                     f"bench.models.student.weights={tmp_path / 'student.pt'}")  # fmt: skip
+    cfg = _bench_cfg(
+        tmp_path,
+        f"bench.vae.weights={tmp_path / 'vae.pt'}",
+        f"bench.models.teacher.weights={tmp_path / 'teacher.pt'}",
+        f"bench.models.student.weights={tmp_path / 'student.pt'}",
+    )
     loaded = load_models(cfg.bench, torch.device("cpu"))
     (path, steps, facts), student_path = loaded["teacher"], loaded["student"][0]
     assert (path.sampler, path.guidance_scale, path.calls_per_step, path.overlap, steps) == ("dpmpp", 3.0, 2, 2, [2])

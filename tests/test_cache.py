@@ -35,9 +35,17 @@ def corpus_rows(root: Path) -> list[dict]:
     rows = []
     for mp4 in sorted(root.glob("*/*.mp4")):
         info = probe(mp4)
-        rows.append({"id": f"{mp4.parent.name}/{mp4.stem}", "talk_id": mp4.parent.name, "video_mp4": str(mp4),
-                     "transcript": str(mp4.with_suffix(".txt")), "viseme_npy": str(mp4.with_suffix(".visemes.npy")),
-                     "num_frames": info.num_frames, "fps": info.fps})  # fmt: skip
+        rows.append(
+            {
+                "id": f"{mp4.parent.name}/{mp4.stem}",
+                "talk_id": mp4.parent.name,
+                "video_mp4": str(mp4),
+                "transcript": str(mp4.with_suffix(".txt")),
+                "viseme_npy": str(mp4.with_suffix(".visemes.npy")),
+                "num_frames": info.num_frames,
+                "fps": info.fps,
+            }
+        )
     return rows
 
 
@@ -133,8 +141,10 @@ def test_bad_utterances_are_skipped(corpus: Path, tmp_path: Path) -> None:
     rows = corpus_rows(corpus)[:2]
     bad = corpus / "spk000" / "99999.mp4"
     bad.write_bytes(b"not a video" * 100)
-    rows += [{**rows[0], "id": "spk000/99999", "video_mp4": str(bad)},
-             {**rows[0], "id": "spk000/missing", "video_mp4": str(corpus / "nope.mp4")}]  # fmt: skip
+    rows += [
+        {**rows[0], "id": "spk000/99999", "video_mp4": str(bad)},
+        {**rows[0], "id": "spk000/missing", "video_mp4": str(corpus / "nope.mp4")},
+    ]
     logs = _build(rows, tmp_path / "c")
     r = open_cache(tmp_path / "c")
     assert r.ids == [rows[0]["id"], rows[1]["id"]]
@@ -175,8 +185,12 @@ def test_add_latents(synth_corpus: Path, tmp_path: Path) -> None:
     frames = torch.from_numpy(np.array(r.frames)).float() / 127.5 - 1
     assert r.latents.dtype == np.float16 and r.latents.shape == (len(frames), 3, 8, 8)
     assert np.allclose(r.latents, pool(frames).numpy(), atol=1e-3)
-    assert r.meta["latents"] == {"encoder": encoder_id(pool), "shape": [len(frames), 3, 8, 8], "dtype": "float16",
-                                 "mirror": False}  # fmt: skip
+    assert r.meta["latents"] == {
+        "encoder": encoder_id(pool),
+        "shape": [len(frames), 3, 8, 8],
+        "dtype": "float16",
+        "mirror": False,
+    }
     add_latents(tmp_path / "c", pool, log=logs.append)
     assert "already" in logs[-1]
     conv = torch.nn.Conv2d(3, 4, 8, stride=8)

@@ -35,9 +35,24 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
             hydra.utils.instantiate(entry)
 
 
-@pytest.mark.parametrize("option", ["trainer=cpu", "trainer=gpu", "trainer=ddp", "trainer=ddp_sim", "logger=csv",
-                                    "logger=tensorboard", "logger=wandb", "logger=none", "logger=many", "debug=fdr",
-                                    "debug=overfit", "debug=limit", "callbacks=none"])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "trainer=ddp_sim",
+        "logger=csv",
+        "logger=tensorboard",
+        "logger=wandb",
+        "logger=none",
+        "logger=many",
+        "debug=fdr",
+        "debug=overfit",
+        "debug=limit",
+        "callbacks=none",
+    ],
+)
 def test_groups_compose(option, tmp_path):
     cfg = compose_run(
         "train", ["experiment=quickstart/vae", option, f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]

@@ -46,8 +46,17 @@ def manifests(synth_corpus: Path, tmp_path_factory) -> Path:
 
 
 def _module(manifests: Path, tmp: Path, **kw) -> TalkingHeadDataModule:
-    args = dict(manifest_dir=str(manifests), name="lrs3", cache_dir=str(tmp / "cache"), image_size=32, clip_len=8,
-                stride=8, batch_size=4, seed=3, val_max_items=5)  # fmt: skip
+    args = dict(
+        manifest_dir=str(manifests),
+        name="lrs3",
+        cache_dir=str(tmp / "cache"),
+        image_size=32,
+        clip_len=8,
+        stride=8,
+        batch_size=4,
+        seed=3,
+        val_max_items=5,
+    )
     return TalkingHeadDataModule(**{**args, **kw})
 
 
@@ -240,8 +249,14 @@ class _Probe(L.LightningModule):
 
 def test_lightning_fit_receives_batches(manifests: Path, tmp_path: Path) -> None:
     model = _Probe()
-    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        fast_dev_run=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_module(manifests, tmp_path))
     assert len(model.seen) == 2 and model.seen[0].mel.shape[1:] == (8, 80, 16)
 

@@ -38,8 +38,11 @@ def tiny_net(temporal: str = "attention", **kw) -> Denoiser:
 
 def inputs(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"ref_latent": torch.randn(B, C, S, S, generator=g), "audio_emb": torch.randn(B, T, 8, generator=g),
-            "visemes": torch.randint(0, 15, (B, T), generator=g)}  # fmt: skip
+    return {
+        "ref_latent": torch.randn(B, C, S, S, generator=g),
+        "audio_emb": torch.randn(B, T, 8, generator=g),
+        "visemes": torch.randint(0, 15, (B, T), generator=g),
+    }
 
 
 def test_schedule_agrees_with_diffusers():
@@ -68,8 +71,12 @@ def test_conditioning_changes_output(temporal):
     base = run()
     assert base.shape == (B, T, C, S, S) and torch.isfinite(base).all()
     zero = {k: torch.zeros_like(v) for k, v in cond.items()}
-    for change in ({"audio_emb": zero["audio_emb"]}, {"ref_latent": zero["ref_latent"]}, {"visemes": zero["visemes"]},
-                   {"audio_emb": None, "visemes": None}):  # fmt: skip
+    for change in (
+        {"audio_emb": zero["audio_emb"]},
+        {"ref_latent": zero["ref_latent"]},
+        {"visemes": zero["visemes"]},
+        {"audio_emb": None, "visemes": None},
+    ):
         assert (run(**change) - base).abs().max() > 1e-4, change
     # per-sample condition dropout equals the null condition for those samples only
     x, t = torch.randn(B, T, C, S, S), torch.tensor([10, 900])
@@ -95,8 +102,15 @@ def test_guidance_scale_one_is_no_guidance():
     runs = {}
     for scale in (1.0, 3.0):
         fn = Counting(net)
-        runs[scale] = sample(fn, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, scale,
-                             torch.Generator().manual_seed(0))  # fmt: skip
+        runs[scale] = sample(
+            fn,
+            (B, T, C, S, S),
+            cond,
+            make_sampler("ddim", sch.scheduler.config),
+            5,
+            scale,
+            torch.Generator().manual_seed(0),
+        )
         assert (fn.calls, fn.uncond) == ((5, 0) if scale == 1.0 else (10, 5))
     plain = sample(
         net, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, 1.0, torch.Generator().manual_seed(0)
@@ -106,8 +120,18 @@ def test_guidance_scale_one_is_no_guidance():
     def blind(x, t, **c):  # ignores the audio: guidance changes nothing
         return net(x, t, c["ref_latent"])
 
-    a, b = (sample(blind, (B, T, C, S, S), cond, make_sampler("ddim", sch.scheduler.config), 5, s,
-                   torch.Generator().manual_seed(0)) for s in (1.0, 4.0))  # fmt: skip
+    a, b = (
+        sample(
+            blind,
+            (B, T, C, S, S),
+            cond,
+            make_sampler("ddim", sch.scheduler.config),
+            5,
+            s,
+            torch.Generator().manual_seed(0),
+        )
+        for s in (1.0, 4.0)
+    )
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -116,8 +140,15 @@ def test_sampler_is_deterministic_under_a_seed(kind):
     net, cond, sch = tiny_net(), inputs(), NoiseSchedule()
 
     def run(seed: int) -> torch.Tensor:
-        return sample(net, (B, T, C, S, S), cond, make_sampler(kind, sch.scheduler.config), 4, 2.0,
-                      torch.Generator().manual_seed(seed))  # fmt: skip
+        return sample(
+            net,
+            (B, T, C, S, S),
+            cond,
+            make_sampler(kind, sch.scheduler.config),
+            4,
+            2.0,
+            torch.Generator().manual_seed(seed),
+        )
 
     a, b, c = run(3), run(3), run(4)
     assert torch.equal(a, b) and not torch.allclose(a, c) and torch.isfinite(a).all()
@@ -161,14 +192,34 @@ def test_generate_long_passes_motion_frames():
 
     sch, n, w = NoiseSchedule(prediction_type="sample"), 13, 4
     vis = torch.arange(n)[None].expand(B, -1)  # frame index as the per-frame condition
-    out = generate_long(fake, torch.zeros(B, C, S, S), torch.zeros(B, n, 8), vis, n, w, 1, (C, S, S),
-                        lambda: make_sampler("ddim", sch.scheduler.config), 1)  # fmt: skip
+    out = generate_long(
+        fake,
+        torch.zeros(B, C, S, S),
+        torch.zeros(B, n, 8),
+        vis,
+        n,
+        w,
+        1,
+        (C, S, S),
+        lambda: make_sampler("ddim", sch.scheduler.config),
+        1,
+    )
     assert out.shape == (B, n, C, S, S)
     starts = [int(v[0]) for v, _, _ in calls]
     assert starts == [s for s, _ in window_plan(n, w, 1)] and all(len(v) == w for v, _, _ in calls)
     assert [int(m[0].sum()) for _, _, m in calls] == [k for _, k in window_plan(n, w, 1)]
-    short = generate_long(fake, torch.zeros(B, C, S, S), None, vis[:, :3], 3, w, 1, (C, S, S),
-                          lambda: make_sampler("ddim", sch.scheduler.config), 1)  # fmt: skip
+    short = generate_long(
+        fake,
+        torch.zeros(B, C, S, S),
+        None,
+        vis[:, :3],
+        3,
+        w,
+        1,
+        (C, S, S),
+        lambda: make_sampler("ddim", sch.scheduler.config),
+        1,
+    )
     assert short.shape == (B, 3, C, S, S) and calls[-1][0].tolist() == [0, 1, 2, 2]  # padded with the last frame
 
 

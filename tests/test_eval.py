@@ -52,14 +52,29 @@ def strict_json(path):
 
 
 def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
-    cfg = compose_config("eval", [
-        "split=val", "max_utterances=3", f"vae={exports / 'vae_pretrained.pt'}", f"paths.outputs_dir={tmp_path / 'out'}",
-        f"models.0.checkpoint={exports / 'teacher_best.pt'}", "models.0.steps=[1,2]",
-        f"models.1.checkpoint={tmp_path / 'student_best.pt'}", "models.1.steps=[1]",
-        "eval.denoise.noise_levels=[200,800]", "eval.denoise.max_frames=6", "eval.generation.max_frames=16",
-        f"eval.generation.syncnet={exports / 'syncnet.pt'}", "eval.generation.vshift=3", "eval.generation.identity.stride=8",
-        f"lpips.torch_home={tmp_path / 'torch'}", "threads=1",
-    ], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "eval",
+        [
+            "split=val",
+            "max_utterances=3",
+            f"vae={exports / 'vae_pretrained.pt'}",
+            f"paths.outputs_dir={tmp_path / 'out'}",
+            f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+            "models.0.steps=[1,2]",
+            f"models.1.checkpoint={tmp_path / 'student_best.pt'}",
+            "models.1.steps=[1]",
+            "eval.denoise.noise_levels=[200,800]",
+            "eval.denoise.max_frames=6",
+            "eval.generation.max_frames=16",
+            f"eval.generation.syncnet={exports / 'syncnet.pt'}",
+            "eval.generation.vshift=3",
+            "eval.generation.identity.stride=8",
+            f"lpips.torch_home={tmp_path / 'torch'}",
+            "threads=1",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     evaluate(cfg)
     out = tmp_path / "out"
     report = strict_json(out / "metrics" / "eval_report.json")
@@ -142,13 +157,28 @@ def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
     photo = matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg"
 
     def still_psnr(*extra: str) -> tuple[float, dict]:
-        cfg = compose_config("eval", [
-            "eval=generation", "split=val", "max_utterances=2", f"vae={exports / 'vae_pretrained.pt'}",
-            f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-            "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.pose_source=photo",
-            "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
-            "eval.generation.lip_landmarks.enabled=false", "threads=1", *extra,
-        ], data_root, tmp_path / "run")  # fmt: skip
+        cfg = compose_config(
+            "eval",
+            [
+                "eval=generation",
+                "split=val",
+                "max_utterances=2",
+                f"vae={exports / 'vae_pretrained.pt'}",
+                f"paths.outputs_dir={tmp_path / 'out'}",
+                f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+                "models.0.steps=[1]",
+                "models.1.steps=[]",
+                "eval.generation.max_frames=8",
+                "eval.generation.pose_source=photo",
+                "eval.generation.baselines=[reference_still]",
+                "eval.generation.identity.enabled=false",
+                "eval.generation.lip_landmarks.enabled=false",
+                "threads=1",
+                *extra,
+            ],
+            data_root,
+            tmp_path / "run",
+        )
         gen = evaluate(cfg)["generation"]
         return gen["baselines"]["reference_still"]["fidelity"]["full"]["psnr"], gen
 
@@ -164,13 +194,29 @@ def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
 
 def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
     """eval.generation.per_talk: every run and baseline also scored per talk (person), in the report and a table."""
-    cfg = compose_config("eval", [
-        "eval=generation", "split=train", "max_utterances=4", f"vae={exports / 'vae_pretrained.pt'}",
-        f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-        "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.per_talk=true",
-        "eval.generation.samples=1", "eval.generation.baselines=[reference_still]", "eval.generation.identity.enabled=false",
-        "eval.generation.lip_landmarks.enabled=false", "eval.generation.syncnet=null", "threads=1",
-    ], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "eval",
+        [
+            "eval=generation",
+            "split=train",
+            "max_utterances=4",
+            f"vae={exports / 'vae_pretrained.pt'}",
+            f"paths.outputs_dir={tmp_path / 'out'}",
+            f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+            "models.0.steps=[1]",
+            "models.1.steps=[]",
+            "eval.generation.max_frames=8",
+            "eval.generation.per_talk=true",
+            "eval.generation.samples=1",
+            "eval.generation.baselines=[reference_still]",
+            "eval.generation.identity.enabled=false",
+            "eval.generation.lip_landmarks.enabled=false",
+            "eval.generation.syncnet=null",
+            "threads=1",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     gen = evaluate(cfg)["generation"]
     talks = {u.split("/")[0] for u in (c.id for c in load_clips(cfg.manifest, 4))}
     assert len(talks) == 2
@@ -198,10 +244,21 @@ def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
 @RunIf(modules=("dlib",))
 def test_truth_lips_need_a_lip_net_and_a_known_mode(exports, data_root, tmp_path):
     """eval.generation.lips=truth: a net without lip shapes is reported unavailable; an unknown mode is an error."""
-    base = ["eval=generation", "split=val", "max_utterances=1", f"vae={exports / 'vae_pretrained.pt'}",
-            f"paths.outputs_dir={tmp_path / 'out'}", f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-            "models.0.steps=[1]", "models.1.steps=[]", "eval.generation.max_frames=8", "eval.generation.baselines=[]",
-            "eval.generation.identity.enabled=false", "eval.generation.syncnet=null", "threads=1"]  # fmt: skip
+    base = [
+        "eval=generation",
+        "split=val",
+        "max_utterances=1",
+        f"vae={exports / 'vae_pretrained.pt'}",
+        f"paths.outputs_dir={tmp_path / 'out'}",
+        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+        "models.0.steps=[1]",
+        "models.1.steps=[]",
+        "eval.generation.max_frames=8",
+        "eval.generation.baselines=[]",
+        "eval.generation.identity.enabled=false",
+        "eval.generation.syncnet=null",
+        "threads=1",
+    ]
     gen = evaluate(compose_config("eval", [*base, "eval.generation.lips=truth"], data_root, tmp_path / "run"))
     r = gen["generation"]["results"]["teacher@1"]
     assert gen["generation"]["lips"] == "truth" and r["status"] == "unavailable" and "lip_dim=0" in r["reason"]

@@ -28,8 +28,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on
 
 def tiny_denoiser(seed: int) -> Denoiser:
     torch.manual_seed(seed)
-    net = Denoiser(channels=(16,), attention_levels=(0,), cross_attention_levels=(0,), temporal_levels=(0,), heads=2,
-                   cond_dim=32, audio_dim=16, window=4, audio_encoder={"dim": 16, "width": 16, "context": 1})  # fmt: skip
+    net = Denoiser(
+        channels=(16,),
+        attention_levels=(0,),
+        cross_attention_levels=(0,),
+        temporal_levels=(0,),
+        heads=2,
+        cond_dim=32,
+        audio_dim=16,
+        window=4,
+        audio_encoder={"dim": 16, "width": 16, "context": 1},
+    )
     with torch.no_grad():  # zero-initialised output layers would hide most of the graph from the comparison
         for p in net.parameters():
             if not p.any():
@@ -50,8 +59,14 @@ def exported(tmp_path_factory):
         TinyVAE(channels=(8, 8), patch_size=4, mid_attention=True),
         {"image_size": 32},
     )
-    meta = {"schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
-            "sampler": "ddim", "steps": 2, "guidance_scale": 1.0, "overlap": 1, "image_size": 32}  # fmt: skip
+    meta = {
+        "schedule": {k: schedule[k] for k in SCHEDULE_KEYS},
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance_scale": 1.0,
+        "overlap": 1,
+        "image_size": 32,
+    }
     save_weights(ckpt / "teacher_best.pt", "teacher", tiny_denoiser(0), meta)
     export(compose_config("export", ["stage=teacher"], root, root / "run"))
     return ckpt
@@ -118,8 +133,14 @@ def test_onnx_pipeline_matches_torch(exported, synth_corpus):
     wave = np.random.default_rng(0).normal(0, 0.1, int(0.5 * 16000)).astype(np.float32)
     out = {}
     for runtime in ("torch", "onnx"):  # guidance 2: the unconditional branch runs too
-        pipe = TalkingHeadPipeline.from_checkpoints(exported / "teacher_best.pt", kind="teacher", runtime=runtime, onnx_threads=1,
-                                                    guidance_scale=2.0, detector="center")  # fmt: skip
+        pipe = TalkingHeadPipeline.from_checkpoints(
+            exported / "teacher_best.pt",
+            kind="teacher",
+            runtime=runtime,
+            onnx_threads=1,
+            guidance_scale=2.0,
+            detector="center",
+        )
         out[runtime], _ = pipe.generate(frames[0], wave)
     assert len(out["onnx"]) == len(out["torch"]) == 12
     diff = max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(out["torch"], out["onnx"]))
@@ -160,9 +181,22 @@ def test_tsd_infer_runtime_onnx(exported, synth_corpus, tmp_path):
     from PIL import Image
 
     Image.fromarray(read_frames(mp4)[0][0]).save(ref)
-    cfg = compose_config("infer", [f"ref_image={ref}", f"audio={mp4}", "stage=teacher", f"checkpoint={exported / 'teacher_best.pt'}",
-                                   f"vae={exported / 'vae_pretrained.pt'}", f"onnx_dir={exported / 'onnx' / 'teacher'}",
-                                   "runtime=onnx", "threads=1", "run_name=t"], tmp_path, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "infer",
+        [
+            f"ref_image={ref}",
+            f"audio={mp4}",
+            "stage=teacher",
+            f"checkpoint={exported / 'teacher_best.pt'}",
+            f"vae={exported / 'vae_pretrained.pt'}",
+            f"onnx_dir={exported / 'onnx' / 'teacher'}",
+            "runtime=onnx",
+            "threads=1",
+            "run_name=t",
+        ],
+        tmp_path,
+        tmp_path / "run",
+    )
     report = infer(cfg)
     info = probe(tmp_path / "outputs" / "samples" / "t" / "sample.mp4")
     assert info.video_codec == "h264" and info.num_frames == report["timings"]["frames"] and report["runtime"] == "onnx"

@@ -40,8 +40,13 @@ def _tsd_train(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
 
 def _state(ckpt: Path) -> dict:
     c = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return {"step": c["global_step"], "ema": c["state_dict"], "live": c["current_model_state"],
-            "optimizer": c["optimizer_states"][0]["state"], "scheduler": c["lr_schedulers"]}  # fmt: skip
+    return {
+        "step": c["global_step"],
+        "ema": c["state_dict"],
+        "live": c["current_model_state"],
+        "optimizer": c["optimizer_states"][0]["state"],
+        "scheduler": c["lr_schedulers"],
+    }
 
 
 def _equal(a, b) -> bool:
@@ -135,8 +140,12 @@ class NaNAt(L.Callback):
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(data_root, tmp_path, caplog):
     run = tmp_path / "run"
-    cfg = compose_config("train", [*RUN, "task_name=nan", "+callbacks.nan._target_=tests.test_fault.NaNAt",
-                                   "+callbacks.nan.step=6"], data_root, run)  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [*RUN, "task_name=nan", "+callbacks.nan._target_=tests.test_fault.NaNAt", "+callbacks.nan.step=6"],
+        data_root,
+        run,
+    )
     with pytest.raises(SystemExit) as exit_:
         train(cfg)
     assert exit_.value.code == 2

@@ -320,9 +320,18 @@ def test_tsd_infer_real_photo_and_speech(exports, tmp_path):
 def test_pose_source_drives_every_window_of_a_pose_net(exports):
     """A net built with pose_mask re-voices the given frames window by window; without them it takes the photo."""
     torch.manual_seed(1)
-    net = Denoiser(channels=(16,), attention_levels=(), cross_attention_levels=(), temporal_levels=(), heads=2,
-                   cond_dim=32, audio_dim=16, window=4, audio_encoder={"dim": 16, "width": 16},
-                   pose_mask=(0.25, 0.5, 0.75, 1.0))  # fmt: skip
+    net = Denoiser(
+        channels=(16,),
+        attention_levels=(),
+        cross_attention_levels=(),
+        temporal_levels=(),
+        heads=2,
+        cond_dim=32,
+        audio_dim=16,
+        window=4,
+        audio_encoder={"dim": 16, "width": 16},
+        pose_mask=(0.25, 0.5, 0.75, 1.0),
+    )
     with torch.no_grad():  # zero-initialised output layers would hide the pose input from a fresh net
         for p in net.parameters():
             if not p.any():

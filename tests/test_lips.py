@@ -106,8 +106,18 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
     torch.manual_seed(0)
     vae = TinyVAE(channels=(8,), latent_channels=4, patch_size=4)
     save_weights(ckpt / "vae_pretrained.pt", "vae", vae, {"scale_factor": 1.0})
-    cfg = compose_config("train", [*TEACHER, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}",
-                                   "model.net.lip_dim=3", "model.val_utterances=0"], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TEACHER,
+            f"paths.checkpoint_dir={ckpt}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.net.lip_dim=3",
+            "model.val_utterances=0",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     for split in ("train", "val"):
@@ -126,15 +136,29 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
 def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
     """Val batches of known lip shapes whose 'audio' is the standardised truth (so a fake head can shrink it)."""
     for part, audio in zip(lips.split(2), standard.split(2)):
-        batch = SimpleNamespace(mel=audio, visemes=torch.zeros(len(part), 4, dtype=torch.long), lips=part,
-                                mask=torch.ones(len(part), 4, dtype=torch.bool))  # fmt: skip
+        batch = SimpleNamespace(
+            mel=audio,
+            visemes=torch.zeros(len(part), 4, dtype=torch.long),
+            lips=part,
+            mask=torch.ones(len(part), 4, dtype=torch.bool),
+        )
         batch.to = lambda _device, batch=batch: batch
         yield batch
 
 
 def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
-    net = Denoiser(channels=(8,), attention_levels=(), cross_attention_levels=(), temporal_levels=(), heads=1,
-                   cond_dim=8, audio_dim=4, window=4, lip_dim=3, audio_encoder={"dim": 4, "width": 4})  # fmt: skip
+    net = Denoiser(
+        channels=(8,),
+        attention_levels=(),
+        cross_attention_levels=(),
+        temporal_levels=(),
+        heads=1,
+        cond_dim=8,
+        audio_dim=4,
+        window=4,
+        lip_dim=3,
+        audio_encoder={"dim": 4, "width": 4},
+    )
     net.lip_norm.copy_(torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 1.0]]))
     truth = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
     shrink = torch.tensor([0.5, 1.0, 0.1])  # a head that predicts the truth at 1/2, 1 and 1/10 of its spread
@@ -173,15 +197,34 @@ def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tm
     ckpt = tmp_path / "ckpt"
     torch.manual_seed(0)
     save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4), {})
-    teacher = Denoiser(channels=(16, 16), attention_levels=(1,), cross_attention_levels=(1,), temporal_levels=(0, 1),
-                       heads=2, cond_dim=16, audio_dim=16, window=4, lip_dim=3,
-                       audio_encoder={"dim": 16, "width": 16, "context": 1})  # fmt: skip
+    teacher = Denoiser(
+        channels=(16, 16),
+        attention_levels=(1,),
+        cross_attention_levels=(1,),
+        temporal_levels=(0, 1),
+        heads=2,
+        cond_dim=16,
+        audio_dim=16,
+        window=4,
+        lip_dim=3,
+        audio_encoder={"dim": 16, "width": 16, "context": 1},
+    )
     teacher.lip_norm.copy_(torch.tensor([[0.03, 0.2, 0.8], [0.02, 0.03, 0.04]]))
     sch = NoiseSchedule().scheduler.config
     meta = {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim", "steps": 50, "guidance_scale": 2.0}
     save_weights(ckpt / "teacher_best.pt", "teacher", teacher, meta)
-    cfg = compose_config("train", [*STUDENT, f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}",
-                                   "model.net.lip_dim=3", "model.syncnet_weights=null"], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *STUDENT,
+            f"paths.checkpoint_dir={ckpt}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.net.lip_dim=3",
+            "model.syncnet_weights=null",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("stage")
     model = hydra.utils.instantiate(model_cfg)
@@ -210,8 +253,18 @@ class _BrightnessLips:
 
 
 def test_rendered_gain_picks_the_multiplier_whose_rendered_lips_swing_as_the_truths():
-    net = Denoiser(channels=(8,), attention_levels=(), cross_attention_levels=(), temporal_levels=(), heads=1,
-                   cond_dim=8, audio_dim=4, window=4, lip_dim=3, audio_encoder={"dim": 4, "width": 4})  # fmt: skip
+    net = Denoiser(
+        channels=(8,),
+        attention_levels=(),
+        cross_attention_levels=(),
+        temporal_levels=(),
+        heads=1,
+        cond_dim=8,
+        audio_dim=4,
+        window=4,
+        lip_dim=3,
+        audio_encoder={"dim": 4, "width": 4},
+    )
     net.lip_gain.copy_(torch.tensor([1.0, 2.0, 0.5]))  # the shape-level calibration's result
     wave = torch.sin(torch.arange(40.0) / 3)
     utts = [{"frames": (0.5 * wave * s)[:, None, None, None].expand(-1, 3, 8, 8)} for s in (0.8, 1.0)]

@@ -81,12 +81,16 @@ def test_split_by_utterance_per_talk_holds_out_every_talk(corpus: Path, tmp_path
         for mp4 in sorted((corpus / talk).glob("*.mp4"))[3 - k :]:
             mp4.unlink()
     said: list[str] = []
-    meta = build_manifest(corpus, tmp_path, split_by="utterance_per_talk", val_ratio=0.15, test_ratio=0.15,
-                          log=said.append)  # fmt: skip
+    meta = build_manifest(
+        corpus, tmp_path, split_by="utterance_per_talk", val_ratio=0.15, test_ratio=0.15, log=said.append
+    )
     rows = _rows(tmp_path)
     per_talk = {t: {s: sum(r["talk_id"] == t for r in rows[s]) for s in SPLITS} for t in talks}
-    assert per_talk == {talks[0]: {"train": 1, "val": 1, "test": 1}, talks[1]: {"train": 1, "val": 0, "test": 1},
-                        talks[2]: {"train": 1, "val": 0, "test": 0}}  # fmt: skip
+    assert per_talk == {
+        talks[0]: {"train": 1, "val": 1, "test": 1},
+        talks[1]: {"train": 1, "val": 0, "test": 1},
+        talks[2]: {"train": 1, "val": 0, "test": 0},
+    }
     assert meta["split_by"] == "utterance_per_talk"
     assert any(f"talk {talks[2]} has one utterance" in line for line in said)
     single = _build(corpus, tmp_path / "one", split_by="utterance", val_ratio=0.15, test_ratio=0.15)

@@ -64,15 +64,32 @@ def test_explore_corpus_notebook(tmp_path):
 
 def test_read_a_run_notebook(data_root, tmp_path, one_thread):
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
-    save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
-                 {"scale_factor": 1.0})  # fmt: skip
-    train(compose_config("train", [*TINY, "export=false", f"paths.checkpoint_dir={ckpt}",
-                                   f"data.cache_dir={tmp_path / 'cache'}"], data_root, run))  # fmt: skip
+    save_weights(
+        ckpt / "vae_pretrained.pt",
+        "vae",
+        TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
+        {"scale_factor": 1.0},
+    )
+    train(
+        compose_config(
+            "train",
+            [*TINY, "export=false", f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}"],
+            data_root,
+            run,
+        )
+    )
     gt_lse = {"lse_c": 3.0, "lse_d": 8.0}
-    result = {"status": "ok", "steps": 2, "sampler": "ddim", "lip_sync": {},
-              "fidelity": {r: {"psnr": 20.0, "ssim": 0.5} for r in ("full", "mouth", "upper_face")},
-              "flicker": {"flicker_pred": 0.01, "flicker_gap": 0.0}, "seam": {}, "identity": {},
-              "latency": {"ms_per_frame": {"total": 5.0}, "real_time_factor": 0.1}}  # fmt: skip
+    result = {
+        "status": "ok",
+        "steps": 2,
+        "sampler": "ddim",
+        "lip_sync": {},
+        "fidelity": {r: {"psnr": 20.0, "ssim": 0.5} for r in ("full", "mouth", "upper_face")},
+        "flicker": {"flicker_pred": 0.01, "flicker_gap": 0.0},
+        "seam": {},
+        "identity": {},
+        "latency": {"ms_per_frame": {"total": 5.0}, "real_time_factor": 0.1},
+    }
     report = tmp_path / "out" / "metrics" / "eval_report.json"
     report.parent.mkdir(parents=True)
     report.write_text(

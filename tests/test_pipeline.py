@@ -16,11 +16,26 @@ def _cfg(root, tmp_path, *overrides):
     cfg = compose_config("pipeline", list(overrides), root, tmp_path / "run")
     corpus = root / "data" / "s"
     steps = [
-        {"name": "synth", "cmd": ["tsd-data", "synth", f"out={corpus}", "identities=1", "utterances=2", "image_size=32", "workers=1"],
-         "outputs": [str(corpus / "synth_meta.json")]},
-        {"name": "manifest", "cmd": ["tsd-data", "manifest", f"root={corpus}", "name=s", "val_ratio=0.5", "test_ratio=0", "split_by=utterance"],
-         "inputs": [str(corpus / "synth_meta.json")], "outputs": [str(root / "data" / "manifests" / "s_train.jsonl")]},
-    ]  # fmt: skip
+        {
+            "name": "synth",
+            "cmd": ["tsd-data", "synth", f"out={corpus}", "identities=1", "utterances=2", "image_size=32", "workers=1"],
+            "outputs": [str(corpus / "synth_meta.json")],
+        },
+        {
+            "name": "manifest",
+            "cmd": [
+                "tsd-data",
+                "manifest",
+                f"root={corpus}",
+                "name=s",
+                "val_ratio=0.5",
+                "test_ratio=0",
+                "split_by=utterance",
+            ],
+            "inputs": [str(corpus / "synth_meta.json")],
+            "outputs": [str(root / "data" / "manifests" / "s_train.jsonl")],
+        },
+    ]
     with open_dict(cfg):
         cfg.steps = OmegaConf.create(steps)
     return cfg

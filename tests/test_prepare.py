@@ -50,8 +50,9 @@ def render(t: float, size=(640, 480), x=(80, 280), y=(60, 100), scale=(0.5, 0.6)
     return np.asarray(canvas)
 
 
-def make_video(path: Path, frames: list[np.ndarray], fps: int = 30, pts_ms=None, audio=None, rate=48000,
-               rotation: int = 0) -> Path:  # fmt: skip
+def make_video(
+    path: Path, frames: list[np.ndarray], fps: int = 30, pts_ms=None, audio=None, rate=48000, rotation: int = 0
+) -> Path:
     """Write frames (with ``pts_ms`` for variable frame rate, with a display ``rotation`` as phones record) and an
     optional float ``[C, S]`` audio track."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,20 @@ class ValProbe(L.Callback):
 
 def test_ddp_sim_syncs_metrics_and_exports_once(data_root, tmp_path):
     probe, exports, run = tmp_path / "probe", tmp_path / "checkpoints", tmp_path / "run"
-    cmd = [str(BIN / "tsd-train"), *TINY, "trainer=ddp_sim", "trainer.max_steps=4", "trainer.val_check_interval=4",
-           f"paths.root_dir={data_root}", f"paths.checkpoint_dir={exports}", f"hydra.run.dir={run}",
-           "model.scale_fit_batches=2", "extras.print_config=false",
-           "+callbacks.probe._target_=tests.test_scale.ValProbe", f"+callbacks.probe.out={probe}"]  # fmt: skip
+    cmd = [
+        str(BIN / "tsd-train"),
+        *TINY,
+        "trainer=ddp_sim",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        f"paths.root_dir={data_root}",
+        f"paths.checkpoint_dir={exports}",
+        f"hydra.run.dir={run}",
+        "model.scale_fit_batches=2",
+        "extras.print_config=false",
+        "+callbacks.probe._target_=tests.test_scale.ValProbe",
+        f"+callbacks.probe.out={probe}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=data_root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -74,10 +84,21 @@ def test_every_trainer_takes_bf16_accumulation_and_compile(data_root, tmp_path, 
 
 @pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_bf16_with_accumulation_trains_and_exports(data_root, tmp_path, compile_):
-    cfg = compose_config("train", [*TINY, "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
-                                   "trainer.max_steps=2", "trainer.val_check_interval=4", f"compile={compile_}",
-                                   "model.scale_fit_batches=2", f"paths.checkpoint_dir={tmp_path / 'exports'}"],
-                         data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY,
+            "trainer.precision=bf16-mixed",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=4",
+            f"compile={compile_}",
+            "model.scale_fit_batches=2",
+            f"paths.checkpoint_dir={tmp_path / 'exports'}",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     assert train(cfg) is not None
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and (tmp_path / "exports" / "vae_pretrained.pt").is_file()
@@ -125,8 +146,9 @@ def test_submitit_slurm_launcher_config(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Hydra notes it checks the file against the plugin's schema
-        cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path,
-                             tmp_path / "run")  # fmt: skip
+        cfg = compose_config(
+            "train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path, tmp_path / "run"
+        )
     launcher = hydra.utils.instantiate(cfg.hydra.launcher)
     assert isinstance(launcher, SlurmLauncher)
     assert launcher.params["partition"] == "gpu" and launcher.params["submitit_folder"].endswith(".submitit/%j")
@@ -159,8 +181,15 @@ def test_ddp_sim_trains_each_stage_as_one_process_does(stage, data_root, tmp_pat
     """Two processes with half the batch each see, per step, the same clips as one process with the whole batch
     (one permutation, split by rank), and DDP averages their gradients: the loss curves must agree in shape."""
     steps = 8
-    common = [*_setup_stage(stage, data_root, tmp_path), f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-              "trainer.log_every_n_steps=1", f"paths.root_dir={data_root}", "extras.print_config=false", "export=false"]  # fmt: skip
+    common = [
+        *_setup_stage(stage, data_root, tmp_path),
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.log_every_n_steps=1",
+        f"paths.root_dir={data_root}",
+        "extras.print_config=false",
+        "export=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     curves = {}
     for name, extra in (("one", ["data.batch_size=4"]), ("ddp", ["trainer=ddp_sim", "data.batch_size=2"])):

@@ -22,9 +22,17 @@ def _utterances() -> list[dict]:
     out = []
     for i in range(2):
         frames = torch.rand(N, 3, 32, 32, generator=g) * 2 - 1
-        out.append({"id": f"talk/u{i}", "frames": frames, "mel": torch.randn(4 * N, 80, generator=g).numpy(),
-                    "visemes": torch.zeros(N, dtype=torch.long), "latents": None, "reference": frames[0],
-                    "ref_latent": None})  # fmt: skip
+        out.append(
+            {
+                "id": f"talk/u{i}",
+                "frames": frames,
+                "mel": torch.randn(4 * N, 80, generator=g).numpy(),
+                "visemes": torch.zeros(N, dtype=torch.long),
+                "latents": None,
+                "reference": frames[0],
+                "ref_latent": None,
+            }
+        )
     return out
 
 
@@ -42,8 +50,9 @@ def test_score_runs_gives_the_scorers_numbers(tmp_path):
     vae, utts = tiny_vae().eval(), _utterances()
     settings = ScoreSettings(face_regions(), window=4, overlap=1, sample_videos=1)
     with torch.no_grad():
-        scores = score_runs({"rec": redraw_pose, "still": still}, utts, vae, AudioFeatures(), settings,
-                            video_dir=tmp_path)  # fmt: skip
+        scores = score_runs(
+            {"rec": redraw_pose, "still": still}, utts, vae, AudioFeatures(), settings, video_dir=tmp_path
+        )
         direct = GenerationScorer(face_regions())
         borders = window_borders(window_plan(N, 4, 1))
         for u in utts:

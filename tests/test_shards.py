@@ -35,8 +35,13 @@ FAST = dict(chunk_bytes=60_000, start_method="fork", log=lambda _: None)  # seve
 
 
 def _module(data_root: Path, tmp: Path, **kw) -> TalkingHeadDataModule:
-    args = dict(manifest_dir=str(data_root / "data" / "manifests"), name="synth", cache_dir=str(tmp / "cache"),
-                shard_dir=str(tmp / "shards"), **SETTINGS)  # fmt: skip
+    args = dict(
+        manifest_dir=str(data_root / "data" / "manifests"),
+        name="synth",
+        cache_dir=str(tmp / "cache"),
+        shard_dir=str(tmp / "shards"),
+        **SETTINGS,
+    )
     return TalkingHeadDataModule(**{**args, **kw})
 
 
@@ -147,12 +152,24 @@ def test_resume_mid_epoch(data_root: Path, sharded: Path) -> None:
 
 def test_vae_fits_on_streamed_shards(data_root: Path, tmp_path: Path) -> None:
     data = ["data.clip_len=1", f"data.shard_dir={tmp_path / 'shards'}"]  # TINY's data settings, and where shards go
-    cfg = compose_config("data", ["data_command=shards", *data, "start_method=fork", "workers=1"], data_root,
-                         tmp_path / "shards_run")  # fmt: skip
+    cfg = compose_config(
+        "data", ["data_command=shards", *data, "start_method=fork", "workers=1"], data_root, tmp_path / "shards_run"
+    )
     run(compose_config("data", ["data_command=cache", "data.cache_workers=1", *data], data_root, tmp_path / "cache"))
     assert set(run(cfg)["splits"]) == {"train", "val"}
-    cfg = compose_config("train", [*TINY, *data, "data.format=litdata", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                                   f"paths.checkpoint_dir={tmp_path / 'ckpt'}"], data_root, tmp_path / "run")  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY,
+            *data,
+            "data.format=litdata",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+        data_root,
+        tmp_path / "run",
+    )
     train(cfg)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)  # our own file
     position = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
@@ -171,8 +188,13 @@ def test_errors(data_root: Path, sharded: Path, tmp_path: Path, caplog) -> None:
         return caplog.records[0].getMessage()
 
     assert "no complete cache" in cli(f"data.cache_dir={tmp_path / 'none'}")
-    line = cli(f"data.cache_dir={sharded / 'cache'}", f"out={sharded / 'shards'}", "data.image_size=32",
-               "data.clip_len=4", "data.stride=4")  # fmt: skip
+    line = cli(
+        f"data.cache_dir={sharded / 'cache'}",
+        f"out={sharded / 'shards'}",
+        "data.image_size=32",
+        "data.clip_len=4",
+        "data.stride=4",
+    )
     assert "holds a different shard set" in line and "force=true" in line and "\n" not in line
     dm = _module(data_root, sharded)
     reader, out = open_cache(dm.cache_path("val")), str(tmp_path / "s")

@@ -29,8 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on
 
 def inputs(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"ref_latent": torch.randn(B, C, S, S, generator=g), "audio_emb": torch.randn(B, T, 16, generator=g),
-            "visemes": torch.randint(0, 15, (B, T), generator=g)}  # fmt: skip
+    return {
+        "ref_latent": torch.randn(B, C, S, S, generator=g),
+        "audio_emb": torch.randn(B, T, 16, generator=g),
+        "visemes": torch.randint(0, 15, (B, T), generator=g),
+    }
 
 
 class Counting:
@@ -53,8 +56,17 @@ def test_each_step_count_makes_that_many_net_calls(steps):
     x = sample(net, (B, T, C, S, S), inputs(), student_sampler(cfg), steps, 1.0, torch.Generator().manual_seed(0))
     assert net.calls == steps and torch.isfinite(x).all()
     net.calls = 0  # a whole utterance of one window through the inference path (audio encoder, visemes from it)
-    generate(net, inputs()["ref_latent"], torch.randn(B, T, 80, 16), None, torch.Generator().manual_seed(0),
-             partial(student_sampler, cfg), steps, 1.0, 1)  # fmt: skip
+    generate(
+        net,
+        inputs()["ref_latent"],
+        torch.randn(B, T, 80, 16),
+        None,
+        torch.Generator().manual_seed(0),
+        partial(student_sampler, cfg),
+        steps,
+        1.0,
+        1,
+    )
     assert net.calls == steps
 
 
@@ -80,8 +92,6 @@ def test_couplings_are_the_teachers_ode_solution_and_the_student_overfits_them()
         losses.append(loss.item())
     assert x0_hat.shape == shape and sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert all(p.grad is None for p in teacher.parameters())
-
-
 
 
 def test_teacher_is_frozen_outside_the_student(data_root, tmp_path):
@@ -146,14 +156,26 @@ def test_ablation_writes_the_table(data_root, tmp_path):
     from temposyncdiff.cli.student_ablation import run_ablation
 
     _setup(data_root, tmp_path)
-    overrides = [*TINY[1:], f"paths.root_dir={data_root}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
-                 f"data.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'logs'}",
-                 f"paths.outputs_dir={tmp_path / 'out'}", "extras.print_config=false", "trainer.max_steps=1",
-                 "trainer.val_check_interval=1"]  # fmt: skip
+    overrides = [
+        *TINY[1:],
+        f"paths.root_dir={data_root}",
+        f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.outputs_dir={tmp_path / 'out'}",
+        "extras.print_config=false",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+    ]
     rows = run_ablation(overrides, {"full": [], "no_temporal": ["model.temporal_weight=0"]}, (1, 2), (2, 1))
-    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 2), ("teacher", 1), ("student/full", 1),
-                                                         ("student/full", 2), ("student/no_temporal", 1),
-                                                         ("student/no_temporal", 2)]  # fmt: skip
+    assert [(r["model"], r["steps"]) for r in rows] == [
+        ("teacher", 2),
+        ("teacher", 1),
+        ("student/full", 1),
+        ("student/full", 2),
+        ("student/no_temporal", 1),
+        ("student/no_temporal", 2),
+    ]
     assert rows[3]["temporal"] > 0 and rows[5]["temporal"] == 0 and all(r["ms_per_frame"] > 0 for r in rows)
     assert rows[3]["data"] == 1.0  # the quickstart student's ground-truth term
     table = (tmp_path / "out" / "tables" / "student_ablation.md").read_text()

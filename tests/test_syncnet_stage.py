@@ -90,12 +90,18 @@ def test_training_step_changes_weights(data_root: Path, tmp_path: Path):
 def test_fast_dev_run_and_export(data_root: Path, tmp_path: Path):
     cfg = compose_config(
         "train",
-        [*(o for o in TINY if o != "debug=fdr"), "data.num_workers=0", "trainer.max_steps=1",  # debug runs never export
-         "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", f"paths.checkpoint_dir={tmp_path / 'ck'}",
-         "model.augment={flip:0.5,color:0.4,shuffle:true,translate:0.12,scale:0.12}"],
+        [
+            *(o for o in TINY if o != "debug=fdr"),
+            "data.num_workers=0",
+            "trainer.max_steps=1",  # debug runs never export
+            "trainer.val_check_interval=1",
+            "+trainer.limit_val_batches=1",
+            f"paths.checkpoint_dir={tmp_path / 'ck'}",
+            "model.augment={flip:0.5,color:0.4,shuffle:true,translate:0.12,scale:0.12}",
+        ],
         data_root,
         tmp_path / "run",
-    )  # fmt: skip
+    )
     train(cfg)
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["syncnet.pt"]
     payload = torch.load(tmp_path / "ck" / "syncnet.pt", weights_only=True)

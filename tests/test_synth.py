@@ -73,8 +73,11 @@ def test_same_seed_identical_files(tmp_path):
     assert a["settings"] == b["settings"]
 
     def digest(root):
-        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file() and p.name != synth.META_NAME}  # fmt: skip
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != synth.META_NAME
+        }
 
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     c = synth.synthesize_corpus(synth.SynthConfig(out=str(tmp_path / "c"), **{**cfg, "seed": 4}))
@@ -95,7 +98,9 @@ def test_deterministic_video_has_the_same_bytes_call_after_call(tmp_path):
     digests = set()
     for k in range(8):  # other work between the calls (it changed the bytes before)
         resample(rng.random(20000 + k).astype(np.float32), 22050, 16000)
-        digests.add(hashlib.sha256(write_video(tmp_path / "v.mp4", iter(frames), deterministic=True).read_bytes()).hexdigest())
+        digests.add(
+            hashlib.sha256(write_video(tmp_path / "v.mp4", iter(frames), deterministic=True).read_bytes()).hexdigest()
+        )
     assert len(digests) == 1
 
 

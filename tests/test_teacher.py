@@ -14,8 +14,6 @@ from tests.helpers.nets import teacher_run as _setup
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run on one intra-op thread
 
 
-
-
 def test_teacher_trains_validates_and_exports(data_root, tmp_path):
     cfg, ckpt = _setup(data_root, tmp_path, latents=True)
     train(cfg)

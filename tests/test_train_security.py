@@ -112,8 +112,13 @@ def test_tsd_train_prints_one_line_on_stderr(tmp_path):
     marker = tmp_path / "pwned"
     path, says = _bad_ckpt("trapped_zip", tmp_path, marker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(BIN / "tsd-train"), *TINY, f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-           f"ckpt_path={path}"]  # fmt: skip
+    cmd = [
+        str(BIN / "tsd-train"),
+        *TINY,
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"ckpt_path={path}",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {path}: {says}")
@@ -145,8 +150,13 @@ def test_a_best_model_path_named_by_a_checkpoint_is_never_loaded(data_root, tmp_
     (key,) = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint")]
     # consistent with itself (the trap is inside the folder it names), so it passes the ckpt_path check
     trap, state = str(elsewhere / "best.ckpt"), ckpt["callbacks"][key]
-    state |= {"dirpath": str(elsewhere), "best_model_path": trap, "kth_best_model_path": trap, "last_model_path": "",
-              "best_k_models": {trap: state["best_model_score"]}}  # fmt: skip
+    state |= {
+        "dirpath": str(elsewhere),
+        "best_model_path": trap,
+        "kth_best_model_path": trap,
+        "last_model_path": "",
+        "best_k_models": {trap: state["best_model_score"]},
+    }
     crafted = tmp_path / "crafted.ckpt"
     torch.save(ckpt, crafted)
 
@@ -157,8 +167,16 @@ def test_a_best_model_path_named_by_a_checkpoint_is_never_loaded(data_root, tmp_
 
     # resumed for one more step that validates: the export reads this run's own best checkpoint only
     caplog.clear()
-    run = _run(data_root, tmp_path, "validates", steps, "trainer.max_steps=3", "trainer.val_check_interval=1",
-               "model.scale_fit_batches=1", f"ckpt_path={crafted}")  # fmt: skip
+    run = _run(
+        data_root,
+        tmp_path,
+        "validates",
+        steps,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=1",
+        "model.scale_fit_batches=1",
+        f"ckpt_path={crafted}",
+    )
     meta = torch.load(tmp_path / "exports" / "vae_pretrained.pt", weights_only=True)["meta"]
     assert Path(meta["checkpoint"]).parent == (run / "checkpoints").resolve() and meta["source"] == "best"
     assert not marker.exists()
@@ -168,11 +186,26 @@ def test_a_best_model_path_named_by_a_checkpoint_is_never_loaded(data_root, tmp_
 def test_debug_and_unvalidated_runs_do_not_export(data_root, tmp_path, caplog):
     previous = save_weights(tmp_path / "exports" / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), patch_size=2))
     before = previous.read_bytes()
-    _run(data_root, tmp_path, "unvalidated", "trainer.max_steps=2", "trainer.val_check_interval=50",
-         "trainer.num_sanity_val_steps=1")  # fmt: skip
+    _run(
+        data_root,
+        tmp_path,
+        "unvalidated",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=50",
+        "trainer.num_sanity_val_steps=1",
+    )
     assert "not exporting: no validation ran in this run (val/psnr never logged)" in caplog.text
-    _run(data_root, tmp_path, "debug", "debug=limit", "export=true", "trainer.max_epochs=1", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "trainer.limit_val_batches=1")  # fmt: skip
+    _run(
+        data_root,
+        tmp_path,
+        "debug",
+        "debug=limit",
+        "export=true",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+    )
     assert "not exporting: debug=limit: a debug run never writes checkpoints/" in caplog.text
     assert previous.read_bytes() == before and os.listdir(tmp_path / "exports") == ["vae_pretrained.pt"]
 
@@ -207,8 +240,13 @@ def test_only_files_inside_the_run_folder_are_export_sources(tmp_path, caplog):
     outside.write_bytes(b"x")
     (folder / "best.ckpt").write_bytes(b"x")
     (folder / "link.ckpt").symlink_to(outside)
-    for name, expected in [(folder / "best.ckpt", folder / "best.ckpt"), (folder / "link.ckpt", None),
-                           (f"{folder}/../../outside.ckpt", None), (folder / "gone.ckpt", None), ("", None)]:  # fmt: skip
+    for name, expected in [
+        (folder / "best.ckpt", folder / "best.ckpt"),
+        (folder / "link.ckpt", None),
+        (f"{folder}/../../outside.ckpt", None),
+        (folder / "gone.ckpt", None),
+        ("", None),
+    ]:
         callback = SimpleNamespace(dirpath=str(folder), best_model_path=str(name), last_model_path="")
         assert own_checkpoint(callback, "best") == (expected and expected.resolve()), name
     assert caplog.text.count("not a file inside this run's checkpoint folder") == 3

@@ -104,19 +104,33 @@ def test_train_export_and_resume(data_root, tmp_path):
     assert net.from_latent(net.to_latent(x)).shape == x.shape
 
     # a run that crashes during step 5 resumes with ckpt_path=last from the step-3 checkpoint and ends at step 6
-    overrides = [*TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "task_name=resume", "export=false",
-                 "callbacks.model_checkpoint.every_n_train_steps=3"]  # fmt: skip
+    overrides = [
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "task_name=resume",
+        "export=false",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
     first_dir = data_root / "logs" / "resume" / "runs" / "first"
-    first = compose_config("train", [*overrides, "+callbacks.crash._target_=tests.test_vae.CrashAt", "+callbacks.crash.step=4"],
-                           data_root, first_dir)  # fmt: skip
+    first = compose_config(
+        "train",
+        [*overrides, "+callbacks.crash._target_=tests.test_vae.CrashAt", "+callbacks.crash.step=4"],
+        data_root,
+        first_dir,
+    )
     (first_dir / ".hydra").mkdir()
     OmegaConf.save(first, first_dir / ".hydra" / "config.yaml")  # as Hydra writes it for every run
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(first)
     assert torch.load(first_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     StepLog.seen = []
-    resumed = compose_config("train", [*overrides, "ckpt_path=last", "+callbacks.steps._target_=tests.test_vae.StepLog"],
-                             data_root, tmp_path / "c" / "run")  # fmt: skip
+    resumed = compose_config(
+        "train",
+        [*overrides, "ckpt_path=last", "+callbacks.steps._target_=tests.test_vae.StepLog"],
+        data_root,
+        tmp_path / "c" / "run",
+    )
     train(resumed)
     assert StepLog.seen[0] == 3 and StepLog.seen[-1] == 5
     c = torch.load(tmp_path / "c" / "run" / "checkpoints" / "last.ckpt", weights_only=True)

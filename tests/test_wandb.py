@@ -45,10 +45,18 @@ def test_teacher_fit_logs_to_offline_wandb(data_root, tmp_path, monkeypatch, one
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
-    save_weights(ckpt / "vae_pretrained.pt", "vae", TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
-                 {"scale_factor": 1.0})  # fmt: skip
-    cfg = compose_config("train", [*TINY, "logger=wandb", "export=false", f"paths.checkpoint_dir={ckpt}",
-                                   f"data.cache_dir={tmp_path / 'cache'}"], data_root, run)  # fmt: skip
+    save_weights(
+        ckpt / "vae_pretrained.pt",
+        "vae",
+        TinyVAE(channels=(8,), latent_channels=4, patch_size=4),
+        {"scale_factor": 1.0},
+    )
+    cfg = compose_config(
+        "train",
+        [*TINY, "logger=wandb", "export=false", f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}"],
+        data_root,
+        run,
+    )
     train(cfg)
     wandb.teardown()  # finish() may return before the service has written the offline run's last records
 
@@ -64,8 +72,12 @@ def test_teacher_fit_logs_to_offline_wandb(data_root, tmp_path, monkeypatch, one
     assert (meta.run_group, meta.job_type, list(meta.tags)) == ("quickstart", "teacher", ["quickstart", "teacher"])
     config = {u.key for kind, r in records if kind == "config" for u in r.config.update}
     assert {"model", "data", "trainer", "experiment_name"} <= config
-    history = {i.key or "/".join(i.nested_key): i.value_json for kind, r in records if kind == "history"
-               for i in r.history.item}  # fmt: skip
+    history = {
+        i.key or "/".join(i.nested_key): i.value_json
+        for kind, r in records
+        if kind == "history"
+        for i in r.history.item
+    }
     assert {"train/loss", "val/psnr", "val/psnr_mouth_gap"} <= set(history)
     stem = Path(index[0]["videos"][0]).stem
     assert json.loads(history[f"val/samples/{stem}/videos"])[0]["_type"] == "video-file"

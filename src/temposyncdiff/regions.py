@@ -34,8 +34,9 @@ def crop(x: Tensor, box: Sequence[float]) -> Tensor:
     return x[..., _span(x.shape[-2], box[1], box[3]), _span(x.shape[-1], box[0], box[2])]
 
 
-def region_weight(height: int, width: int, box: Sequence[float], factor: float,
-                  device: torch.device | str = "cpu") -> Tensor | None:  # fmt: skip
+def region_weight(
+    height: int, width: int, box: Sequence[float], factor: float, device: torch.device | str = "cpu"
+) -> Tensor | None:
     """``[height, width]`` map: ``factor`` inside ``box``, 1 elsewhere; None for ``factor == 1`` (no weighting)."""
     if factor == 1.0:
         return None

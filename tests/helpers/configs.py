@@ -26,7 +26,8 @@ TINY_STUDENT = (
     "trainer.log_every_n_steps=1 trainer.num_sanity_val_steps=0 trainer.max_steps=2 trainer.val_check_interval=2 "
     "model.net.channels=[8,8] model.net.audio_encoder.context=1 model.teacher_steps=2 model.teacher_eval_steps=2 "
     "model.val_steps=[1,2] model.val_frames=6 model.val_utterances=2 model.sample_videos=1 model.coupling_batch=32 "
-    + _LOADER + _NET
+    + _LOADER
+    + _NET
 ).split()
 TINY_SYNCNET = (
     "experiment=quickstart/syncnet debug=fdr data.batch_size=4 data.clip_len=12 data.cache_workers=1 "

@@ -21,9 +21,18 @@ def tiny_denoiser(channels=(8, 16), seed: int = 0) -> Denoiser:
     """A window-4 denoiser with its own audio encoder; zero-initialised output layers randomised (a fresh net would
     otherwise hide its conditioning)."""
     torch.manual_seed(seed)
-    net = Denoiser(latent_channels=LATENT_CHANNELS, channels=channels, attention_levels=(1,),
-                   cross_attention_levels=(1,), temporal_levels=(0, 1), heads=2, cond_dim=16, audio_dim=16,
-                   window=WINDOW, audio_encoder=AUDIO)  # fmt: skip
+    net = Denoiser(
+        latent_channels=LATENT_CHANNELS,
+        channels=channels,
+        attention_levels=(1,),
+        cross_attention_levels=(1,),
+        temporal_levels=(0, 1),
+        heads=2,
+        cond_dim=16,
+        audio_dim=16,
+        window=WINDOW,
+        audio_encoder=AUDIO,
+    )
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
@@ -60,8 +69,13 @@ def student_run(data_root: Path, tmp_path: Path, overrides=()):
     ckpt = tmp_path / "ckpt"
     save_weights(ckpt / "vae_pretrained.pt", "vae", tiny_vae(), {"scale_factor": 1.0})
     sch = NoiseSchedule().scheduler.config
-    meta = {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim", "steps": 50, "guidance_scale": 2.0,
-            "overlap": 1}  # fmt: skip
+    meta = {
+        "schedule": {k: sch[k] for k in SCHEDULE_KEYS},
+        "sampler": "ddim",
+        "steps": 50,
+        "guidance_scale": 2.0,
+        "overlap": 1,
+    }
     save_weights(ckpt / "teacher_best.pt", "teacher", tiny_denoiser((16, 16)), meta)
     save_weights(ckpt / "syncnet.pt", "syncnet", SyncNet(image_size=64, frames=3, mel_window=12, width=8, dim=16), {})
     extra = [f"paths.checkpoint_dir={ckpt}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]

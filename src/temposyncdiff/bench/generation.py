@@ -85,9 +85,17 @@ class GenerationPath:
     only the new frames are decoded. ``guidance_scale != 1`` makes two net calls per sampler step.
     """
 
-    def __init__(self, net: Denoiser, vae: TinyVAE, schedule: dict, sampler: str = "ddim",
-                 sampler_kwargs: dict | None = None, guidance_scale: float = 1.0, overlap: int = 2,
-                 latent_size: int = 16) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: Denoiser,
+        vae: TinyVAE,
+        schedule: dict,
+        sampler: str = "ddim",
+        sampler_kwargs: dict | None = None,
+        guidance_scale: float = 1.0,
+        overlap: int = 2,
+        latent_size: int = 16,
+    ) -> None:
         if net.audio is None:
             raise ValueError("the denoiser has no audio encoder")
         if not 0 <= overlap < net.window:
@@ -104,8 +112,12 @@ class GenerationPath:
 
     def params(self) -> dict[str, int]:
         audio = param_count(self.net.audio)
-        out = {"audio_features": 0, "audio_encoder": audio, "denoiser": param_count(self.net) - audio,
-               "decoder": param_count(self.vae.decoder)}  # fmt: skip
+        out = {
+            "audio_features": 0,
+            "audio_encoder": audio,
+            "denoiser": param_count(self.net) - audio,
+            "decoder": param_count(self.vae.decoder),
+        }
         return out | {"end_to_end": sum(out.values())}
 
     def mel_windows(self, wave: Tensor, device: torch.device) -> Tensor:
@@ -141,26 +153,43 @@ class GenerationPath:
         cond = {"ref_latent": latent(batch, c, s, s), **cond, "motion": latent(batch, t, c, s, s), "motion_mask": mask}
         if getattr(self.net, "pose_mask", None) is not None:  # photo in: the pose latents are the reference's, given
             cond["pose"] = latent(batch, t, c, s, s)
-        return {"wave": wave, "mel": mel, "x": latent(batch, t, c, s, s), "t": torch.full((batch,), 500, device=device),
-                "cond": cond, "latents": latent(batch * self.frames, c, s, s), "generator": torch.Generator(device)}  # fmt: skip
+        return {
+            "wave": wave,
+            "mel": mel,
+            "x": latent(batch, t, c, s, s),
+            "t": torch.full((batch,), 500, device=device),
+            "cond": cond,
+            "latents": latent(batch * self.frames, c, s, s),
+            "generator": torch.Generator(device),
+        }
 
     def end_to_end(self, nets: Nets, inp: dict[str, Any], steps: int) -> Tensor:
         """Features, audio encoder, ``steps`` sampler steps and the decoder for one window (new frames out)."""
         device = inp["x"].device
         cond = inp["cond"] | self.conditions(nets, self.mel_windows(inp["wave"], device))
         scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
-        x = sample(nets.denoiser, tuple(inp["x"].shape), cond, scheduler, steps, self.guidance_scale,
-                   inp["generator"].manual_seed(0), device)  # fmt: skip
+        x = sample(
+            nets.denoiser,
+            tuple(inp["x"].shape),
+            cond,
+            scheduler,
+            steps,
+            self.guidance_scale,
+            inp["generator"].manual_seed(0),
+            device,
+        )
         return self.decode(nets, x[:, self.overlap :].flatten(0, 1))
 
     def calls(self, nets: Nets, inp: dict[str, Any], steps: list[int]) -> dict[tuple[str, int | None], Callable]:
         """Zero-argument calls keyed by (component, steps): one denoiser call, or one window end to end."""
         device = inp["x"].device
-        return {("audio_features", None): lambda: self.mel_windows(inp["wave"], device),
-                ("audio_encoder", None): lambda: nets.audio_encoder(inp["mel"]),
-                ("denoiser", None): lambda: nets.denoiser(inp["x"], inp["t"], **inp["cond"]),
-                ("decoder", None): lambda: self.decode(nets, inp["latents"]),
-                **{("end_to_end", n): functools.partial(self.end_to_end, nets, inp, n) for n in steps}}  # fmt: skip
+        return {
+            ("audio_features", None): lambda: self.mel_windows(inp["wave"], device),
+            ("audio_encoder", None): lambda: nets.audio_encoder(inp["mel"]),
+            ("denoiser", None): lambda: nets.denoiser(inp["x"], inp["t"], **inp["cond"]),
+            ("decoder", None): lambda: self.decode(nets, inp["latents"]),
+            **{("end_to_end", n): functools.partial(self.end_to_end, nets, inp, n) for n in steps},
+        }
 
     def flops_per_frame(self, steps: list[int], device: torch.device) -> dict[tuple[str, int | None], float]:
         """FLOPs per new frame of every call (batch 1, eager fp32); end to end is affine in the steps (counted at 1, 2)."""
@@ -209,13 +238,32 @@ def bench_generation(
                     peak = matmul_peak(str(device), setting.dtype, setting.threads, peak_size)
                     gflops = flops[component, n] / ms / 1e6
                     calls_made = {"denoiser": 1, "end_to_end": (n or 0) * path.calls_per_step}.get(component)
-                    rows.append({"model": model, "component": component, "steps": n, "net_calls": calls_made,
-                                 "runtime": setting.runtime, "device": device_name(device), "dtype": setting.dtype,
-                                 "threads": threads, "batch": setting.batch, "frames": setting.batch * path.frames,
-                                 **stats, "ms_per_frame": ms, "fps": 1e3 / ms, "rtf": ms * path.features.fps / 1e3,
-                                 "flops_per_frame": flops[component, n], "gflops": gflops, "peak_gflops": peak,
-                                 "peak_pct": 100 * gflops / peak, "params": params[component],
-                                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})  # fmt: skip
+                    rows.append(
+                        {
+                            "model": model,
+                            "component": component,
+                            "steps": n,
+                            "net_calls": calls_made,
+                            "runtime": setting.runtime,
+                            "device": device_name(device),
+                            "dtype": setting.dtype,
+                            "threads": threads,
+                            "batch": setting.batch,
+                            "frames": setting.batch * path.frames,
+                            **stats,
+                            "ms_per_frame": ms,
+                            "fps": 1e3 / ms,
+                            "rtf": ms * path.features.fps / 1e3,
+                            "flops_per_frame": flops[component, n],
+                            "gflops": gflops,
+                            "peak_gflops": peak,
+                            "peak_pct": 100 * gflops / peak,
+                            "params": params[component],
+                            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20
+                            if device.type == "cuda"
+                            else None,
+                        }
+                    )
                     log(f"{model} {component}{f'@{n}' if n else ''} {setting}: {ms:.3f} ms/frame")
             except Exception as err:
                 if setting.runtime == "eager":

@@ -39,20 +39,47 @@ def summary(rows: list[dict], reference: str) -> list[dict]:
             base[key(r)] = r
     order = {k: i for i, k in enumerate(dict.fromkeys(map(key, e2e)))}
     models = list(dict.fromkeys(r["model"] for r in e2e))
-    out = [{k: r[k] for k in ("model", "steps", "net_calls", "ms_per_frame", "fps", "rtf", "runtime", "dtype", "threads", "batch")}
-           | {"speedup": base[key(r)]["ms_per_frame"] / r["ms_per_frame"] if key(r) in base else None} for r in e2e]  # fmt: skip
+    out = [
+        {
+            k: r[k]
+            for k in (
+                "model",
+                "steps",
+                "net_calls",
+                "ms_per_frame",
+                "fps",
+                "rtf",
+                "runtime",
+                "dtype",
+                "threads",
+                "batch",
+            )
+        }
+        | {"speedup": base[key(r)]["ms_per_frame"] / r["ms_per_frame"] if key(r) in base else None}
+        for r in e2e
+    ]
     return sorted(out, key=lambda r: (order[key(r)], models.index(r["model"]), r["steps"]))
 
 
 def report_markdown(report: dict) -> str:
     m = report["machine"]
-    head = (f"# Latency\n\n{m['device']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load average "
-            f"{' '.join(map(str, m['load_avg']))}. Per frame = per new frame of a steady-state window "
-            f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time).\n\n")  # fmt: skip
-    skipped = "".join(f"- skipped {s['model']} {s['runtime']} {s['dtype']} threads={s['threads']} batch={s['batch']}: "
-                      f"{s['reason']}\n" for s in report["skipped"])  # fmt: skip
-    return (head + f"## End to end (speed-up vs {report['config']['reference']})\n\n" + markdown_table(report["summary"], SUMMARY)
-            + "\n## All rows\n\n" + markdown_table(report["rows"], COLUMNS) + ("\n" + skipped if skipped else ""))  # fmt: skip
+    head = (
+        f"# Latency\n\n{m['device']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load average "
+        f"{' '.join(map(str, m['load_avg']))}. Per frame = per new frame of a steady-state window "
+        f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time).\n\n"
+    )
+    skipped = "".join(
+        f"- skipped {s['model']} {s['runtime']} {s['dtype']} threads={s['threads']} batch={s['batch']}: {s['reason']}\n"
+        for s in report["skipped"]
+    )
+    return (
+        head
+        + f"## End to end (speed-up vs {report['config']['reference']})\n\n"
+        + markdown_table(report["summary"], SUMMARY)
+        + "\n## All rows\n\n"
+        + markdown_table(report["rows"], COLUMNS)
+        + ("\n" + skipped if skipped else "")
+    )
 
 
 def plot(report: dict, path: str | Path) -> None:
@@ -67,11 +94,20 @@ def plot(report: dict, path: str | Path) -> None:
         label = f"{r['model']} ({r['runtime']}, {r['dtype']}, {r['threads']} thr, batch {r['batch']})"
         series.setdefault(label, []).append((r["steps"], r["ms_per_frame"]))
     for label, pts in series.items():
-        ax.plot(*zip(*sorted(pts)), marker="o", ls="-" if label.startswith(report["config"]["reference"]) else "--",
-                label=label)  # fmt: skip
+        ax.plot(
+            *zip(*sorted(pts)),
+            marker="o",
+            ls="-" if label.startswith(report["config"]["reference"]) else "--",
+            label=label,
+        )
     steps = sorted({r["steps"] for r in report["summary"]})
-    ax.set(xscale="log", yscale="log", xlabel="sampler steps", ylabel="ms per frame (end to end)",
-           title=f"generation latency ({report['machine']['device']})")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sampler steps",
+        ylabel="ms per frame (end to end)",
+        title=f"generation latency ({report['machine']['device']})",
+    )
     if steps:
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -73,8 +73,10 @@ class StageEMA(EMAWeightAveraging):
         prefix = f"{self.attribute}."
         averaged = self._average_model.state_dict()
         checkpoint["current_model_state"] = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {**checkpoint["state_dict"],
-                                    **{prefix + k[7:]: v for k, v in averaged.items() if k.startswith("module.")}}  # fmt: skip
+        checkpoint["state_dict"] = {
+            **checkpoint["state_dict"],
+            **{prefix + k[7:]: v for k, v in averaged.items() if k.startswith("module.")},
+        }
         checkpoint["averaging_state"] = {k: v for k, v in averaged.items() if not k.startswith("module.")}
 
     def on_load_checkpoint(

@@ -34,9 +34,17 @@ def _detached(x: Any) -> Any:
 
 
 class LatencyBenchmark(pl.Callback):
-    def __init__(self, steps: list[int] | None = None, dtype: str = "fp32", threads: int | None = None,
-                 warmup: int = 1, repeats: int = 5, budget_s: float | None = 30.0, filename: str = "latency.json",
-                 prefix: str = "latency") -> None:  # fmt: skip
+    def __init__(
+        self,
+        steps: list[int] | None = None,
+        dtype: str = "fp32",
+        threads: int | None = None,
+        warmup: int = 1,
+        repeats: int = 5,
+        budget_s: float | None = 30.0,
+        filename: str = "latency.json",
+        prefix: str = "latency",
+    ) -> None:
         self.steps, self.dtype, self.threads = steps, dtype, threads
         self.warmup, self.repeats, self.budget_s = warmup, repeats, budget_s
         self.filename, self.prefix = filename, prefix
@@ -47,8 +55,10 @@ class LatencyBenchmark(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             net = pl_module.net
-            self._hooks = [m.register_forward_pre_hook(functools.partial(self._capture, name), with_kwargs=True)
-                           for name, m in (("net", net), *net.named_children())]  # fmt: skip
+            self._hooks = [
+                m.register_forward_pre_hook(functools.partial(self._capture, name), with_kwargs=True)
+                for name, m in (("net", net), *net.named_children())
+            ]
 
     def _capture(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._examples.setdefault(name, (module, _detached(args), _detached(kwargs)))
@@ -83,18 +93,39 @@ class LatencyBenchmark(pl.Callback):
 
     def _is_generation(self, pl_module: pl.LightningModule) -> bool:
         frozen = getattr(pl_module, "frozen", None)
-        return (isinstance(pl_module.net, Denoiser) and pl_module.net.audio is not None and callable(frozen)
-                and frozen("vae") is not None and "net" in self._examples)  # fmt: skip
+        return (
+            isinstance(pl_module.net, Denoiser)
+            and pl_module.net.audio is not None
+            and callable(frozen)
+            and frozen("vae") is not None
+            and "net" in self._examples
+        )
 
     def _generation(self, pl_module: pl.LightningModule) -> list[dict]:
         meta = pl_module.export_meta()
         latent_size = self._examples["net"][1][0].shape[-1]  # the denoiser's x_t [B, T, C, h, w] in training
-        path = GenerationPath(pl_module.net, pl_module.frozen("vae"), meta["schedule"], meta.get("sampler", "ddim"),
-                              meta.get("sampler_kwargs"), meta.get("guidance_scale", 1.0), meta.get("overlap", 2),
-                              latent_size)  # fmt: skip
+        path = GenerationPath(
+            pl_module.net,
+            pl_module.frozen("vae"),
+            meta["schedule"],
+            meta.get("sampler", "ddim"),
+            meta.get("sampler_kwargs"),
+            meta.get("guidance_scale", 1.0),
+            meta.get("overlap", 2),
+            latent_size,
+        )
         plan = {Setting("eager", self.dtype, self.threads, 1): list(COMPONENTS)}
-        rows, _ = bench_generation(type(pl_module).__name__, path, list(self.steps or [meta["steps"]]), plan,
-                                   pl_module.device, self.warmup, self.repeats, self.budget_s, log=rank_zero_info)  # fmt: skip
+        rows, _ = bench_generation(
+            type(pl_module).__name__,
+            path,
+            list(self.steps or [meta["steps"]]),
+            plan,
+            pl_module.device,
+            self.warmup,
+            self.repeats,
+            self.budget_s,
+            log=rank_zero_info,
+        )
         return rows
 
     def _calls(self, device: torch.device) -> list[dict]:
@@ -109,6 +140,16 @@ class LatencyBenchmark(pl.Callback):
                 stats = time_call(call, device, self.warmup, self.repeats, self.budget_s)
                 flops = count_flops(call)
             batch = next((len(a) for a in args if isinstance(a, torch.Tensor)), None)
-            rows.append({"component": name, "batch": batch, "dtype": self.dtype, "threads": threads, **stats,
-                         "flops": flops, "gflops": flops / stats["median_ms"] / 1e6, "params": param_count(module)})  # fmt: skip
+            rows.append(
+                {
+                    "component": name,
+                    "batch": batch,
+                    "dtype": self.dtype,
+                    "threads": threads,
+                    **stats,
+                    "flops": flops,
+                    "gflops": flops / stats["median_ms"] / 1e6,
+                    "params": param_count(module),
+                }
+            )
         return rows

@@ -46,18 +46,26 @@ def load_models(bench: DictConfig, device: torch.device) -> dict[str, tuple[Gene
         settings = {k: OmegaConf.to_container(entry[k]) if k == "sampler_kwargs" else entry[k] for k in SAMPLER_KEYS}
         settings |= {k: meta[k] for k in SAMPLER_KEYS if meta.get(k) is not None}
         schedule = meta.get("schedule") or OmegaConf.to_container(bench.schedule)
-        path = GenerationPath(net.to(device), vae.to(device), schedule, **settings,
-                              latent_size=size // vae.downsample)  # fmt: skip
-        facts = {"weights": entry.weights, "vae_weights": bench.vae.weights, "window": net.window,
-                 "params": param_count(net), **settings}  # fmt: skip
+        path = GenerationPath(net.to(device), vae.to(device), schedule, **settings, latent_size=size // vae.downsample)
+        facts = {
+            "weights": entry.weights,
+            "vae_weights": bench.vae.weights,
+            "window": net.window,
+            "params": param_count(net),
+            **settings,
+        }
         out[name] = (path, sorted(entry.steps), facts)
     return out
 
 
 def plan(bench: DictConfig, device: torch.device) -> dict[Setting, list[str]]:
     """Setting -> the components timed in it: the grid's product, narrowed by ``restrict`` (per component/runtime)."""
-    for kind, names, known in (("runtime", bench.runtimes, RUNTIMES), ("component", bench.components, COMPONENTS),
-                               ("dtype", bench.dtypes, DTYPES), ("restrict key", bench.restrict, (*RUNTIMES, *COMPONENTS))):  # fmt: skip
+    for kind, names, known in (
+        ("runtime", bench.runtimes, RUNTIMES),
+        ("component", bench.components, COMPONENTS),
+        ("dtype", bench.dtypes, DTYPES),
+        ("restrict key", bench.restrict, (*RUNTIMES, *COMPONENTS)),
+    ):
         if unknown := [n for n in names if n not in known]:
             raise UserError(f"bench: unknown {kind} {unknown} (known: {', '.join(known)})")
 
@@ -74,8 +82,11 @@ def plan(bench: DictConfig, device: torch.device) -> dict[Setting, list[str]]:
             for n in threads(bench.threads):
                 for batch in bench.batch_sizes:
                     point = {"dtypes": dtype, "threads": n, "batch_sizes": batch}
-                    comps = [c for c in bench.components
-                             if all(allowed(name, k, v) for name in (c, runtime) for k, v in point.items())]  # fmt: skip
+                    comps = [
+                        c
+                        for c in bench.components
+                        if all(allowed(name, k, v) for name in (c, runtime) for k, v in point.items())
+                    ]
                     if comps:
                         out[Setting(runtime, dtype, n, batch)] = comps
     return out
@@ -91,11 +102,27 @@ def latency(cfg: DictConfig) -> dict:
     machine = machine_info(device)
     rows, skipped, models = [], [], {}
     for name, (path, steps, facts) in load_models(bench, device).items():
-        r, s = bench_generation(name, path, steps, settings, device, bench.warmup, bench.repeats, bench.budget_s,
-                                bench.peak_matmul_size, log.info)  # fmt: skip
+        r, s = bench_generation(
+            name,
+            path,
+            steps,
+            settings,
+            device,
+            bench.warmup,
+            bench.repeats,
+            bench.budget_s,
+            bench.peak_matmul_size,
+            log.info,
+        )
         rows, skipped, models[name] = rows + r, skipped + s, facts
-    report = {"machine": machine, "config": OmegaConf.to_container(bench, resolve=True), "models": models,
-              "rows": rows, "skipped": skipped, "summary": summary(rows, bench.reference)}  # fmt: skip
+    report = {
+        "machine": machine,
+        "config": OmegaConf.to_container(bench, resolve=True),
+        "models": models,
+        "rows": rows,
+        "skipped": skipped,
+        "summary": summary(rows, bench.reference),
+    }
     write_json(cfg.out_json, report)
     write_text(cfg.out_table, report_markdown(report))
     plot(report, cfg.out_plot)
@@ -115,8 +142,14 @@ def data(cfg: DictConfig) -> dict:
 
     b = cfg.data_bench
     torch.set_num_threads(1)  # as in a DataLoader worker
-    result = benchmark_loading(read_manifest(b.manifest), b.cache_dir, image_size=b.image_size, clip_len=b.clip_len,
-                               max_items=b.max_items, log=log.info)  # fmt: skip
+    result = benchmark_loading(
+        read_manifest(b.manifest),
+        b.cache_dir,
+        image_size=b.image_size,
+        clip_len=b.clip_len,
+        max_items=b.max_items,
+        log=log.info,
+    )
     write_json(b.out_json, result)
     return result
 

@@ -24,10 +24,18 @@ def manifest(cfg: DictConfig) -> dict:
     from temposyncdiff.data.manifest import build_manifest
 
     return build_manifest(
-        cfg.root, cfg.out_dir, name=cfg.name, layout=cfg.layout, viseme_root=cfg.viseme_root,
-        val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio, seed=cfg.seed, split_by=cfg.split_by,
-        workers=cfg.workers, log=log.info,
-    )  # fmt: skip
+        cfg.root,
+        cfg.out_dir,
+        name=cfg.name,
+        layout=cfg.layout,
+        viseme_root=cfg.viseme_root,
+        val_ratio=cfg.val_ratio,
+        test_ratio=cfg.test_ratio,
+        seed=cfg.seed,
+        split_by=cfg.split_by,
+        workers=cfg.workers,
+        log=log.info,
+    )
 
 
 def prepare(cfg: DictConfig) -> dict:
@@ -81,13 +89,23 @@ def cache(cfg: DictConfig) -> dict:
         encoder = f"vae:{meta.get('sha256', cfg.vae)}"
         for split in splits:
             mirror = split == "train" and datamodule.hparams.mirror > 0  # data.mirror: training items mirrored
-            add_latents(datamodule.cache_path(split), vae.to_latent, cfg.latent_batch_size, encoder=encoder,
-                        log=log.info, mirror=mirror)  # fmt: skip
+            add_latents(
+                datamodule.cache_path(split),
+                vae.to_latent,
+                cfg.latent_batch_size,
+                encoder=encoder,
+                log=log.info,
+                mirror=mirror,
+            )
     if cfg.lips:
         for split in splits:
             add_lips(datamodule.cache_path(split), log=log.info)
-    return {"splits": splits, "cache_dir": str(datamodule.hparams.cache_dir), "latents": bool(cfg.vae),
-            "lips": bool(cfg.lips)}  # fmt: skip
+    return {
+        "splits": splits,
+        "cache_dir": str(datamodule.hparams.cache_dir),
+        "latents": bool(cfg.vae),
+        "lips": bool(cfg.lips),
+    }
 
 
 def shards(cfg: DictConfig) -> dict:
@@ -108,8 +126,17 @@ def shards(cfg: DictConfig) -> dict:
         except DataConfigError:
             continue  # no or empty manifest: nothing to shard
         reader = open_cache(datamodule.cache_path(split), cache_key(rows, hp.image_size, datamodule.audio, hp.fps))
-        meta = write_shards(reader, datamodule.shard_path(split), hp.clip_len, hp.stride, chunk_bytes=cfg.chunk_bytes,
-                            workers=cfg.workers, force=cfg.force, start_method=cfg.start_method, log=log.info)  # fmt: skip
+        meta = write_shards(
+            reader,
+            datamodule.shard_path(split),
+            hp.clip_len,
+            hp.stride,
+            chunk_bytes=cfg.chunk_bytes,
+            workers=cfg.workers,
+            force=cfg.force,
+            start_method=cfg.start_method,
+            log=log.info,
+        )
         written[split] = {"path": datamodule.shard_path(split), "clips": meta["num_items"], "digest": meta["digest"]}
     if not written:
         raise ShardError(f"{hp.manifest_dir}: no manifest of data.name={hp.name} to shard (run tsd-data manifest)")

@@ -23,8 +23,9 @@ def export(cfg: DictConfig) -> dict:
     for name in ("onnx_ir", "onnxscript"):  # hundreds of INFO lines per graph (passes, deduplicated initialisers)
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="# The axis name")  # the inputs share the batch axis, as meant
-    sidecar = export_onnx(cfg.checkpoint, cfg.vae, cfg.out_dir, kind=cfg.stage, opset=cfg.opset,
-                          tolerance=cfg.tolerance, seed=cfg.seed)  # fmt: skip
+    sidecar = export_onnx(
+        cfg.checkpoint, cfg.vae, cfg.out_dir, kind=cfg.stage, opset=cfg.opset, tolerance=cfg.tolerance, seed=cfg.seed
+    )
     diffs = ", ".join(f"{name} {g['max_abs_diff']:.2g}" for name, g in sidecar["graphs"].items())
     log.info("wrote %s (opset %d); max abs difference from PyTorch: %s", cfg.out_dir, sidecar["opset"], diffs)
     return sidecar

@@ -107,13 +107,21 @@ def key_numbers(eval_report: Path) -> list[str]:
     swapped audio), speed."""
     from temposyncdiff.evaluation.report import per_talk_rows, table_rows
 
-    fields = (("psnr_mouth", "mouth PSNR {:.2f} dB"), ("psnr_upper_face", "upper face {:.2f} dB"),
-              ("mouth_corr", "mouth motion corr {:.2f}"), ("mouth_corr_swapped", "(swapped audio {:.2f})"),
-              ("mouth_amplitude", "amplitude {:.2f}"),
-              ("lip_corr", "lip opening corr {:.2f}"), ("lip_corr_swapped", "(swapped audio {:.2f})"),
-              ("lip_amplitude", "amplitude {:.2f}"), ("lip_silence", "in silence {:.2f}x the truth's"),
-              ("lse_c", "LSE-C {:.2f}"), ("lse_c_swapped", "(swapped audio {:.2f})"),
-              ("lse_c_gap_rel", "LSE-C gap {:.2f}x the truth's"), ("ms_per_frame", "{:.1f} ms/frame"))  # fmt: skip
+    fields = (
+        ("psnr_mouth", "mouth PSNR {:.2f} dB"),
+        ("psnr_upper_face", "upper face {:.2f} dB"),
+        ("mouth_corr", "mouth motion corr {:.2f}"),
+        ("mouth_corr_swapped", "(swapped audio {:.2f})"),
+        ("mouth_amplitude", "amplitude {:.2f}"),
+        ("lip_corr", "lip opening corr {:.2f}"),
+        ("lip_corr_swapped", "(swapped audio {:.2f})"),
+        ("lip_amplitude", "amplitude {:.2f}"),
+        ("lip_silence", "in silence {:.2f}x the truth's"),
+        ("lse_c", "LSE-C {:.2f}"),
+        ("lse_c_swapped", "(swapped audio {:.2f})"),
+        ("lse_c_gap_rel", "LSE-C gap {:.2f}x the truth's"),
+        ("ms_per_frame", "{:.1f} ms/frame"),
+    )
     lines = ["key numbers (test split):"]
     report = json.loads(eval_report.read_text())
     rows = [r for r in table_rows(report)[0] if r.get("status") == "ok"]

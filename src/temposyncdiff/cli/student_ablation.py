@@ -65,8 +65,19 @@ def run_ablation(
         exports[name] = export_dir / "student_best.pt"
         if train_variants:
             run_dir = Path(base.paths.log_dir) / "student_ablation" / name
-            cfg = compose_run("train", [STUDENT, *overrides, *shared, *extra, f"paths.checkpoint_dir={export_dir}", "task_name=student_ablation",
-                               "model.val_utterances=0"], run_dir)  # fmt: skip
+            cfg = compose_run(
+                "train",
+                [
+                    STUDENT,
+                    *overrides,
+                    *shared,
+                    *extra,
+                    f"paths.checkpoint_dir={export_dir}",
+                    "task_name=student_ablation",
+                    "model.val_utterances=0",
+                ],
+                run_dir,
+            )
             log.info("ablation: training %s (%s)", name, " ".join(extra) or "defaults")
             train(cfg)
 
@@ -83,8 +94,14 @@ def run_ablation(
     tsched = NoiseSchedule(**{k: tmeta["schedule"][k] for k in SCHEDULE_KEYS}).scheduler.config
     runs, info = {}, {}
     for n in sorted(teacher_steps, reverse=True):  # the first run (most teacher steps) is the reference
-        runs[f"teacher{n}"] = partial(generate, teacher, make_scheduler=partial(make_sampler, tmeta["sampler"], tsched),
-                                      steps=n, guidance_scale=tmeta["guidance_scale"], overlap=overlap)  # fmt: skip
+        runs[f"teacher{n}"] = partial(
+            generate,
+            teacher,
+            make_scheduler=partial(make_sampler, tmeta["sampler"], tsched),
+            steps=n,
+            guidance_scale=tmeta["guidance_scale"],
+            overlap=overlap,
+        )
         info[f"teacher{n}"] = {"model": "teacher", "steps": n, "net": teacher}  # no loss weights: blank cells
     for name, path in exports.items():
         net, meta = frozen_net(path, "student")
@@ -120,8 +137,15 @@ def run_ablation(
     return rows
 
 
-def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, latent_shape: tuple[int, int, int],
-                 mel_shape: tuple[int, int], frames: int | None = None, repeats: int = 3) -> float:  # fmt: skip
+def ms_per_frame(
+    gen: Callable[..., Tensor],
+    net: Denoiser,
+    vae: nn.Module,
+    latent_shape: tuple[int, int, int],
+    mel_shape: tuple[int, int],
+    frames: int | None = None,
+    repeats: int = 3,
+) -> float:
     """End-to-end milliseconds per frame at batch 1 (audio encoder, every sampler step, VAE decoder; median).
 
     ``gen`` is ``generate`` with the sampler settings bound (``partial(generate, net, make_scheduler=...)``).
@@ -140,17 +164,24 @@ def ms_per_frame(gen: Callable[..., Tensor], net: Denoiser, vae: nn.Module, late
 
 def markdown(rows: list[dict[str, Any]], threads: int) -> str:
     """The table with a line on how the times were measured."""
-    note = (f"\nSame held-out utterances, noise and conditions for every row; psnr_vs_teacher: vs the first teacher row. "
-            f"ms_per_frame: end to end (audio encoder, all steps, VAE decoder), batch 1, CPU, {threads} threads, fp32; "
-            f"speedup vs the first row.\n")  # fmt: skip
+    note = (
+        f"\nSame held-out utterances, noise and conditions for every row; psnr_vs_teacher: vs the first teacher row. "
+        f"ms_per_frame: end to end (audio encoder, all steps, VAE decoder), batch 1, CPU, {threads} threads, fp32; "
+        f"speedup vs the first row.\n"
+    )
     return markdown_table(rows, COLUMNS, lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)) + note
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-train", action="store_true", help="evaluate the variants' existing exports")
-    parser.add_argument("--variant", action="append", default=[], metavar="'NAME OVERRIDE ...'",
-                        help="one more variant: a name and its overrides, e.g. --variant 'gt model.data_weight=1'")  # fmt: skip
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'NAME OVERRIDE ...'",
+        help="one more variant: a name and its overrides, e.g. --variant 'gt model.data_weight=1'",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every variant (e.g. trainer.max_steps=1000)")
     args = parser.parse_args()
     extra = {name: rest for name, *rest in (v.split() for v in args.variant)}

@@ -71,10 +71,18 @@ class AudioFeatures:
     @cached_property
     def _mel(self) -> torchaudio.transforms.MelSpectrogram:
         return torchaudio.transforms.MelSpectrogram(
-            sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
-            hop_length=self.hop_length, f_min=self.f_min, f_max=self.f_max, n_mels=self.n_mels,
-            power=2.0, center=True, norm="slaney", mel_scale="slaney",
-        )  # fmt: skip
+            sample_rate=self.sample_rate,
+            n_fft=self.n_fft,
+            win_length=self.win_length,
+            hop_length=self.hop_length,
+            f_min=self.f_min,
+            f_max=self.f_max,
+            n_mels=self.n_mels,
+            power=2.0,
+            center=True,
+            norm="slaney",
+            mel_scale="slaney",
+        )
 
     @property
     def mel_per_frame(self) -> float:

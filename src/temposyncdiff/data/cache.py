@@ -205,8 +205,10 @@ def build_cache(
         meta = _write_cache(tmp, rows, image_size, audio, fps, log, workers)
         meta.update(key=key, build_seconds=round(time.perf_counter() - start, 2))
         write_json(tmp / META_NAME, meta)  # last: marks a complete cache
-    log(f"cache: {meta['num_utterances']} utterances, {meta['total_frames']} frames, {len(meta['skipped'])} skipped "
-        f"in {meta['build_seconds']} s -> {cache_dir}")  # fmt: skip
+    log(
+        f"cache: {meta['num_utterances']} utterances, {meta['total_frames']} frames, {len(meta['skipped'])} skipped "
+        f"in {meta['build_seconds']} s -> {cache_dir}"
+    )
     return cache_dir
 
 
@@ -226,8 +228,17 @@ def _write_cache(
                 log(f"cache: skipped {row['id']}: {utt}")
                 skipped.append({"id": row["id"], "reason": utt})
                 continue
-            index.append({"id": row["id"], "talk_id": row["talk_id"], "offset": frames.rows, "num_frames": len(utt.frames),
-                          "mel_offset": mel.rows, "mel_len": len(utt.mel), "visemes": utt.viseme_source})  # fmt: skip
+            index.append(
+                {
+                    "id": row["id"],
+                    "talk_id": row["talk_id"],
+                    "offset": frames.rows,
+                    "num_frames": len(utt.frames),
+                    "mel_offset": mel.rows,
+                    "mel_len": len(utt.mel),
+                    "visemes": utt.viseme_source,
+                }
+            )
             frames.append(utt.frames)
             mel.append(utt.mel)
             visemes.append(utt.visemes)
@@ -239,9 +250,19 @@ def _write_cache(
     if silent:
         log(f"cache: {silent} of {len(index)} utterances have no usable viseme file; their visemes are silence")
     write_json(out / INDEX_NAME, index)
-    return {"version": CACHE_VERSION, "complete": True, "image_size": image_size, "fps": fps, "audio": asdict(audio),
-            "num_utterances": len(index), "total_frames": frames.rows, "total_mel": mel.rows, "skipped": skipped,
-            "latents": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    return {
+        "version": CACHE_VERSION,
+        "complete": True,
+        "image_size": image_size,
+        "fps": fps,
+        "audio": asdict(audio),
+        "num_utterances": len(index),
+        "total_frames": frames.rows,
+        "total_mel": mel.rows,
+        "skipped": skipped,
+        "latents": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 @contextlib.contextmanager
@@ -452,6 +473,8 @@ def add_lips(cache_dir: str | os.PathLike, log: Callable[[str], Any] = print) ->
         np.save(tmp, np.concatenate(shapes).astype(np.float32))
     meta["lips"] = {"features": list(LIP_FEATURES), "frames_without_face": missing}
     write_json(root / META_NAME, meta)
-    log(f"cache: lip shapes of {len(found) + missing} frames ({missing} without a face, interpolated) in "
-        f"{time.perf_counter() - start:.1f} s -> {root / 'lips.npy'}")  # fmt: skip
+    log(
+        f"cache: lip shapes of {len(found) + missing} frames ({missing} without a face, interpolated) in "
+        f"{time.perf_counter() - start:.1f} s -> {root / 'lips.npy'}"
+    )
     return root / "lips.npy"

@@ -135,8 +135,15 @@ class TalkingHeadDataModule(L.LightningDataModule):
             path = self.manifest_path(split)
             rows = _read_manifest(path) if path.is_file() else []
             if rows:  # a missing or empty split is reported by setup() when a stage needs it
-                build_cache(rows, self.cache_path(split), hp.image_size, self.audio, hp.fps, log=rank_zero_info,
-                            workers=hp.cache_workers)  # fmt: skip
+                build_cache(
+                    rows,
+                    self.cache_path(split),
+                    hp.image_size,
+                    self.audio,
+                    hp.fps,
+                    log=rank_zero_info,
+                    workers=hp.cache_workers,
+                )
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -149,8 +156,18 @@ class TalkingHeadDataModule(L.LightningDataModule):
                     source = open_cache(self.cache_path(split), cache_key(rows, hp.image_size, self.audio, hp.fps))
                 else:
                     source = rows
-                ds = ClipDataset(source, hp.clip_len, hp.stride, self.audio, train=split == "train", seed=hp.seed,
-                                 reference=hp.reference, image_size=hp.image_size, fps=hp.fps, mirror=hp.mirror)  # fmt: skip
+                ds = ClipDataset(
+                    source,
+                    hp.clip_len,
+                    hp.stride,
+                    self.audio,
+                    train=split == "train",
+                    seed=hp.seed,
+                    reference=hp.reference,
+                    image_size=hp.image_size,
+                    fps=hp.fps,
+                    mirror=hp.mirror,
+                )
             if split == "val" and hp.val_max_items and len(ds) > hp.val_max_items:  # evenly spaced subset
                 ds = Subset(ds, np.linspace(0, len(ds) - 1, hp.val_max_items).round().astype(int).tolist())
             self.datasets[split] = ds
@@ -162,8 +179,16 @@ class TalkingHeadDataModule(L.LightningDataModule):
         except ImportError as err:
             raise DataConfigError(f"data.format=litdata needs litdata ({err}): pip install -e '.[scale]'") from err
         hp, root = self.hparams, self.shard_path(split)
-        meta = open_shards(root, {"image_size": hp.image_size, "fps": hp.fps, "audio": asdict(self.audio),
-                                  "clip_len": hp.clip_len, "stride": hp.stride or hp.clip_len})  # fmt: skip
+        meta = open_shards(
+            root,
+            {
+                "image_size": hp.image_size,
+                "fps": hp.fps,
+                "audio": asdict(self.audio),
+                "clip_len": hp.clip_len,
+                "stride": hp.stride or hp.clip_len,
+            },
+        )
         if split == "train":
             return ClipStream(root, meta, seed=hp.seed, reference=hp.reference, cache_dir=hp.shard_cache_dir)
         source = ShardSource(root, meta, hp.shard_cache_dir)
@@ -177,9 +202,15 @@ class TalkingHeadDataModule(L.LightningDataModule):
         if isinstance(ds, IterableDataset):  # a ClipStream: LitData shuffles, splits across ranks, resumes
             from litdata import StreamingDataLoader
 
-            return StreamingDataLoader(ds, batch_size=hp.batch_size, collate_fn=collate, num_workers=hp.num_workers,
-                                       pin_memory=hp.pin_memory, worker_init_fn=worker_init_fn,
-                                       persistent_workers=hp.persistent_workers and hp.num_workers > 0)  # fmt: skip
+            return StreamingDataLoader(
+                ds,
+                batch_size=hp.batch_size,
+                collate_fn=collate,
+                num_workers=hp.num_workers,
+                pin_memory=hp.pin_memory,
+                worker_init_fn=worker_init_fn,
+                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            )
         train = split == "train"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         # val/test: in order, and Lightning shards them under DDP; train: our sampler shards itself

@@ -104,8 +104,15 @@ class ClipDataset(Dataset):
         flip = {"mirror": True} if self.mirrored(index) else {}
         frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len, **flip)
         s0, m0, m1 = mel_span(self.audio, start, self.clip_len)
-        window = {"index": index, "id": self.src.ids[u], "start": start, "frames": np.asarray(frames),
-                  "mel": np.asarray(mel[m0:m1]), "mel_offset": start - s0, "visemes": np.asarray(visemes)}  # fmt: skip
+        window = {
+            "index": index,
+            "id": self.src.ids[u],
+            "start": start,
+            "frames": np.asarray(frames),
+            "mel": np.asarray(mel[m0:m1]),
+            "mel_offset": start - s0,
+            "visemes": np.asarray(visemes),
+        }
         if latents is not None:
             window["latents"] = np.asarray(latents)
         if hasattr(self.src, "lips") and (lips := self.src.lips(u, start, start + self.clip_len)) is not None:
@@ -164,8 +171,14 @@ def benchmark_loading(
         return len(order) / (time.perf_counter() - t)
 
     cache_rate, mp4_rate = rate(cached), rate(direct)
-    result = {"items": len(order), "clip_len": clip_len, "image_size": image_size, "cache_build_s": round(build_s, 3),
-              "cache_clips_per_s": round(cache_rate, 1), "mp4_clips_per_s": round(mp4_rate, 1),
-              "speedup": round(cache_rate / mp4_rate, 1)}  # fmt: skip
+    result = {
+        "items": len(order),
+        "clip_len": clip_len,
+        "image_size": image_size,
+        "cache_build_s": round(build_s, 3),
+        "cache_clips_per_s": round(cache_rate, 1),
+        "mp4_clips_per_s": round(mp4_rate, 1),
+        "speedup": round(cache_rate / mp4_rate, 1),
+    }
     log(f"data loading: {result}")
     return result

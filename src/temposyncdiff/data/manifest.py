@@ -109,8 +109,9 @@ def _count(ratio: float, n: int, least_from: int = 3) -> int:
     return max(k, 1) if ratio > 0 and n >= least_from else k
 
 
-def split_groups(keys: list[str], val_ratio: float, test_ratio: float, seed: int, test_least_from: int = 3
-                 ) -> dict[str, str]:  # fmt: skip
+def split_groups(
+    keys: list[str], val_ratio: float, test_ratio: float, seed: int, test_least_from: int = 3
+) -> dict[str, str]:
     """Assign each distinct key to a split: sort, shuffle with ``default_rng(seed)``, cut val, test, rest train.
 
     A positive ratio holds out at least one group from 3 groups on (the test split from ``test_least_from``).

@@ -219,8 +219,9 @@ def prepare_video(
     every_s = max(1, s.detect_every) / fps
     expected = math.floor(info.duration_s / every_s) + 2 if info.duration_s > 0 else None
     reader = VideoFrames(path)
-    times, index, _, track = output_rate_track(reader, detector, fps, s.detect_every, s.smooth_window,
-                                               s.min_face_ratio, expected)  # fmt: skip
+    times, index, _, track = output_rate_track(
+        reader, detector, fps, s.detect_every, s.smooth_window, s.min_face_ratio, expected
+    )
     n = len(index)
     audio = load_audio(sound, sample_rate, num_samples=round(n / fps * sample_rate))
     ranges = split_utterances(audio, sample_rate, fps, n, s.max_utterance_s, s.min_utterance_s)

@@ -142,18 +142,30 @@ def _utterance(dataset: ClipDataset, u: int) -> dict:
     return record
 
 
-def _optimize(dataset: ClipDataset, root: str, chunk_bytes: int | str, workers: int, start_method: str | None,
-              mode: str | None) -> None:  # fmt: skip
+def _optimize(
+    dataset: ClipDataset, root: str, chunk_bytes: int | str, workers: int, start_method: str | None, mode: str | None
+) -> None:
     """Write ``clips/`` and ``utterances/`` under ``root``, in dataset order (each worker writes a contiguous run)."""
     for name, fn, count in (("clips", _window, len(dataset)), ("utterances", _utterance, len(dataset.src.num_frames))):
-        optimize(fn=partial(fn, dataset), inputs=list(range(count)), output_dir=_join(root, name),
-                 chunk_bytes=chunk_bytes, num_workers=min(workers, count), keep_data_ordered=True, reorder_files=False,
-                 start_method=start_method, mode=mode, verbose=False)  # fmt: skip
+        optimize(
+            fn=partial(fn, dataset),
+            inputs=list(range(count)),
+            output_dir=_join(root, name),
+            chunk_bytes=chunk_bytes,
+            num_workers=min(workers, count),
+            keep_data_ordered=True,
+            reorder_files=False,
+            start_method=start_method,
+            mode=mode,
+            verbose=False,
+        )
 
 
 def _describe(meta: dict) -> str:
-    return (f"digest {meta['digest'][:12]}, {meta['num_items']} clips of {meta['clip_len']} frames from "
-            f"{meta['source']['cache_dir']}")  # fmt: skip
+    return (
+        f"digest {meta['digest'][:12]}, {meta['num_items']} clips of {meta['clip_len']} frames from "
+        f"{meta['source']['cache_dir']}"
+    )
 
 
 def write_shards(
@@ -174,15 +186,35 @@ def write_shards(
     deleted first and uploaded last, so a set without it is incomplete.
     """
     dataset = ClipDataset(reader, clip_len, stride)
-    source = {"cache_dir": str(reader.root), "cache_key": reader.meta["key"],
-              "latents": (reader.meta.get("latents") or {}).get("encoder")}  # fmt: skip
-    content = {"version": SHARDS_VERSION, "cache_key": source["cache_key"], "latents": source["latents"],
-               "clip_len": clip_len, "stride": dataset.stride}  # fmt: skip
-    meta = {**content, "digest": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
-            "source": source, "image_size": reader.image_size, "fps": reader.fps, "audio": reader.meta["audio"],
-            "num_items": len(dataset), "num_utterances": len(reader), "total_frames": int(sum(reader.num_frames)),
-            "chunk_bytes": chunk_bytes, "utterances": {"ids": reader.ids, "talk_ids": reader.talk_ids,
-                                                       "num_frames": [int(n) for n in reader.num_frames]}}  # fmt: skip
+    source = {
+        "cache_dir": str(reader.root),
+        "cache_key": reader.meta["key"],
+        "latents": (reader.meta.get("latents") or {}).get("encoder"),
+    }
+    content = {
+        "version": SHARDS_VERSION,
+        "cache_key": source["cache_key"],
+        "latents": source["latents"],
+        "clip_len": clip_len,
+        "stride": dataset.stride,
+    }
+    meta = {
+        **content,
+        "digest": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
+        "source": source,
+        "image_size": reader.image_size,
+        "fps": reader.fps,
+        "audio": reader.meta["audio"],
+        "num_items": len(dataset),
+        "num_utterances": len(reader),
+        "total_frames": int(sum(reader.num_frames)),
+        "chunk_bytes": chunk_bytes,
+        "utterances": {
+            "ids": reader.ids,
+            "talk_ids": reader.talk_ids,
+            "num_frames": [int(n) for n in reader.num_frames],
+        },
+    }
     old = read_shard_meta(out)
     if old is not None and old["digest"] == meta["digest"] and not force:
         log(f"shards: {out} is up to date ({_describe(old)})")
@@ -232,8 +264,12 @@ class ShardSource:
     def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         r = self._utterance(u)  # arrays may map LitData's chunk files: copy what is kept
         latents = r.get("latents")
-        return (np.array(r["frames"][a:b]), np.array(r["mel"]), np.array(r["visemes"][a:b]),
-                None if latents is None else np.array(latents[a:b]))  # fmt: skip
+        return (
+            np.array(r["frames"][a:b]),
+            np.array(r["mel"]),
+            np.array(r["visemes"][a:b]),
+            None if latents is None else np.array(latents[a:b]),
+        )
 
     def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]:
         r = self._utterance(u)
@@ -251,13 +287,26 @@ class ClipStream(StreamingDataset):
     over ``utterances/``. LitData counts epochs from 1, Lightning and ``EpochSampler`` from 0.
     """
 
-    def __init__(self, root: str, meta: dict, shuffle: bool = True, seed: int = 0, reference: str = "other_clip",
-                 cache_dir: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        root: str,
+        meta: dict,
+        shuffle: bool = True,
+        seed: int = 0,
+        reference: str = "other_clip",
+        cache_dir: str | None = None,
+    ):
         # batch_decode=0: decode the item asked for only (LitData's default decodes blocks of neighbours: slower here)
         check_formats(_join(root, "clips"))
         super().__init__(_join(root, "clips"), cache_dir=cache_dir, shuffle=shuffle, seed=seed, batch_decode=0)
-        self.clips = ClipDataset(ShardSource(root, meta, cache_dir), meta["clip_len"], meta["stride"], train=True,
-                                 seed=seed, reference=reference)  # fmt: skip
+        self.clips = ClipDataset(
+            ShardSource(root, meta, cache_dir),
+            meta["clip_len"],
+            meta["stride"],
+            train=True,
+            seed=seed,
+            reference=reference,
+        )
 
     def __getitem__(self, index: Any) -> dict:
         window, clips = super().__getitem__(index), self.clips

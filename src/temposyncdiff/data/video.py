@@ -260,7 +260,9 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as out:
         vs = out.add_stream(
-            "libx264", rate=rate, options={"crf": str(crf), "preset": "veryfast", "threads": "0"} | (DETERMINISTIC if deterministic else {}),
+            "libx264",
+            rate=rate,
+            options={"crf": str(crf), "preset": "veryfast", "threads": "0"} | (DETERMINISTIC if deterministic else {}),
         )
         vs.pix_fmt = "yuv420p"
         aus = None
@@ -283,8 +285,13 @@ def write_video(
     return path
 
 
-def write_side_by_side(path: str | os.PathLike, videos: list[np.ndarray], audio: np.ndarray | None = None,
-                       fps: float = 25.0, sample_rate: int = 16000) -> Path:  # fmt: skip
+def write_side_by_side(
+    path: str | os.PathLike,
+    videos: list[np.ndarray],
+    audio: np.ndarray | None = None,
+    fps: float = 25.0,
+    sample_rate: int = 16000,
+) -> Path:
     """uint8 ``[N,H,W,3]`` videos side by side in one mp4 (cut to the shortest), with ``audio`` when given."""
     n = min(len(v) for v in videos)
     return write_video(

@@ -104,5 +104,11 @@ class Couplings:
     @classmethod
     def cat(cls, parts: Sequence[dict]) -> Couplings:
         """Join per-batch dicts with the dataclass's fields."""
-        return cls(**{f.name: [k for p in parts for k in p["keys"]] if f.name == "keys" else
-                      torch.cat([p[f.name].cpu() for p in parts]) for f in fields(cls)})  # fmt: skip
+        return cls(
+            **{
+                f.name: [k for p in parts for k in p["keys"]]
+                if f.name == "keys"
+                else torch.cat([p[f.name].cpu() for p in parts])
+                for f in fields(cls)
+            }
+        )

@@ -41,8 +41,9 @@ def weigh_pixels(err: Tensor, pixel_weight: Tensor | None) -> Tensor:
     return err if pixel_weight is None else err * (pixel_weight / pixel_weight.mean())
 
 
-def identity_loss(x0_hat: Tensor, ref_latent: Tensor, mask: Tensor, box: Sequence[float],
-                  weight: Tensor | None = None) -> Tensor:  # fmt: skip
+def identity_loss(
+    x0_hat: Tensor, ref_latent: Tensor, mask: Tensor, box: Sequence[float], weight: Tensor | None = None
+) -> Tensor:
     """L1 between the predicted upper face (latent cells of ``box``, ``regions.Box``) of every frame and the
     reference's."""
     err = (crop(x0_hat, box) - crop(ref_latent[:, None], box)).abs().flatten(2).mean(-1)

@@ -47,9 +47,14 @@ class NoiseSchedule:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-            beta_end=beta_end, prediction_type=prediction_type, timestep_spacing=timestep_spacing, clip_sample=False,
-        )  # fmt: skip
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            clip_sample=False,
+        )
         self.prediction_type, self.snr_gamma = prediction_type, snr_gamma
         self.num_train_timesteps = num_train_timesteps
         self.alphas_cumprod = self.scheduler.alphas_cumprod.float()

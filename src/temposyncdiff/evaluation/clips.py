@@ -36,8 +36,14 @@ class Clip:
         return self._sized[size]
 
 
-def load_clips(manifest: str | Path, max_utterances: int | None, max_frames: int | None = None,
-               reference_frame: int = 0, fps: float = 25.0, sample_rate: int = 16000) -> list[Clip]:  # fmt: skip
+def load_clips(
+    manifest: str | Path,
+    max_utterances: int | None,
+    max_frames: int | None = None,
+    reference_frame: int = 0,
+    fps: float = 25.0,
+    sample_rate: int = 16000,
+) -> list[Clip]:
     """Evenly spaced utterances of a manifest split, each with its reference image (see the module docstring)."""
     rows = sorted(read_manifest(manifest), key=lambda r: r["id"])
     if not rows:

@@ -20,8 +20,17 @@ from temposyncdiff.regions import RegionBoxes
 
 
 @torch.no_grad()
-def denoise_from(net: Callable[..., Tensor], x_t: Tensor, t: int, cond: dict, sampler: str, schedule: dict, steps: int,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+def denoise_from(
+    net: Callable[..., Tensor],
+    x_t: Tensor,
+    t: int,
+    cond: dict,
+    sampler: str,
+    schedule: dict,
+    steps: int,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Latents noised to training timestep ``t`` -> x0 in ``steps`` sampler steps on evenly spaced timesteps t .. 0.
 
     Uses the diffusers scheduler with custom timesteps; ``ddim`` runs as first-order DPM-Solver++ (the same
@@ -55,8 +64,9 @@ class Fidelity:
         return m.compute() | {"lpips": self.lpips.compute()}
 
 
-def evaluate_denoise(cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str],
-                     fidelity: Fidelity) -> dict[str, Any]:  # fmt: skip
+def evaluate_denoise(
+    cfg: DictConfig, clips: list[Clip], models: dict[str, TalkingHeadPipeline | str], fidelity: Fidelity
+) -> dict[str, Any]:
     """Every model at every noise level and step count vs the VAE reconstruction; the noisy input as baseline.
 
     All models denoise the same noisy latents (the first available model's schedule; noise seeded by ``seed``).
@@ -72,12 +82,16 @@ def evaluate_denoise(cfg: DictConfig, clips: list[Clip], models: dict[str, Talki
     for clip in clips:
         gt = to_unit(clip.at(size)[: d.max_frames]).mul(2).sub(1).to(dev)
         z = chunked(vae.to_latent, gt)
-        noisy = {t: schedule.add_noise(z, torch.randn(z.shape, generator=gen).to(dev), torch.full((len(z),), t))
-                 for t in d.noise_levels}  # fmt: skip
+        noisy = {
+            t: schedule.add_noise(z, torch.randn(z.shape, generator=gen).to(dev), torch.full((len(z),), t))
+            for t in d.noise_levels
+        }
         data.append({"clip": clip, "gt": gt, "z": z, "recon": chunked(vae.from_latent, z), "noisy": noisy})
     num_frames = sum(len(x["gt"]) for x in data)
-    levels: dict[str, dict] = {str(t): {"noisy": fidelity((chunked(vae.from_latent, x["noisy"][t]), x["recon"]) for x in data)}
-                               for t in d.noise_levels}  # fmt: skip
+    levels: dict[str, dict] = {
+        str(t): {"noisy": fidelity((chunked(vae.from_latent, x["noisy"][t]), x["recon"]) for x in data)}
+        for t in d.noise_levels
+    }
     conds: dict[str, list] = {}
     for name, pipe, steps, info in runs(cfg, models):
         for t in d.noise_levels:
@@ -90,12 +104,18 @@ def evaluate_denoise(cfg: DictConfig, clips: list[Clip], models: dict[str, Talki
             clock = [0.0]
             scores = fidelity(_denoised(pipe, data, conds[info["model"]], t, steps, cfg.seed, clock))
             levels[str(t)][name] = info | {"status": "ok", **scores, "ms_per_frame": 1e3 * clock[0] / num_frames}
-    return {"noise_levels": list(d.noise_levels), "num_frames": num_frames, "schedule": first.schedule,
-            "vae_vs_gt": fidelity((x["recon"], x["gt"]) for x in data), "levels": levels}  # fmt: skip
+    return {
+        "noise_levels": list(d.noise_levels),
+        "num_frames": num_frames,
+        "schedule": first.schedule,
+        "vae_vs_gt": fidelity((x["recon"], x["gt"]) for x in data),
+        "levels": levels,
+    }
 
 
-def _denoised(pipe: TalkingHeadPipeline, data: list[dict], conds: list[dict], t: int, steps: int, seed: int,
-              clock: list[float]) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
+def _denoised(
+    pipe: TalkingHeadPipeline, data: list[dict], conds: list[dict], t: int, steps: int, seed: int, clock: list[float]
+) -> Iterator[tuple[Tensor, Tensor]]:
     """(decoded denoised frames, VAE reconstruction) per clip; denoiser seconds are added to ``clock[0]``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for x, cond in zip(data, conds):

@@ -74,8 +74,12 @@ def evaluate_generation(
     landmarks, lips_reason = _landmarks(g)
     if g.lips == "truth" and landmarks is None:
         raise UserError(f"eval.generation.lips=truth reads the truth's lip shapes with dlib: {lips_reason}")
-    out: dict[str, Any] = {"ground_truth": {"lip_sync": unavailable(lse_reason)}, "results": {},
-                           "reference": str(g.reference) if g.reference else "each clip's own", "lips": g.lips}  # fmt: skip
+    out: dict[str, Any] = {
+        "ground_truth": {"lip_sync": unavailable(lse_reason)},
+        "results": {},
+        "reference": str(g.reference) if g.reference else "each clip's own",
+        "lips": g.lips,
+    }
     mels: dict[str, Tensor] = {}
     if expert is not None:
         features = AudioFeatures(n_mels=expert.n_mels)
@@ -97,8 +101,17 @@ def evaluate_generation(
             lips = MouthOpening(
                 landmarks, min_face_frac=c.min_face_frac, silence_db=c.silence_db, silence_min_ms=c.silence_min_ms
             )
-        return GenerationScorer(regions, None if reason else expert, reason, identity, identity_reason, g.vshift,
-                                g.identity.stride, lips, lips_reason)  # fmt: skip
+        return GenerationScorer(
+            regions,
+            None if reason else expert,
+            reason,
+            identity,
+            identity_reason,
+            g.vshift,
+            g.identity.stride,
+            lips,
+            lips_reason,
+        )
 
     talks = sorted({c.talk for c in clips}) if g.per_talk else []
     talks = talks if len(talks) > 1 else []
@@ -131,17 +144,20 @@ def evaluate_generation(
             truth = clip.at(size)
             pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
             lips = truth_lip_shapes(landmarks, truth) if g.lips == "truth" else None  # own audio only
-            own = np.stack(list(
-                pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose, lips)
-            ))  # fmt: skip
+            own = np.stack(
+                list(pipe.frames(ref, clip.wave, clip.visemes if cfg.visemes == "data" else None, timings, pose, lips))
+            )
             swapped = None
             if len(clips) > 1:
                 wave, vis = swapped_inputs(clips, i)
                 swapped = np.stack(list(pipe.frames(ref, wave, vis if cfg.visemes == "data" else None, pose=pose)))
             if shown.get(clip.talk, 0) < g.samples:
                 shown[clip.talk] = shown.get(clip.talk, 0) + 1
-                write_side_by_side(Path(cfg.samples_dir) / name / f"{clip.id.replace('/', '_')}.mp4",
-                                   [truth, own] + ([swapped] if swapped is not None else []), clip.wave)  # fmt: skip
+                write_side_by_side(
+                    Path(cfg.samples_dir) / name / f"{clip.id.replace('/', '_')}.mp4",
+                    [truth, own] + ([swapped] if swapped is not None else []),
+                    clip.wave,
+                )
             borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
             update(scorers, clip.talk, truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate

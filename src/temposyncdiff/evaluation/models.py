@@ -20,9 +20,16 @@ def load_models(cfg: DictConfig) -> dict[str, TalkingHeadPipeline | str]:
             out[m.name] = f"{m.checkpoint}: checkpoint not found"
             continue
         out[m.name] = TalkingHeadPipeline.from_checkpoints(
-            m.checkpoint, cfg.vae, kind=m.kind, sampler=m.get("sampler"), guidance_scale=m.get("guidance_scale"),
-            image_size=cfg.get("image_size"), device=cfg.device, seed=cfg.seed, detector="center",
-        )  # fmt: skip
+            m.checkpoint,
+            cfg.vae,
+            kind=m.kind,
+            sampler=m.get("sampler"),
+            guidance_scale=m.get("guidance_scale"),
+            image_size=cfg.get("image_size"),
+            device=cfg.device,
+            seed=cfg.seed,
+            detector="center",
+        )
     return out
 
 

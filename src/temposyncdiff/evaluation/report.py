@@ -49,19 +49,30 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
     if r.get("status") != "ok":
         return row
     f, ls = r["fidelity"], r["lip_sync"]
-    row |= {f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
-            for region in ("full", "mouth", "upper_face") for k in ("psnr", "ssim")}  # fmt: skip
+    row |= {
+        f"{k}{'' if region == 'full' else '_' + region}": f[region][k]
+        for region in ("full", "mouth", "upper_face")
+        for k in ("psnr", "ssim")
+    }
     swapped = r.get("fidelity_swapped", {}).get("mouth", {}).get("psnr")  # absent: no swap control, older reports
     if is_finite(swapped) and is_finite(row["psnr_mouth"]):
         row |= {"psnr_mouth_swapped": swapped, "psnr_mouth_gap": row["psnr_mouth"] - swapped}
     latency = r.get("latency", {})  # baselines generate nothing: no latency
-    row |= {"flicker": r["flicker"]["flicker_pred"], "flicker_gap": r["flicker"]["flicker_gap"],
-            "seam_ratio": r["seam"].get("ratio"), "seam_ratio_gt": r["seam"].get("ratio_gt"),
-            "identity": r["identity"].get("mean"), "ms_per_frame": latency.get("ms_per_frame", {}).get("total"),
-            "rtf": latency.get("real_time_factor")}  # fmt: skip
+    row |= {
+        "flicker": r["flicker"]["flicker_pred"],
+        "flicker_gap": r["flicker"]["flicker_gap"],
+        "seam_ratio": r["seam"].get("ratio"),
+        "seam_ratio_gt": r["seam"].get("ratio_gt"),
+        "identity": r["identity"].get("mean"),
+        "ms_per_frame": latency.get("ms_per_frame", {}).get("total"),
+        "rtf": latency.get("real_time_factor"),
+    }
     motion = r.get("mouth_motion", {})  # absent from reports written before it existed
-    row |= {"mouth_corr": motion.get("own", {}).get("corr"), "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
-            "mouth_amplitude": motion.get("own", {}).get("amplitude")}  # fmt: skip
+    row |= {
+        "mouth_corr": motion.get("own", {}).get("corr"),
+        "mouth_corr_swapped": motion.get("swapped", {}).get("corr"),
+        "mouth_amplitude": motion.get("own", {}).get("amplitude"),
+    }
     lips = r.get("lip_landmarks", {})
     row |= {
         "lip_corr": lips.get("own", {}).get("corr"),
@@ -71,8 +82,12 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
         "lip_silence_gap": lips.get("silence", {}).get("gap"),
     }
     if "own" in ls:
-        row |= {"lse_c": ls["own"]["lse_c"], "lse_d": ls["own"]["lse_d"], "lse_c_swapped": ls["swapped"].get("lse_c"),
-                "lse_c_gap": ls.get("gap_lse_c")}  # fmt: skip
+        row |= {
+            "lse_c": ls["own"]["lse_c"],
+            "lse_d": ls["own"]["lse_d"],
+            "lse_c_swapped": ls["swapped"].get("lse_c"),
+            "lse_c_gap": ls.get("gap_lse_c"),
+        }
     return row
 
 
@@ -80,8 +95,11 @@ def per_talk_rows(report: dict) -> list[dict]:
     """One generation row per run (and baseline) and talk, for reports scored with ``per_talk``."""
     g = report.get("generation", {})
     runs_ = {**g.get("results", {}), **g.get("baselines", {})}
-    return [{"talk": talk} | gen_row(name, r | scores)
-            for name, r in runs_.items() for talk, scores in r.get("per_talk", {}).items()]  # fmt: skip
+    return [
+        {"talk": talk} | gen_row(name, r | scores)
+        for name, r in runs_.items()
+        for talk, scores in r.get("per_talk", {}).items()
+    ]
 
 
 def relative_gap(gap: Any, truth_gap: Any) -> float | None:
@@ -99,9 +117,17 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
         for row in gen:
             row["lse_c_gap_rel"] = relative_gap(row.get("lse_c_gap"), gt.get("gap_lse_c"))
         if "lse_c" in gt:
-            gen.append({"run": "ground_truth", "status": "ok", "lse_c": gt["lse_c"], "lse_d": gt["lse_d"],
-                        "lse_c_swapped": gt.get("swapped", {}).get("lse_c"), "lse_c_gap": gt.get("gap_lse_c"),
-                        "lse_c_gap_rel": relative_gap(gt.get("gap_lse_c"), gt.get("gap_lse_c"))})  # fmt: skip
+            gen.append(
+                {
+                    "run": "ground_truth",
+                    "status": "ok",
+                    "lse_c": gt["lse_c"],
+                    "lse_d": gt["lse_d"],
+                    "lse_c_swapped": gt.get("swapped", {}).get("lse_c"),
+                    "lse_c_gap": gt.get("gap_lse_c"),
+                    "lse_c_gap_rel": relative_gap(gt.get("gap_lse_c"), gt.get("gap_lse_c")),
+                }
+            )
     if "levels" in d:
         items = [("-", "vae_vs_gt", d["vae_vs_gt"])]
         items += [(t, name, r) for t, level in d["levels"].items() for name, r in level.items()]
@@ -109,8 +135,12 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
             row = {"noise_level": t, "run": name, "steps": r.get("steps"), "status": r.get("status", "ok")}
             if "full" in r:
                 row |= {k: _num(r["full"][k]) for k in ("psnr", "ssim", "ms_ssim")} | {"lpips": _num(r["lpips"])}
-                row |= {"psnr_mouth": r["mouth"]["psnr"], "ssim_mouth": r["mouth"]["ssim"],
-                        "psnr_upper_face": r["upper_face"]["psnr"], "ms_per_frame": r.get("ms_per_frame")}  # fmt: skip
+                row |= {
+                    "psnr_mouth": r["mouth"]["psnr"],
+                    "ssim_mouth": r["mouth"]["ssim"],
+                    "psnr_upper_face": r["upper_face"]["psnr"],
+                    "ms_per_frame": r.get("ms_per_frame"),
+                }
             den.append(row)
     return gen, den
 
@@ -206,8 +236,12 @@ def plot_quality_latency(report: dict, path: Path) -> None:
         ax.plot(ms, psnr, marker="o", label=model)
         for x, y, s in pts:
             ax.annotate(f"{s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xscale="log", xlabel="ms per frame (end to end)", ylabel="PSNR vs ground truth (dB)",
-           title=f"quality-latency ({report.get('device', {}).get('device_name', '')})")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="ms per frame (end to end)",
+        ylabel="PSNR vs ground truth (dB)",
+        title=f"quality-latency ({report.get('device', {}).get('device_name', '')})",
+    )
     for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
         axis(LogFormatter(labelOnlyBase=False))
     if series:

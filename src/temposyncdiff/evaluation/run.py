@@ -46,13 +46,19 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
-        "device": {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-                   "platform": platform.platform()},
+        "device": {
+            "device": str(device),
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "config": container,
         "checkpoints": checkpoints,
-        "split": {"manifest": str(cfg.manifest), "utterances": [{"id": c.id, "num_frames": len(c.frames),
-                                                                 "reference": c.reference_from} for c in clips]},
-    }  # fmt: skip
+        "split": {
+            "manifest": str(cfg.manifest),
+            "utterances": [{"id": c.id, "num_frames": len(c.frames), "reference": c.reference_from} for c in clips],
+        },
+    }
     if "denoise" in protocols:
         lpips = LPIPS(cfg.lpips.torch_home, cfg.lpips.net)
         report["denoise"] = evaluate_denoise(cfg, clips, models, Fidelity(RegionBoxes(**cfg.regions), lpips))
@@ -64,6 +70,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         report["generation"] = unavailable("not selected (eval=...)")
     paths = write_outputs(report, cfg.out_json, cfg.tables_dir, cfg.plots_dir)
     gen, den = table_rows(report)
-    log.info("eval report -> %s\n%s%s", paths["report"], markdown(gen, GEN_COLUMNS) if gen else "",
-             markdown(den, DEN_COLUMNS) if den else "")  # fmt: skip
+    log.info(
+        "eval report -> %s\n%s%s",
+        paths["report"],
+        markdown(gen, GEN_COLUMNS) if gen else "",
+        markdown(den, DEN_COLUMNS) if den else "",
+    )
     return report

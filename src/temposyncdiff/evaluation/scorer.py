@@ -26,9 +26,14 @@ NO_SWAP = "no audio-swap control: it needs 2 utterances, and a baseline made fro
 def lse_summary(metric: LipSyncError) -> dict[str, Any]:
     """JSON-ready ``LipSyncError.compute()`` (means, counts, per-clip offsets)."""
     r = metric.compute()
-    return {"lse_c": json_float(r["lse_c"]), "lse_d": json_float(r["lse_d"]),
-            "offset_zero_frac": json_float(r["offset_zero_frac"]), "num_clips": int(r["num_clips"]),
-            "num_skipped": int(r["num_skipped"]), "clip_offset": r["clip_offset"]}  # fmt: skip
+    return {
+        "lse_c": json_float(r["lse_c"]),
+        "lse_d": json_float(r["lse_d"]),
+        "offset_zero_frac": json_float(r["offset_zero_frac"]),
+        "num_clips": int(r["num_clips"]),
+        "num_skipped": int(r["num_skipped"]),
+        "clip_offset": r["clip_offset"],
+    }
 
 
 def _embed(expert: SyncExpert, frames: Tensor | np.ndarray, mel: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,10 +66,18 @@ class TruthSync:
 class GenerationScorer:
     """Every generation metric of one run, accumulated clip by clip (``update``) and reported (``compute``)."""
 
-    def __init__(self, regions: RegionBoxes, expert: SyncExpert | None = None, lse_reason: str = "",
-                 identity: IdentitySimilarity | None = None, identity_reason: str = "", vshift: int = 15,
-                 identity_stride: int = 1, lips: MouthOpening | None = None,
-                 lips_reason: str = "no landmark model given") -> None:  # fmt: skip
+    def __init__(
+        self,
+        regions: RegionBoxes,
+        expert: SyncExpert | None = None,
+        lse_reason: str = "",
+        identity: IdentitySimilarity | None = None,
+        identity_reason: str = "",
+        vshift: int = 15,
+        identity_stride: int = 1,
+        lips: MouthOpening | None = None,
+        lips_reason: str = "no landmark model given",
+    ) -> None:
         self.fidelity, self.fidelity_swapped = FidelityMetrics(regions), FidelityMetrics(regions)
         self.flicker, self.seams = FlickerMetric(), []
         self.motion = {k: MouthMotion(regions.mouth) for k in ("own", "swapped")}  # both against the own truth
@@ -73,9 +86,17 @@ class GenerationScorer:
         self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
         self.lips, self.lips_reason = lips, lips_reason
 
-    def update(self, gt: np.ndarray, own: np.ndarray, reference: np.ndarray | None, borders: list[int],
-               mel: Tensor | None = None, swapped: np.ndarray | None = None, wave: np.ndarray | None = None,
-               clip_id: str | None = None) -> None:  # fmt: skip
+    def update(
+        self,
+        gt: np.ndarray,
+        own: np.ndarray,
+        reference: np.ndarray | None,
+        borders: list[int],
+        mel: Tensor | None = None,
+        swapped: np.ndarray | None = None,
+        wave: np.ndarray | None = None,
+        clip_id: str | None = None,
+    ) -> None:
         """One clip: ground truth, frames from its own audio and (optional) from another's, all uint8 ``[N,H,W,3]``;
         ``reference`` (the identity metric's face), ``mel`` (the own audio's log-mel, for LSE) and ``wave`` (its
         16 kHz audio: the silences of the lip-landmark metric) are needed by those metrics only."""
@@ -99,12 +120,18 @@ class GenerationScorer:
     def compute(self) -> dict[str, Any]:
         no_swap = unavailable(NO_SWAP)
         swapped = self.motion["swapped"].update_called
-        out = {"fidelity": self.fidelity.compute(), "flicker": self.flicker.compute(),
-               "fidelity_swapped": self.fidelity_swapped.compute() if swapped else no_swap,
-               "mouth_motion": {k: m.compute() if m.update_called else no_swap for k, m in self.motion.items()}}  # fmt: skip
+        out = {
+            "fidelity": self.fidelity.compute(),
+            "flicker": self.flicker.compute(),
+            "fidelity_swapped": self.fidelity_swapped.compute() if swapped else no_swap,
+            "mouth_motion": {k: m.compute() if m.update_called else no_swap for k, m in self.motion.items()},
+        }
         if self.seams:  # means over clips (of the finite ratios), as the stages log them
-            out["seam"] = {f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
-                           for i, sfx in ((0, ""), (1, "_gt")) for k in ("border", "inside", "ratio")}  # fmt: skip
+            out["seam"] = {
+                f"{k}{sfx}": _mean(x[i][k] for x in self.seams)
+                for i, sfx in ((0, ""), (1, "_gt"))
+                for k in ("border", "inside", "ratio")
+            }
             out["seam"]["num_clips"] = len(self.seams)
         else:
             out["seam"] = unavailable("every clip fits in one window: no window border")
@@ -115,8 +142,10 @@ class GenerationScorer:
             swap = lse_summary(self.lse["swapped"]) if swapped else no_swap
             out["lip_sync"] = {"own": own, "swapped": swap}
             if own["num_clips"] and swap.get("num_clips"):
-                out["lip_sync"] |= {"gap_lse_c": json_float(own["lse_c"] - swap["lse_c"]),
-                                    "gap_lse_d": json_float(swap["lse_d"] - own["lse_d"])}  # fmt: skip
+                out["lip_sync"] |= {
+                    "gap_lse_c": json_float(own["lse_c"] - swap["lse_c"]),
+                    "gap_lse_d": json_float(swap["lse_d"] - own["lse_d"]),
+                }
         out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
         out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
         return out

@@ -76,24 +76,42 @@ def _graphs(net: nn.Module, vae: nn.Module, image_size: int, seed: int) -> dict[
         return torch.randn(shape, generator=g)
 
     def step(b: int) -> dict[str, Tensor]:
-        inputs = {"x_t": randn(b, t, c, s, s), "t": torch.rand(b, generator=g) * 1000, "ref_latent": randn(b, c, s, s),
-                  "audio_emb": randn(b, t, enc["dim"]), "visemes": torch.randint(0, net.num_visemes, (b, t), generator=g),
-                  "motion": randn(b, t, c, s, s), "motion_mask": torch.rand(b, t, generator=g) < 0.5,
-                  "drop_cond": torch.arange(b) % 2 == 1}  # fmt: skip
+        inputs = {
+            "x_t": randn(b, t, c, s, s),
+            "t": torch.rand(b, generator=g) * 1000,
+            "ref_latent": randn(b, c, s, s),
+            "audio_emb": randn(b, t, enc["dim"]),
+            "visemes": torch.randint(0, net.num_visemes, (b, t), generator=g),
+            "motion": randn(b, t, c, s, s),
+            "motion_mask": torch.rand(b, t, generator=g) < 0.5,
+            "drop_cond": torch.arange(b) % 2 == 1,
+        }
         if net.pose_mask is not None:  # the forward's next positional argument
             inputs["pose"] = randn(b, t, c, s, s)
         return inputs
 
     batch, steps = {0: "batch"}, [step(b) for b in (2, 1, 3)]
     return {
-        "vae_encoder": (_Method(vae, "to_latent"), [{"frames": randn(b, 3, image_size, image_size).tanh()} for b in (2, 1, 3)],
-                        {"frames": batch}, ["latents"]),
-        "vae_decoder": (_Method(vae, "from_latent"), [{"latents": randn(b, c, s, s)} for b in (2, 1, 3)],
-                        {"latents": batch}, ["frames"]),
-        "audio_encoder": (_Method(net, "embed_audio"), [{"mel": randn(b, n, enc["n_mels"], enc["window"])} for b, n in ((2, 20), (1, 1), (1, 37))],
-                          {"mel": {0: "batch", 1: "frames"}}, ["audio_emb", "viseme_logits"]),
+        "vae_encoder": (
+            _Method(vae, "to_latent"),
+            [{"frames": randn(b, 3, image_size, image_size).tanh()} for b in (2, 1, 3)],
+            {"frames": batch},
+            ["latents"],
+        ),
+        "vae_decoder": (
+            _Method(vae, "from_latent"),
+            [{"latents": randn(b, c, s, s)} for b in (2, 1, 3)],
+            {"latents": batch},
+            ["frames"],
+        ),
+        "audio_encoder": (
+            _Method(net, "embed_audio"),
+            [{"mel": randn(b, n, enc["n_mels"], enc["window"])} for b, n in ((2, 20), (1, 1), (1, 37))],
+            {"mel": {0: "batch", 1: "frames"}},
+            ["audio_emb", "viseme_logits"],
+        ),
         "denoiser": (_Method(net, "forward"), steps, {k: batch for k in steps[0]}, ["prediction"]),
-    }  # fmt: skip
+    }
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
@@ -118,8 +136,10 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export, verify against PyTorch and write the four graphs + ``export.json`` to ``out_dir``; returns the sidecar."""
     _ort()
-    sources = {"checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
-               "vae": {"path": str(vae), "sha256": file_sha256(vae)}}  # fmt: skip
+    sources = {
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "vae": {"path": str(vae), "sha256": file_sha256(vae)},
+    }
     net, meta = load_net(checkpoint, kind)
     vae_net, vae_meta = load_net(vae, "vae")
     if net.audio is None:
@@ -140,9 +160,16 @@ def export_nets(
     for name, (module, examples, axes, outputs) in _graphs(net, vae, image_size, seed).items():
         dims: dict[str, Dim] = {}
         shapes = tuple({i: dims.setdefault(d, Dim(d)) for i, d in axes[k].items()} for k in examples[0])
-        program = torch.onnx.export(module.eval(), tuple(examples[0].values()), input_names=list(examples[0]),
-                                    output_names=outputs, dynamic_shapes=(shapes,), opset_version=opset, dynamo=True,
-                                    verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            module.eval(),
+            tuple(examples[0].values()),
+            input_names=list(examples[0]),
+            output_names=outputs,
+            dynamic_shapes=(shapes,),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
         with atomic_path(out / f"{name}.onnx") as tmp:
             program.save(tmp, external_data=False)
             session = _session(tmp, torch.get_num_threads())
@@ -156,15 +183,25 @@ def export_nets(
                 raise UserError(
                     f"{name}.onnx differs from PyTorch by {diff:.3g} > tolerance={tolerance:g}; export incomplete"
                 )
-        graphs[name] = {"file": f"{name}.onnx", "max_abs_diff": diff, "outputs": outputs,
-                        "inputs": {i.name: i.shape for i in session.get_inputs()}}  # fmt: skip
+        graphs[name] = {
+            "file": f"{name}.onnx",
+            "max_abs_diff": diff,
+            "outputs": outputs,
+            "inputs": {i.name: i.shape for i in session.get_inputs()},
+        }
     return {
         "opset": next(o.version for o in program.model_proto.opset_import if o.domain == ""),
-        "tolerance": tolerance, "torch": torch.__version__, "onnxruntime": _ort().__version__,
-        "image_size": image_size, "window": net.window, "audio_encoder": net.audio.config,
-        "downsample": vae.downsample, "latent_channels": vae.latent_channels, "graphs": graphs,
+        "tolerance": tolerance,
+        "torch": torch.__version__,
+        "onnxruntime": _ort().__version__,
+        "image_size": image_size,
+        "window": net.window,
+        "audio_encoder": net.audio.config,
+        "downsample": vae.downsample,
+        "latent_channels": vae.latent_channels,
+        "graphs": graphs,
         "pose_mask": None if net.pose_mask is None else list(net.pose_mask),
-    }  # fmt: skip
+    }
 
 
 # ---- runtime: onnxruntime sessions that look like the torch modules TalkingHeadPipeline calls ------------------
@@ -191,9 +228,18 @@ class OnnxDenoiser(nn.Module):
     def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         return self.audio(mel)
 
-    def forward(self, x_t: Tensor, t: Tensor, ref_latent: Tensor, audio_emb: Tensor | None = None,
-                visemes: Tensor | None = None, motion: Tensor | None = None, motion_mask: Tensor | None = None,
-                pose: Tensor | None = None, lips: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        ref_latent: Tensor,
+        audio_emb: Tensor | None = None,
+        visemes: Tensor | None = None,
+        motion: Tensor | None = None,
+        motion_mask: Tensor | None = None,
+        pose: Tensor | None = None,
+        lips: Tensor | None = None,
+    ) -> Tensor:
         b, n = x_t.shape[:2]
         if lips is not None:
             raise ValueError("the ONNX denoiser predicts lip shapes itself (graphs take no lips input)")
@@ -201,13 +247,15 @@ class OnnxDenoiser(nn.Module):
             raise ValueError("the ONNX denoiser drops audio and visemes together (both None or neither)")
         drop = audio_emb is None  # the null tokens: classifier-free guidance's unconditional branch
         inputs = {
-            "x_t": x_t.float(), "t": t.float().expand(b), "ref_latent": ref_latent.float(),
+            "x_t": x_t.float(),
+            "t": t.float().expand(b),
+            "ref_latent": ref_latent.float(),
             "audio_emb": x_t.new_zeros(b, n, self.audio.config["dim"]) if drop else audio_emb.float(),
             "visemes": torch.zeros(b, n, dtype=torch.long) if drop else visemes.long(),
             "motion": torch.zeros_like(x_t) if motion is None else motion.float(),
             "motion_mask": torch.zeros(b, n, dtype=torch.bool) if motion_mask is None else motion_mask.bool(),
             "drop_cond": torch.full((b,), drop),
-        }  # fmt: skip
+        }
         if self.pose_mask is not None:
             inputs["pose"] = pose.float()
         return _run(self.session, inputs)[0]

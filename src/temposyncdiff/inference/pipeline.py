@@ -47,10 +47,15 @@ class Timings:
     def report(self, audio_seconds: float) -> dict[str, Any]:
         total = sum(self.seconds.values())
         per = {k: 1e3 * v / max(self.frames, 1) for k, v in self.seconds.items()}
-        return {"frames": self.frames, "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-                "ms_per_frame": {k: round(v, 3) for k, v in per.items()} | {"total": round(1e3 * total / max(self.frames, 1), 3)},
-                "fps": round(self.frames / max(total, 1e-9), 2), "real_time_factor": round(total / max(audio_seconds, 1e-9), 4),
-                "first_frame_ms": None if self.first_frame_s is None else round(1e3 * self.first_frame_s, 2)}  # fmt: skip
+        return {
+            "frames": self.frames,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "ms_per_frame": {k: round(v, 3) for k, v in per.items()}
+            | {"total": round(1e3 * total / max(self.frames, 1), 3)},
+            "fps": round(self.frames / max(total, 1e-9), 2),
+            "real_time_factor": round(total / max(audio_seconds, 1e-9), 4),
+            "first_frame_ms": None if self.first_frame_s is None else round(1e3 * self.first_frame_s, 2),
+        }
 
 
 class TalkingHeadPipeline:
@@ -122,10 +127,15 @@ class TalkingHeadPipeline:
 
             onnx_dir = onnx_dir or Path(denoiser).with_name("onnx") / kind
             net, vae_net = load_onnx(onnx_dir, denoiser, vae_path, kind, onnx_threads)
-        settings = {"schedule": meta["schedule"], "sampler": meta.get("sampler", "ddim"), "sampler_kwargs": meta.get("sampler_kwargs"),
-                    "steps": meta.get("steps", 2),
-                    "guidance_scale": meta.get("guidance_scale", 1.0), "overlap": meta.get("overlap", 2),
-                    "image_size": meta.get("image_size") or vae_meta.get("image_size")}  # fmt: skip
+        settings = {
+            "schedule": meta["schedule"],
+            "sampler": meta.get("sampler", "ddim"),
+            "sampler_kwargs": meta.get("sampler_kwargs"),
+            "steps": meta.get("steps", 2),
+            "guidance_scale": meta.get("guidance_scale", 1.0),
+            "overlap": meta.get("overlap", 2),
+            "image_size": meta.get("image_size") or vae_meta.get("image_size"),
+        }
         if settings["image_size"] is None and overrides.get("image_size") is None:  # exports older than the field
             log.warning("%s and %s store no image size: assuming 64 px (pass image_size= if not)", denoiser, vae_path)
             settings["image_size"] = 64
@@ -259,8 +269,16 @@ class TalkingHeadPipeline:
             cond["lips"] = lips
         scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
         with torch.inference_mode():
-            x = sample(self.net, (1, self.window, *self.latent_shape), cond, scheduler, self.steps, self.guidance_scale,
-                       generator, self.device)  # fmt: skip
+            x = sample(
+                self.net,
+                (1, self.window, *self.latent_shape),
+                cond,
+                scheduler,
+                self.steps,
+                self.guidance_scale,
+                generator,
+                self.device,
+            )
         timings.add("denoiser", start)
         return x
 

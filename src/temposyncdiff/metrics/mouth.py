@@ -198,8 +198,13 @@ def follow_scores(pred: np.ndarray, truth: np.ndarray, silent: np.ndarray) -> di
     p, t = pred[ok], truth[ok]
     if ok.sum() < 3 or t.std() < 1e-9:
         return unavailable(f"the truth's mouth does not move ({int(ok.sum())} frames with landmarks)")
-    out = {"status": "ok", "corr": pearson(p, t), "amplitude": float(p.std() / t.std()), "num_frames": int(ok.sum()),
-           "frames_without_landmarks": int((~ok).sum())}  # fmt: skip
+    out = {
+        "status": "ok",
+        "corr": pearson(p, t),
+        "amplitude": float(p.std() / t.std()),
+        "num_frames": int(ok.sum()),
+        "frames_without_landmarks": int((~ok).sum()),
+    }
     quiet = silent[ok]
     if not quiet.any():
         return out | {"silence": unavailable("no silent stretch in the audio")}

@@ -141,5 +141,8 @@ class MouthMotion(Metric):
 
     def compute(self) -> dict[str, Any]:
         n = int(self.num_clips)
-        return {"corr": float(self.corr_sum) / n if n else None, "amplitude": float(self.amp_sum) / n if n else None,
-                "num_clips": n}  # fmt: skip
+        return {
+            "corr": float(self.corr_sum) / n if n else None,
+            "amplitude": float(self.amp_sum) / n if n else None,
+            "num_clips": n,
+        }

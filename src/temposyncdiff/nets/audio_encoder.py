@@ -42,11 +42,15 @@ class AudioEncoder(nn.Module):
         self.config = dict(n_mels=n_mels, window=window, dim=dim, context=context, num_visemes=num_visemes, width=width)
         self.norm_in = nn.BatchNorm1d(n_mels)
         self.frame_net = nn.Sequential(
-            nn.Conv1d(n_mels, width, 3, padding=1), nn.GELU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Flatten(), nn.Linear(width * ((window + 3) // 4), dim),
-        )  # fmt: skip
+            nn.Conv1d(n_mels, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(width * ((window + 3) // 4), dim),
+        )
         self.context = nn.Sequential(*(_TemporalBlock(dim, 2**i) for i in range(context)))
         self.norm_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_visemes)

@@ -120,8 +120,17 @@ class TemporalConv(nn.Module):
 class Block(nn.Module):
     """ResBlock, then optional spatial self-attention, cross-attention to audio tokens and a temporal layer."""
 
-    def __init__(self, cin: int, cout: int, cond_dim: int, heads: int, spatial: bool, cross: bool,
-                 temporal: str | None, dropout: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        cond_dim: int,
+        heads: int,
+        spatial: bool,
+        cross: bool,
+        temporal: str | None,
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.res = ResBlock(cin, cout, cond_dim, dropout)
         self.spatial = Attention(cout, heads) if spatial else None
@@ -199,12 +208,25 @@ class Denoiser(nn.Module):
         if temporal not in (None, "none", "attention", "conv"):
             raise ValueError(f"temporal must be attention | conv | none, got {temporal!r}")
         channels = tuple(channels)
-        self.config = dict(latent_channels=latent_channels, channels=list(channels), num_res_blocks=num_res_blocks,
-                           attention_levels=list(attention_levels), cross_attention_levels=list(cross_attention_levels),
-                           temporal=temporal, temporal_levels=list(temporal_levels), heads=heads, cond_dim=cond_dim,
-                           audio_dim=audio_dim, num_visemes=num_visemes, window=window, motion_frames=motion_frames,
-                           dropout=dropout, audio_encoder=dict(audio_encoder) if audio_encoder else None,
-                           pose_mask=list(pose_mask) if pose_mask else None, lip_dim=lip_dim)  # fmt: skip
+        self.config = dict(
+            latent_channels=latent_channels,
+            channels=list(channels),
+            num_res_blocks=num_res_blocks,
+            attention_levels=list(attention_levels),
+            cross_attention_levels=list(cross_attention_levels),
+            temporal=temporal,
+            temporal_levels=list(temporal_levels),
+            heads=heads,
+            cond_dim=cond_dim,
+            audio_dim=audio_dim,
+            num_visemes=num_visemes,
+            window=window,
+            motion_frames=motion_frames,
+            dropout=dropout,
+            audio_encoder=dict(audio_encoder) if audio_encoder else None,
+            pose_mask=list(pose_mask) if pose_mask else None,
+            lip_dim=lip_dim,
+        )
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
         if pose_mask is not None and not (
@@ -274,8 +296,15 @@ class Denoiser(nn.Module):
         (the head's regression; ``condition`` scales it by ``lip_gain``)."""
         return self.lip_head(self.audio_proj(audio_emb) + self.viseme_emb(visemes))
 
-    def condition(self, t: Tensor, audio_emb: Tensor | None, visemes: Tensor | None, shape: tuple[int, int],
-                  drop_cond: Tensor | None = None, lips: Tensor | None = None) -> _Ctx:  # fmt: skip
+    def condition(
+        self,
+        t: Tensor,
+        audio_emb: Tensor | None,
+        visemes: Tensor | None,
+        shape: tuple[int, int],
+        drop_cond: Tensor | None = None,
+        lips: Tensor | None = None,
+    ) -> _Ctx:
         """Per-frame FiLM vectors and cross-attention tokens from timestep, audio, visemes and lip shapes."""
         b, n = shape
         if n > self.window:

@@ -77,9 +77,16 @@ class SyncNet(nn.Module):
     ) -> None:
         super().__init__()
         self.config = dict(
-            image_size=image_size, n_mels=n_mels, mel_window=mel_window, frames=frames, dim=dim,
-            crop_top=crop_top, crop_side=crop_side, mel_per_frame=mel_per_frame, width=width,
-        )  # fmt: skip
+            image_size=image_size,
+            n_mels=n_mels,
+            mel_window=mel_window,
+            frames=frames,
+            dim=dim,
+            crop_top=crop_top,
+            crop_side=crop_side,
+            mel_per_frame=mel_per_frame,
+            width=width,
+        )
         self.frames, self.n_mels, self.mel_window = frames, n_mels, mel_window
         self.crop_top, self.crop_side, self.mel_per_frame = crop_top, crop_side, mel_per_frame
         self.crop_hw = (image_size - round(crop_top * image_size), image_size - 2 * round(crop_side * image_size))
@@ -91,9 +98,13 @@ class SyncNet(nn.Module):
         self.video_net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, dim))
         aw = 4 * width
         self.audio_net = nn.Sequential(
-            nn.BatchNorm1d(n_mels), *_conv1d(n_mels, aw, 1), *_conv1d(aw, aw, 2), *_conv1d(aw, 2 * aw, 2),
-            nn.Flatten(), nn.Linear(2 * aw * ((mel_window + 3) // 4), dim),
-        )  # fmt: skip
+            nn.BatchNorm1d(n_mels),
+            *_conv1d(n_mels, aw, 1),
+            *_conv1d(aw, aw, 2),
+            *_conv1d(aw, 2 * aw, 2),
+            nn.Flatten(),
+            nn.Linear(2 * aw * ((mel_window + 3) // 4), dim),
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(5.0)))
         self.logit_bias = nn.Parameter(torch.zeros(()))
 

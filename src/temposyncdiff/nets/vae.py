@@ -58,8 +58,14 @@ class TinyVAE(nn.Module):
         super().__init__()
         channels = tuple(channels)
         dec = tuple(decoder_channels or channels)
-        self.config = dict(channels=list(channels), latent_channels=latent_channels, num_res_blocks=num_res_blocks,
-                           decoder_channels=list(dec), mid_attention=mid_attention, patch_size=patch_size)  # fmt: skip
+        self.config = dict(
+            channels=list(channels),
+            latent_channels=latent_channels,
+            num_res_blocks=num_res_blocks,
+            decoder_channels=list(dec),
+            mid_attention=mid_attention,
+            patch_size=patch_size,
+        )
         self.latent_channels = latent_channels
         self.downsample = patch_size * 2 ** (len(channels) - 1)
         # a pixel-(un)shuffle stem: no convolution runs at full resolution, where they cost most

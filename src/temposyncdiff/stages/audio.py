@@ -92,8 +92,13 @@ class AudioStage(StageModule):
         self.confusion.reset()
         total, rows = cm.sum().clamp_min(1), cm.sum(1)
         recall = cm.diagonal()[rows > 0] / rows[rows > 0]
-        self.log_dict({f"{split}/viseme_acc": cm.diagonal().sum() / total, f"{split}/majority_acc": rows.max() / total,
-                       f"{split}/viseme_balanced_acc": recall.mean()})  # fmt: skip
+        self.log_dict(
+            {
+                f"{split}/viseme_acc": cm.diagonal().sum() / total,
+                f"{split}/majority_acc": rows.max() / total,
+                f"{split}/viseme_balanced_acc": recall.mean(),
+            }
+        )
         if self.hparams.log_confusion and not self.trainer.sanity_checking:
             self._log_confusion(f"{split}/viseme_confusion", cm)
 

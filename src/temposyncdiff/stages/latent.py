@@ -73,15 +73,17 @@ def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     for u in sorted(set(np.linspace(0, n - 1, min(n, count)).round().astype(int).tolist())):
         frames, mel, visemes, latents = src.clip(u, 0, src.num_frames[u])
         ref, ref_latent = src.frame(*ds.reference_frame(first[u]))
-        out.append({
-            "id": src.ids[u],
-            "frames": torch.from_numpy(np.array(frames, dtype=np.float32)) / 127.5 - 1.0,
-            "mel": np.array(mel, dtype=np.float32),
-            "visemes": torch.from_numpy(np.array(visemes, dtype=np.int64)),
-            "latents": None if latents is None else torch.from_numpy(np.array(latents, dtype=np.float32)),
-            "reference": torch.from_numpy(np.array(ref, dtype=np.float32)) / 127.5 - 1.0,
-            "ref_latent": None if ref_latent is None else torch.from_numpy(np.array(ref_latent, dtype=np.float32)),
-        })  # fmt: skip
+        out.append(
+            {
+                "id": src.ids[u],
+                "frames": torch.from_numpy(np.array(frames, dtype=np.float32)) / 127.5 - 1.0,
+                "mel": np.array(mel, dtype=np.float32),
+                "visemes": torch.from_numpy(np.array(visemes, dtype=np.int64)),
+                "latents": None if latents is None else torch.from_numpy(np.array(latents, dtype=np.float32)),
+                "reference": torch.from_numpy(np.array(ref, dtype=np.float32)) / 127.5 - 1.0,
+                "ref_latent": None if ref_latent is None else torch.from_numpy(np.array(ref_latent, dtype=np.float32)),
+            }
+        )
     return out
 
 
@@ -93,8 +95,15 @@ class LatentDiffusionStage(StageModule):
     here logs them) and ``sampled_validation`` (whole held-out utterances, generated and scored).
     """
 
-    def __init__(self, net: Denoiser, optimizer: Any, regions: dict[str, list[float]], scheduler: Any,
-                 eval_visemes: str, val_utterances: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: Denoiser,
+        optimizer: Any,
+        regions: dict[str, list[float]],
+        scheduler: Any,
+        eval_visemes: str,
+        val_utterances: int,
+    ) -> None:
         super().__init__(optimizer, scheduler)
         if net.audio is None:
             raise UserError(f"model.net.audio_encoder is required: the {self.kind} trains its own audio encoder")
@@ -156,8 +165,9 @@ class LatentDiffusionStage(StageModule):
         """The whole val utterances that the sampled validation generates (``held_out_utterances``)."""
         raise NotImplementedError
 
-    def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path,
-                           rows: dict[str, dict]) -> dict[str, float]:  # fmt: skip
+    def sampled_validation(
+        self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path, rows: dict[str, dict]
+    ) -> dict[str, float]:
         raise NotImplementedError
 
     def on_validation_epoch_start(self) -> None:
@@ -180,12 +190,16 @@ class LatentDiffusionStage(StageModule):
     def score_settings(self, overlap: int) -> ScoreSettings:
         """How the sampled validation generates and scores (``stages.scoring.score_runs``)."""
         hp = self.hparams
-        return ScoreSettings(self.regions, self.net.window, overlap, hp.eval_seed, hp.eval_visemes == "data",
-                             hp.sample_videos)  # fmt: skip
+        return ScoreSettings(
+            self.regions, self.net.window, overlap, hp.eval_seed, hp.eval_visemes == "data", hp.sample_videos
+        )
 
     def val_summary(self, metrics: dict[str, float]) -> str:
         """The sampled validation's log line: the key numbers of each run (``<run>/<metric>`` keys) or of the one."""
         keys = ("psnr_mouth", "psnr_mouth_gap", "psnr", "mouth_corr", "flicker_gap", "lse_c_gap")
         runs = dict.fromkeys(k.rpartition("/")[0] for k in metrics)
-        return "; ".join(f"{run}: " * bool(run) + " ".join(
-            f"{k}={metrics[p]:.3f}" for k in keys if (p := f"{run}/{k}" if run else k) in metrics) for run in runs)  # fmt: skip
+        return "; ".join(
+            f"{run}: " * bool(run)
+            + " ".join(f"{k}={metrics[p]:.3f}" for k in keys if (p := f"{run}/{k}" if run else k) in metrics)
+            for run in runs
+        )

@@ -67,8 +67,10 @@ def calibrate_lip_gain(net: Denoiser, datamodule: Any, device: torch.device, nam
         return
     truth, guess = torch.cat(truth), torch.cat(guess)
     net.lip_gain.copy_((truth.std(0) / guess.std(0).clamp_min(1e-6)).clamp(0.5, 4.0))
-    rank_zero_info(f"{name}: lip_gain {[round(g, 3) for g in net.lip_gain.tolist()]} "
-                   f"(held-out truth std over the head's, {len(truth)} frames)")  # fmt: skip
+    rank_zero_info(
+        f"{name}: lip_gain {[round(g, 3) for g in net.lip_gain.tolist()]} "
+        f"(held-out truth std over the head's, {len(truth)} frames)"
+    )
 
 
 @torch.no_grad()
@@ -115,7 +117,12 @@ def calibrate_rendered_gain(
     best = min(scored, key=lambda r: abs(r["amplitude"] - target))
     net.lip_gain.copy_(base * best["multiplier"])
     table = "; ".join(f"x{r['multiplier']:g}: amplitude {r['amplitude']:.2f} corr {r['corr']:.2f}" for r in scored)
-    rank_zero_info(f"{name}: rendered lip gain x{best['multiplier']:g} -> lip_gain "
-                   f"{[round(g, 3) for g in net.lip_gain.tolist()]} ({len(utterances)} val utterances; {table})")  # fmt: skip
-    return {"multiplier": best["multiplier"], "rows": rows,
-            "reason": f"rendered amplitude nearest {target:g}x the truth's"}  # fmt: skip
+    rank_zero_info(
+        f"{name}: rendered lip gain x{best['multiplier']:g} -> lip_gain "
+        f"{[round(g, 3) for g in net.lip_gain.tolist()]} ({len(utterances)} val utterances; {table})"
+    )
+    return {
+        "multiplier": best["multiplier"],
+        "rows": rows,
+        "reason": f"rendered amplitude nearest {target:g}x the truth's",
+    }

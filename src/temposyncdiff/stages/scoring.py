@@ -42,9 +42,18 @@ class ScoreSettings:
 
 
 @torch.no_grad()
-def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Tensor | None, generator: torch.Generator,
-             make_scheduler: Callable, steps: int, guidance_scale: float, overlap: int,
-             pose: Tensor | None = None) -> Tensor:  # fmt: skip
+def generate(
+    net: Denoiser,
+    ref_latent: Tensor,
+    mel_windows: Tensor,
+    visemes: Tensor | None,
+    generator: torch.Generator,
+    make_scheduler: Callable,
+    steps: int,
+    guidance_scale: float,
+    overlap: int,
+    pose: Tensor | None = None,
+) -> Tensor:
     """Latents ``[B,N,C,h,w]`` from whole-utterance mel windows with ``net``'s own audio encoder (teacher or student).
 
     ``visemes`` None: the audio encoder's viseme head (as at inference without a transcript). ``pose``: the pose
@@ -54,8 +63,21 @@ def generate(net: Denoiser, ref_latent: Tensor, mel_windows: Tensor, visemes: Te
     if visemes is None:
         visemes = logits.argmax(-1)
     pose = pose if getattr(net, "pose_mask", None) is not None else None
-    return generate_long(net, ref_latent, emb, visemes, mel_windows.shape[1], net.window, overlap,
-                         tuple(ref_latent.shape[1:]), make_scheduler, steps, guidance_scale, generator, pose)  # fmt: skip
+    return generate_long(
+        net,
+        ref_latent,
+        emb,
+        visemes,
+        mel_windows.shape[1],
+        net.window,
+        overlap,
+        tuple(ref_latent.shape[1:]),
+        make_scheduler,
+        steps,
+        guidance_scale,
+        generator,
+        pose,
+    )
 
 
 def decode(vae: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
@@ -76,8 +98,9 @@ def reference_latent(utt: dict[str, Any], vae: nn.Module, device: torch.device) 
     return ref.to(device)
 
 
-def own_and_swapped(utt: dict[str, Any], other: dict[str, Any], audio: AudioFeatures, data_visemes: bool,
-                    device: torch.device) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def own_and_swapped(
+    utt: dict[str, Any], other: dict[str, Any], audio: AudioFeatures, data_visemes: bool, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
     """Mel windows ``[2,N,n_mels,W]`` of ``utt``'s own audio and ``other``'s (the audio-swap control), and their
     viseme labels ``[2,N]`` (``other``'s cut or padded with silence) when ``data_visemes``, else None (the nets'
     own viseme heads)."""
@@ -95,7 +118,9 @@ def write_comparison(path: Path, videos: list[np.ndarray], row: dict | None, aud
     is there."""
     wave = None
     if row is not None and os.path.isfile(row["video_mp4"]):
-        wave = load_audio(row["video_mp4"], audio.sample_rate, int(round(len(videos[0]) * audio.sample_rate / audio.fps)))
+        wave = load_audio(
+            row["video_mp4"], audio.sample_rate, int(round(len(videos[0]) * audio.sample_rate / audio.fps))
+        )
     write_side_by_side(path, videos, wave, audio.fps, audio.sample_rate)
 
 
@@ -159,8 +184,12 @@ def score_runs(
             if name in vs_ref:
                 vs_ref[name].update(video[0], own[next(iter(runs))])
         if video_dir is not None and i < s.sample_videos:
-            write_comparison(video_dir / f"{utt['id'].replace('/', '_')}.mp4", [gt, *own.values()],
-                             (rows or {}).get(utt["id"]), audio)  # fmt: skip
+            write_comparison(
+                video_dir / f"{utt['id'].replace('/', '_')}.mp4",
+                [gt, *own.values()],
+                (rows or {}).get(utt["id"]),
+                audio,
+            )
     out = {}
     for name, scorer in scorers.items():
         m = flat_scores(scorer.compute())

@@ -132,11 +132,13 @@ class StudentStage(LatentDiffusionStage):
             self._frozen["teacher"], self.teacher_meta = frozen_net(hp.teacher_weights, "teacher")
             self._frozen["vae"], _ = frozen_net(hp.vae_weights, "vae")
         teacher, vae = self._frozen["teacher"], self._frozen["vae"]
-        for name, mine, theirs in (("latent_channels", self.net.latent_channels, teacher.latent_channels),
-                                   ("window", self.net.window, teacher.window),
-                                   ("pose_mask", self.net.pose_mask, teacher.pose_mask),
-                                   ("lip_dim", self.net.lip_dim, teacher.lip_dim),
-                                   ("VAE latent channels", vae.latent_channels, teacher.latent_channels)):  # fmt: skip
+        for name, mine, theirs in (
+            ("latent_channels", self.net.latent_channels, teacher.latent_channels),
+            ("window", self.net.window, teacher.window),
+            ("pose_mask", self.net.pose_mask, teacher.pose_mask),
+            ("lip_dim", self.net.lip_dim, teacher.lip_dim),
+            ("VAE latent channels", vae.latent_channels, teacher.latent_channels),
+        ):
             if mine != theirs:
                 raise UserError(f"{hp.teacher_weights}: teacher has {name}={theirs}, the student setup has {mine}")
         self.load_expert()
@@ -163,12 +165,16 @@ class StudentStage(LatentDiffusionStage):
             shapes = (vae.latent_channels, size, size), (dm.audio.n_mels, dm.audio.window_frames)
             s, t = model_stats(self.net, *shapes), model_stats(teacher, *shapes)
             ratio = s["flops_per_frame"] / t["flops_per_frame"]
-            rank_zero_info(f"student: denoiser {s['params_denoiser'] / 1e6:.2f} M params (teacher "
-                           f"{t['params_denoiser'] / 1e6:.2f}), {s['flops_per_frame'] / 1e6:.1f} MFLOP per frame per step "
-                           f"(teacher {t['flops_per_frame'] / 1e6:.1f}, ratio {ratio:.2f})")  # fmt: skip
+            rank_zero_info(
+                f"student: denoiser {s['params_denoiser'] / 1e6:.2f} M params (teacher "
+                f"{t['params_denoiser'] / 1e6:.2f}), {s['flops_per_frame'] / 1e6:.1f} MFLOP per frame per step "
+                f"(teacher {t['flops_per_frame'] / 1e6:.1f}, ratio {ratio:.2f})"
+            )
             if hp.max_flops_ratio is not None and ratio > hp.max_flops_ratio:
-                raise UserError(f"the student needs {ratio:.2f}x the teacher's FLOPs per frame; model.max_flops_ratio "
-                                f"is {hp.max_flops_ratio} (make model.net smaller)")  # fmt: skip
+                raise UserError(
+                    f"the student needs {ratio:.2f}x the teacher's FLOPs per frame; model.max_flops_ratio "
+                    f"is {hp.max_flops_ratio} (make model.net smaller)"
+                )
 
     # ---- teacher couplings --------------------------------------------------------------------------------------
     def couplings(self, split: str, dataset: Dataset | None = None) -> Couplings:
@@ -181,8 +187,10 @@ class StudentStage(LatentDiffusionStage):
         keys = clip_keys(dataset)
         keys_used = "teacher_sampler teacher_steps coupling_seed motion_prob audio_visemes_prob lip_truth_prob"
         settings = {k: hp[k] for k in keys_used.split()}
-        ident = json.dumps({"teacher": weights_digest(self._frozen["teacher"]), "guidance": self.guidance, **settings,
-                            "keys": keys}, sort_keys=True)  # fmt: skip
+        ident = json.dumps(
+            {"teacher": weights_digest(self._frozen["teacher"]), "guidance": self.guidance, **settings, "keys": keys},
+            sort_keys=True,
+        )
         path = (
             Path(hp.couplings_dir) / f"{split}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
             if hp.couplings_dir
@@ -219,8 +227,13 @@ class StudentStage(LatentDiffusionStage):
         r = torch.rand(b, 4, generator=generator, device=self.device)
         visemes = torch.where(r[:, :1] < hp.audio_visemes_prob, logits.argmax(-1), batch.visemes)
         known = torch.where(r[:, 1] < hp.motion_prob, (r[:, 2] * (t - 1)).long() + 1, 0)
-        cond = {"ref_latent": ref, "audio_emb": emb, "visemes": visemes, "motion": x0,
-                "motion_mask": torch.arange(t, device=self.device) < known[:, None]}  # fmt: skip
+        cond = {
+            "ref_latent": ref,
+            "audio_emb": emb,
+            "visemes": visemes,
+            "motion": x0,
+            "motion_mask": torch.arange(t, device=self.device) < known[:, None],
+        }
         if teacher.pose_mask is not None:
             cond["pose"] = x0
         lips = x0.new_zeros(b, t, teacher.lip_dim)
@@ -274,8 +287,10 @@ class StudentStage(LatentDiffusionStage):
         distill, x0_hat = trajectory_loss(
             self.net, self.schedule, c["noise"], c["sample"], ts, target_mask, cond, pixel_weight
         )
-        out = {"distill": distill,
-               "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0}  # fmt: skip
+        out = {
+            "distill": distill,
+            "viseme_ce": F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0,
+        }
         if lip_loss is not None:
             out["lips"] = lip_loss
         if hp.data_weight:  # the ground truth as a second target: sharper where the teacher's samples are soft
@@ -290,8 +305,15 @@ class StudentStage(LatentDiffusionStage):
         if hp.sync_weight:
             frames = self.frozen("vae").from_latent(full.flatten(0, 1)).unflatten(0, (b, t))
             out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
-        weights = {"distill": 1.0, "viseme_ce": hp.viseme_weight, "lips": hp.lip_weight, "data": hp.data_weight,
-                   "identity": hp.identity_weight, "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
+        weights = {
+            "distill": 1.0,
+            "viseme_ce": hp.viseme_weight,
+            "lips": hp.lip_weight,
+            "data": hp.data_weight,
+            "identity": hp.identity_weight,
+            "temporal": hp.temporal_weight,
+            "sync": hp.sync_weight,
+        }
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 
@@ -300,9 +322,17 @@ class StudentStage(LatentDiffusionStage):
         """``generate`` functions: ``teacher<N>`` (its own sampler, guided) and ``student<n>`` (one call per step)."""
         meta = self.teacher_meta
         teacher_sampler = partial(make_sampler, meta.get("sampler", "ddim"), self.teacher_schedule.scheduler.config)
-        out = {f"teacher{n}": partial(generate, self.frozen("teacher"), make_scheduler=teacher_sampler, steps=n,
-                                      guidance_scale=meta.get("guidance_scale", 1.0), overlap=self.overlap)
-               for n in teacher_steps}  # fmt: skip
+        out = {
+            f"teacher{n}": partial(
+                generate,
+                self.frozen("teacher"),
+                make_scheduler=teacher_sampler,
+                steps=n,
+                guidance_scale=meta.get("guidance_scale", 1.0),
+                overlap=self.overlap,
+            )
+            for n in teacher_steps
+        }
         student = partial(student_sampler, self.schedule.scheduler.config)
         for n in steps:
             out[f"student{n}"] = partial(
@@ -314,14 +344,24 @@ class StudentStage(LatentDiffusionStage):
         utts = held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
         return [truncate(u, self.hparams.val_frames) for u in utts]
 
-    def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path,
-                           rows: dict[str, dict]) -> dict[str, float]:  # fmt: skip
+    def sampled_validation(
+        self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path, rows: dict[str, dict]
+    ) -> dict[str, float]:
         """The student at ``val_steps`` beside the teacher (``score_runs``): ``<run>/<metric>``."""
         hp = self.hparams
         teacher = f"teacher{hp.teacher_eval_steps}"
-        metrics = score_runs(self.runs(hp.val_steps, [hp.teacher_eval_steps]), utterances, self.frozen("vae"), audio,
-                             self.score_settings(self.overlap), self.frozen("syncnet"), video_dir, rows,
-                             self._teacher_eval, {teacher})  # fmt: skip
+        metrics = score_runs(
+            self.runs(hp.val_steps, [hp.teacher_eval_steps]),
+            utterances,
+            self.frozen("vae"),
+            audio,
+            self.score_settings(self.overlap),
+            self.frozen("syncnet"),
+            video_dir,
+            rows,
+            self._teacher_eval,
+            {teacher},
+        )
         return {f"{run}/{k}": v for run, m in metrics.items() for k, v in m.items()}
 
     def before_export(self) -> None:
@@ -352,28 +392,50 @@ class StudentStage(LatentDiffusionStage):
             n = len(utt["frames"])
             mel = clip_mel_windows(dm.audio, utt["mel"], 0, n)[None].to(dev)
             visemes = utt["visemes"][None].to(dev) if hp.eval_visemes == "data" else None
-            out = generate(self.net, reference_latent(utt, vae, dev)[None], mel, visemes,
-                           torch.Generator(dev).manual_seed(hp.eval_seed), sampler, hp.steps, 1.0, self.overlap,
-                           pose=frame_latents(utt, vae, dev)[None])  # fmt: skip
+            out = generate(
+                self.net,
+                reference_latent(utt, vae, dev)[None],
+                mel,
+                visemes,
+                torch.Generator(dev).manual_seed(hp.eval_seed),
+                sampler,
+                hp.steps,
+                1.0,
+                self.overlap,
+                pose=frame_latents(utt, vae, dev)[None],
+            )
             return (decode(vae, out)[0].cpu() + 1) / 2
 
         utts = held_out_utterances(dm.datasets["val"], int(cfg["utterances"]))
         self.net.eval()
         try:
-            return calibrate_rendered_gain(self.net, render, utts, list(cfg["gains"]), landmarks,
-                                           float(cfg.get("target", 1.0)), "student")  # fmt: skip
+            return calibrate_rendered_gain(
+                self.net, render, utts, list(cfg["gains"]), landmarks, float(cfg.get("target", 1.0)), "student"
+            )
         finally:
             self.net.train(was_training)
 
     def export_meta(self) -> dict[str, Any]:
         hp, sch = self.hparams, self.schedule.scheduler.config
-        return {"schedule": {k: sch[k] for k in SCHEDULE_KEYS}, "sampler": "ddim",
-                "sampler_kwargs": {"set_alpha_to_one": True}, "steps": hp.steps, "guidance_scale": 1.0,
-                "overlap": self.overlap, "vae_weights": str(hp.vae_weights), "teacher_weights": str(hp.teacher_weights),
-                "teacher_sha256": weights_digest(self._frozen["teacher"]), "lip_calibration": self.lip_calibration,
-                "distillation": {"method": "trajectory", "teacher_sampler": hp.teacher_sampler,
-                                 "teacher_steps": hp.teacher_steps, "guidance_scale": self.guidance,
-                                 "train_steps": list(hp.train_steps)}}  # fmt: skip
+        return {
+            "schedule": {k: sch[k] for k in SCHEDULE_KEYS},
+            "sampler": "ddim",
+            "sampler_kwargs": {"set_alpha_to_one": True},
+            "steps": hp.steps,
+            "guidance_scale": 1.0,
+            "overlap": self.overlap,
+            "vae_weights": str(hp.vae_weights),
+            "teacher_weights": str(hp.teacher_weights),
+            "teacher_sha256": weights_digest(self._frozen["teacher"]),
+            "lip_calibration": self.lip_calibration,
+            "distillation": {
+                "method": "trajectory",
+                "teacher_sampler": hp.teacher_sampler,
+                "teacher_steps": hp.teacher_steps,
+                "guidance_scale": self.guidance,
+                "train_steps": list(hp.train_steps),
+            },
+        }
 
 
 def truncate(utt: dict[str, Any], frames: int | None) -> dict[str, Any]:

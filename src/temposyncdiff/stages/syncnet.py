@@ -243,12 +243,22 @@ class SyncNetStage(StageModule):
         hp = self.hparams
         if not hp.lse_max_utterances:
             return
-        emb = [embed_clip(self.net, f.to(self.device), m.to(self.device)) for f, m in utterances(dataset, hp.lse_max_utterances)]  # fmt: skip
+        emb = [
+            embed_clip(self.net, f.to(self.device), m.to(self.device))
+            for f, m in utterances(dataset, hp.lse_max_utterances)
+        ]
         if len(emb) < 2:
             warnings.warn(f"{split}: LSE needs at least 2 utterances, got {len(emb)}", stacklevel=2)
             return
         out = audio_swap_control(lambda c, s: (c[0], s[1]), emb, vshift=hp.lse_vshift, min_overlap=hp.lse_min_overlap)
         own, swap = out["own"], out["swapped"]
-        self.log_dict({f"{split}/lse_c": own["lse_c"], f"{split}/lse_d": own["lse_d"],
-                       f"{split}/offset0": own["offset_zero_frac"], f"{split}/lse_c_swap": swap["lse_c"],
-                       f"{split}/lse_c_gap": own["lse_c"] - swap["lse_c"]}, prog_bar=True)  # fmt: skip
+        self.log_dict(
+            {
+                f"{split}/lse_c": own["lse_c"],
+                f"{split}/lse_d": own["lse_d"],
+                f"{split}/offset0": own["offset_zero_frac"],
+                f"{split}/lse_c_swap": swap["lse_c"],
+                f"{split}/lse_c_gap": own["lse_c"] - swap["lse_c"],
+            },
+            prog_bar=True,
+        )

@@ -131,8 +131,18 @@ class TeacherStage(LatentDiffusionStage):
             truth, guess = self.net.standardize_lips(batch.lips), self.net.predict_lips(emb, visemes)
             lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
             lips = torch.where(rand(b)[:, None, None] < hp.lip_truth_prob, truth, guess.detach())
-        pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=rand(b) < hp.cond_drop,
-                        pose=pose, lips=lips)  # fmt: skip
+        pred = self.net(
+            x_t,
+            ts,
+            ref,
+            emb,
+            visemes,
+            motion=x0,
+            motion_mask=known,
+            drop_cond=rand(b) < hp.cond_drop,
+            pose=pose,
+            lips=lips,
+        )
         target_mask = mask & ~known
         pixel_weight = region_weight(*x0.shape[-2:], self.regions.mouth, hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
@@ -154,8 +164,14 @@ class TeacherStage(LatentDiffusionStage):
             if hp.sync_weight:
                 frames = self.frozen("vae").from_latent(x0_hat.flatten(0, 1)).unflatten(0, (b, t))
                 out["sync"] = sync_loss(self.frozen("syncnet"), frames, batch.mel, mask)
-        weights = {"diffusion": 1.0, "viseme_ce": hp.viseme_weight, "lips": hp.lip_weight, "identity": hp.identity_weight,
-                   "temporal": hp.temporal_weight, "sync": hp.sync_weight}  # fmt: skip
+        weights = {
+            "diffusion": 1.0,
+            "viseme_ce": hp.viseme_weight,
+            "lips": hp.lip_weight,
+            "identity": hp.identity_weight,
+            "temporal": hp.temporal_weight,
+            "sync": hp.sync_weight,
+        }
         out["loss"] = sum(weights[k] * v for k, v in out.items() if k in weights)
         return out
 
@@ -163,14 +179,33 @@ class TeacherStage(LatentDiffusionStage):
     def held_out(self) -> list[dict[str, Any]]:
         return held_out_utterances(self.trainer.val_dataloaders.dataset, self.hparams.val_utterances)
 
-    def sampled_validation(self, utterances: list[dict[str, Any]], audio: AudioFeatures, video_dir: Path | None = None,
-                           rows: dict[str, dict] | None = None) -> dict[str, float]:  # fmt: skip
+    def sampled_validation(
+        self,
+        utterances: list[dict[str, Any]],
+        audio: AudioFeatures,
+        video_dir: Path | None = None,
+        rows: dict[str, dict] | None = None,
+    ) -> dict[str, float]:
         """Each utterance with its own and with the next one's audio, scored and written as mp4s (``score_runs``)."""
         hp = self.hparams
-        run = partial(generate, self.net, make_scheduler=partial(make_sampler, hp.sampler, self.schedule.scheduler.config),
-                      steps=hp.steps, guidance_scale=hp.guidance_scale, overlap=hp.overlap)  # fmt: skip
-        return score_runs({"teacher": run}, utterances, self.frozen("vae"), audio, self.score_settings(hp.overlap),
-                          self.frozen("syncnet"), video_dir, rows)["teacher"]  # fmt: skip
+        run = partial(
+            generate,
+            self.net,
+            make_scheduler=partial(make_sampler, hp.sampler, self.schedule.scheduler.config),
+            steps=hp.steps,
+            guidance_scale=hp.guidance_scale,
+            overlap=hp.overlap,
+        )
+        return score_runs(
+            {"teacher": run},
+            utterances,
+            self.frozen("vae"),
+            audio,
+            self.score_settings(hp.overlap),
+            self.frozen("syncnet"),
+            video_dir,
+            rows,
+        )["teacher"]
 
     def before_export(self) -> None:
         if self.net.lip_dim:
@@ -178,7 +213,11 @@ class TeacherStage(LatentDiffusionStage):
 
     def export_meta(self) -> dict[str, Any]:
         sch = self.schedule.scheduler.config
-        return {"schedule": {k: sch[k] for k in SCHEDULE_KEYS},
-                "sampler": self.hparams.sampler, "steps": self.hparams.steps,
-                "guidance_scale": self.hparams.guidance_scale, "overlap": self.hparams.overlap,
-                "vae_weights": str(self.hparams.vae_weights)}  # fmt: skip
+        return {
+            "schedule": {k: sch[k] for k in SCHEDULE_KEYS},
+            "sampler": self.hparams.sampler,
+            "steps": self.hparams.steps,
+            "guidance_scale": self.hparams.guidance_scale,
+            "overlap": self.hparams.overlap,
+            "vae_weights": str(self.hparams.vae_weights),
+        }

@@ -106,8 +106,12 @@ class VAEStage(StageModule):
         self.net.train(was_training)
 
     def export_meta(self) -> dict[str, Any]:
-        return {"scale_factor": float(self.net.scale_factor), "downsample": self.net.downsample,
-                "latent_channels": self.net.latent_channels, "val_psnr": _float(self.trainer.callback_metrics.get("val/psnr"))}  # fmt: skip
+        return {
+            "scale_factor": float(self.net.scale_factor),
+            "downsample": self.net.downsample,
+            "latent_channels": self.net.latent_channels,
+            "val_psnr": _float(self.trainer.callback_metrics.get("val/psnr")),
+        }
 
 
 def _float(x: Any) -> float | None:

@@ -38,11 +38,18 @@ def device_name(device: torch.device) -> str:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What every latency number depends on besides its own setting (load average: the machine may be shared)."""
-    return {"device": device_name(device), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None, "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    return {
+        "device": device_name(device),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 @contextmanager
@@ -89,8 +96,13 @@ def time_call(
             break
     times.sort()
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": times[0],
-            "repeats": len(times)}  # fmt: skip
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": q[0],
+        "p90_ms": q[-1],
+        "min_ms": times[0],
+        "repeats": len(times),
+    }
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

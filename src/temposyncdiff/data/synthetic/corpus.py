@@ -153,8 +153,9 @@ def _num_frames(audio: np.ndarray) -> int:
     return len(audio) * int(FPS) // SAMPLE_RATE
 
 
-def _render(cfg: SynthConfig, identity: Identity, mouth: np.ndarray, audio: np.ndarray,
-            rng: np.random.Generator) -> Iterator[np.ndarray]:  # fmt: skip
+def _render(
+    cfg: SynthConfig, identity: Identity, mouth: np.ndarray, audio: np.ndarray, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """Frames of a face speaking with ``mouth``; blinks and head motion are drawn from ``rng``."""
     num_frames = len(mouth)
     blink = blink_track(rng, num_frames)
@@ -264,8 +265,14 @@ def synthesize_corpus(cfg: SynthConfig, overwrite: bool = False, log=print) -> d
         frames += n
     elapsed = time.perf_counter() - start
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    summary = {"settings": settings, "utterances": len(jobs), "made_now": int(made), "frames_made_now": int(frames),
-               "seconds": round(elapsed, 1), "bytes": size}  # fmt: skip
+    summary = {
+        "settings": settings,
+        "utterances": len(jobs),
+        "made_now": int(made),
+        "frames_made_now": int(frames),
+        "seconds": round(elapsed, 1),
+        "bytes": size,
+    }
     write_json(meta_path, summary)
     log(
         f"synthetic corpus: {len(jobs)} utterances ({made} made now, {frames} frames) in {elapsed:.1f} s, {size / 1e6:.1f} MB at {out}"
