@@ -146,12 +146,12 @@ def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
         yield batch
 
 
-def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
-    net = Denoiser(
+def lip_net() -> Denoiser:
+    """The smallest denoiser with a 3-shape lip head."""
+    levels = {"attention_levels": (), "cross_attention_levels": (), "temporal_levels": ()}
+    return Denoiser(
         channels=(8,),
-        attention_levels=(),
-        cross_attention_levels=(),
-        temporal_levels=(),
+        **levels,
         heads=1,
         cond_dim=8,
         audio_dim=4,
@@ -159,6 +159,10 @@ def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
         lip_dim=3,
         audio_encoder={"dim": 4, "width": 4},
     )
+
+
+def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
+    net = lip_net()
     net.lip_norm.copy_(torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 1.0]]))
     truth = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
     shrink = torch.tensor([0.5, 1.0, 0.1])  # a head that predicts the truth at 1/2, 1 and 1/10 of its spread
@@ -253,18 +257,7 @@ class _BrightnessLips:
 
 
 def test_rendered_gain_picks_the_multiplier_whose_rendered_lips_swing_as_the_truths():
-    net = Denoiser(
-        channels=(8,),
-        attention_levels=(),
-        cross_attention_levels=(),
-        temporal_levels=(),
-        heads=1,
-        cond_dim=8,
-        audio_dim=4,
-        window=4,
-        lip_dim=3,
-        audio_encoder={"dim": 4, "width": 4},
-    )
+    net = lip_net()
     net.lip_gain.copy_(torch.tensor([1.0, 2.0, 0.5]))  # the shape-level calibration's result
     wave = torch.sin(torch.arange(40.0) / 3)
     utts = [{"frames": (0.5 * wave * s)[:, None, None, None].expand(-1, 3, 8, 8)} for s in (0.8, 1.0)]
