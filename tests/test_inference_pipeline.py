@@ -353,36 +353,3 @@ def test_pose_source_drives_every_window_of_a_pose_net(exports):
     assert len(revoiced) == len(photo) == 11
     assert asked and asked[0][0] == 0 and max(b for _, b in asked) >= 11
     assert not np.array_equal(revoiced, photo)
-
-
-def test_photo_in_draws_lips_with_the_calibrated_photo_gain(tmp_path, monkeypatch):
-    """The student's lip_calibration.photo multiplier scales the lip gain while the photo is every pose, and only
-    then; tsd-infer's override wins over the calibration; the net's own gain is left as it was."""
-    from temposyncdiff.inference import pipeline as pipeline_module
-    from temposyncdiff.utils.weights import load_net, save_weights
-
-    save_tiny_exports(tmp_path, ("student",), pose_mask=(0.25, 0.5, 0.75, 1.0), lip_dim=3)
-    net, meta = load_net(tmp_path / "student_best.pt", "student")
-    net.lip_gain.copy_(torch.tensor([1.0, 2.0, 4.0]))
-    save_weights(
-        tmp_path / "student_best.pt", "student", net, meta | {"lip_calibration": {"photo": {"multiplier": 0.5}}}
-    )
-    gains = []
-    real_sample = pipeline_module.sample
-    monkeypatch.setattr(
-        pipeline_module, "sample", lambda n, *a, **k: gains.append(n.lip_gain.clone()) or real_sample(n, *a, **k)
-    )
-    pipe = TalkingHeadPipeline.from_checkpoints(tmp_path / "student_best.pt", kind="student", steps=1)
-    assert pipe.photo_lip_scale == 0.5 and pipe.photo_lips() == {"scale": 0.5, "applied": True}
-    rng = np.random.default_rng(0)
-    video = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
-    wave = rng.standard_normal(16000 * 6 // 25).astype(np.float32) * 0.1
-    _, ref = pipe.reference(video[0])
-    list(pipe.frames(ref, wave))  # photo-in
-    assert gains and all(torch.equal(g, torch.tensor([0.5, 1.0, 2.0])) for g in gains)
-    gains.clear()
-    list(pipe.frames(ref, wave, pose=lambda a, b: video[a:b]))  # re-voicing: the calibrated gain as it is
-    assert gains and all(torch.equal(g, torch.tensor([1.0, 2.0, 4.0])) for g in gains)
-    assert torch.equal(pipe.net.lip_gain, torch.tensor([1.0, 2.0, 4.0]))
-    again = TalkingHeadPipeline.from_checkpoints(tmp_path / "student_best.pt", kind="student", photo_lip_scale=1.0)
-    assert again.photo_lip_scale == 1.0

@@ -70,18 +70,7 @@ def infer(cfg: DictConfig) -> dict:
         sample_rate=rate,
     )
     threads = set_threads(cfg.threads)
-    keys = (
-        "steps",
-        "sampler",
-        "guidance_scale",
-        "device",
-        "seed",
-        "detector",
-        "min_face_px",
-        "runtime",
-        "onnx_dir",
-        "photo_lip_scale",
-    )
+    keys = ("steps", "sampler", "guidance_scale", "device", "seed", "detector", "min_face_px", "runtime", "onnx_dir")
     pipe = TalkingHeadPipeline.from_checkpoints(
         cfg.checkpoint, cfg.vae, kind=cfg.stage, onnx_threads=threads, **{k: cfg[k] for k in keys}
     )
@@ -125,7 +114,6 @@ def infer(cfg: DictConfig) -> dict:
             else "audio encoder",
             "timings": timings.report(len(wave) / rate),
             **({"video": video_summary(video, track), "revoice": revoicer.report()} if revoicer else {}),
-            **({"photo_lips": pipe.photo_lips()} if not revoicer and pipe.photo_lips() else {}),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

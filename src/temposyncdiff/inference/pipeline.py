@@ -14,7 +14,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +80,6 @@ class TalkingHeadPipeline:
         seed: int = 0,
         detector: str = "auto",
         min_face_px: int = MIN_FACE_PX,
-        photo_lip_scale: float = 1.0,
     ) -> None:
         if denoiser.audio is None:
             raise ValueError("the denoiser has no audio encoder")
@@ -91,7 +89,6 @@ class TalkingHeadPipeline:
         self.sampler_kwargs = dict(sampler_kwargs or {})  # e.g. the student's set_alpha_to_one
         self.guidance_scale, self.overlap, self.window = guidance_scale, overlap, denoiser.window
         self.image_size, self.seed, self.detector, self.min_face_px = image_size, seed, detector, min_face_px
-        self.photo_lip_scale = photo_lip_scale  # photo-in's multiplier of the lip gain (the student's calibration)
         enc = denoiser.audio.config
         self.audio = audio or AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
         if overlap >= self.window:
@@ -138,7 +135,6 @@ class TalkingHeadPipeline:
             "guidance_scale": meta.get("guidance_scale", 1.0),
             "overlap": meta.get("overlap", 2),
             "image_size": meta.get("image_size") or vae_meta.get("image_size"),
-            "photo_lip_scale": ((meta.get("lip_calibration") or {}).get("photo") or {}).get("multiplier", 1.0),
         }
         if settings["image_size"] is None and overrides.get("image_size") is None:  # exports older than the field
             log.warning("%s and %s store no image size: assuming 64 px (pass image_size= if not)", denoiser, vae_path)
@@ -262,32 +258,6 @@ class TalkingHeadPipeline:
         timings.add("pose_encoder", t0)
         return z
 
-    def photo_lips(self) -> dict[str, Any] | None:
-        """Photo-in's lip gain multiplier and whether it applies (None: the net draws no lips from a pose)."""
-        if not getattr(self.net, "lip_dim", 0) or getattr(self.net, "pose_mask", None) is None:
-            return None
-        if getattr(self.net, "lip_gain", None) is None:
-            return {
-                "scale": self.photo_lip_scale,
-                "applied": False,
-                "reason": "the ONNX graphs hold the re-voicing gain",
-            }
-        return {"scale": self.photo_lip_scale, "applied": True}
-
-    @contextmanager
-    def _lip_gain(self, photo: bool) -> Iterator[None]:
-        """Photo-in (the reference as every frame's pose) draws lips with the gain times ``photo_lip_scale``."""
-        gain = getattr(self.net, "lip_gain", None)
-        if not photo or self.photo_lip_scale == 1.0 or not (self.photo_lips() or {}).get("applied"):
-            yield
-            return
-        saved = gain.clone()
-        gain.mul_(self.photo_lip_scale)
-        try:
-            yield
-        finally:
-            gain.copy_(saved)
-
     def _denoise(self, ref, emb, tokens, motion, known, generator, timings, pose=None, lips=None) -> torch.Tensor:
         start = time.perf_counter()
         mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
@@ -298,7 +268,7 @@ class TalkingHeadPipeline:
         if lips is not None:
             cond["lips"] = lips
         scheduler = make_sampler(self.sampler, self.schedule, **self.sampler_kwargs)
-        with torch.inference_mode(), self._lip_gain(photo=pose is None):
+        with torch.inference_mode():
             x = sample(
                 self.net,
                 (1, self.window, *self.latent_shape),

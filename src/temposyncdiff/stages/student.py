@@ -376,9 +376,7 @@ class StudentStage(LatentDiffusionStage):
         self.net.lip_gain.copy_(gain)
 
     def calibrate_rendered_gain(self, dm: Any) -> dict[str, Any] | None:
-        """``lip_render``: scale the lip gain until the val utterances' rendered lips swing as the truth's do when
-        the net re-voices their own frames; with ``photo_gains``, also find the multiplier of that gain for photo-in
-        (the reference still as every frame's pose), kept in the result's ``photo`` for the pipeline to apply."""
+        """``lip_render``: scale the lip gain until the val utterances' rendered lips swing as the truth's do."""
         hp, cfg = self.hparams, self.hparams.lip_render
         if not cfg or dm is None or "val" not in getattr(dm, "datasets", {}):
             return None
@@ -390,29 +388,30 @@ class StudentStage(LatentDiffusionStage):
         vae, dev, was_training = self.frozen("vae"), self.device, self.net.training
         sampler = partial(student_sampler, self.schedule.scheduler.config)
 
-        def render(utt: dict[str, Any], photo: bool = False) -> Tensor:
+        def render(utt: dict[str, Any]) -> Tensor:
             n = len(utt["frames"])
             mel = clip_mel_windows(dm.audio, utt["mel"], 0, n)[None].to(dev)
             visemes = utt["visemes"][None].to(dev) if hp.eval_visemes == "data" else None
-            ref = reference_latent(utt, vae, dev)[None]
-            pose = None if photo else frame_latents(utt, vae, dev)[None]  # None: the reference is every pose
-            seed = torch.Generator(dev).manual_seed(hp.eval_seed)
-            out = generate(self.net, ref, mel, visemes, seed, sampler, hp.steps, 1.0, self.overlap, pose=pose)
+            out = generate(
+                self.net,
+                reference_latent(utt, vae, dev)[None],
+                mel,
+                visemes,
+                torch.Generator(dev).manual_seed(hp.eval_seed),
+                sampler,
+                hp.steps,
+                1.0,
+                self.overlap,
+                pose=frame_latents(utt, vae, dev)[None],
+            )
             return (decode(vae, out)[0].cpu() + 1) / 2
 
         utts = held_out_utterances(dm.datasets["val"], int(cfg["utterances"]))
-        target = float(cfg.get("target", 1.0))
         self.net.eval()
         try:
-            out = calibrate_rendered_gain(self.net, render, utts, list(cfg["gains"]), landmarks, target, "student")
-            if cfg.get("photo_gains") and self.net.pose_mask is not None:
-                video_gain = self.net.lip_gain.clone()
-                photo = partial(render, photo=True)
-                out["photo"] = calibrate_rendered_gain(
-                    self.net, photo, utts, list(cfg["photo_gains"]), landmarks, target, "student (photo-in)"
-                )
-                self.net.lip_gain.copy_(video_gain)  # the net keeps the re-voicing gain; photo-in scales it
-            return out
+            return calibrate_rendered_gain(
+                self.net, render, utts, list(cfg["gains"]), landmarks, float(cfg.get("target", 1.0)), "student"
+            )
         finally:
             self.net.train(was_training)
 
