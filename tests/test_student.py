@@ -180,3 +180,28 @@ def test_ablation_writes_the_table(data_root, tmp_path):
     assert rows[3]["data"] == 1.0  # the quickstart student's ground-truth term
     table = (tmp_path / "out" / "tables" / "student_ablation.md").read_text()
     assert "student/no_temporal" in table and (tmp_path / "out" / "tables" / "student_ablation.csv").is_file()
+
+
+def test_export_keeps_the_rendered_lip_gain(data_root, tmp_path, monkeypatch):
+    """before_export: the shape-level gain, then the rendered gain's multiplier on top, both in the exported net;
+    the best and last exports of the same weights are calibrated once."""
+    from temposyncdiff.stages import student as student_module
+
+    cfg, _ = _setup(data_root, tmp_path, ["model.net.lip_dim=3"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("stage")
+    model = hydra.utils.instantiate(model_cfg)
+    monkeypatch.setattr(student_module, "calibrate_lip_gain", lambda net, *_: net.lip_gain.fill_(1.5))
+    calls = []
+
+    def rendered(dm):
+        calls.append(dm)
+        model.net.lip_gain.mul_(2.0)
+        return {"multiplier": 2.0}
+
+    monkeypatch.setattr(model, "calibrate_rendered_gain", rendered)
+    for _ in range(2):  # best, then last: the same weights
+        model.net.lip_gain.fill_(1.0)
+        model.before_export()
+        assert torch.equal(model.net.lip_gain, torch.full((3,), 3.0)) and model.lip_calibration == {"multiplier": 2.0}
+    assert len(calls) == 1

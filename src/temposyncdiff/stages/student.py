@@ -371,7 +371,8 @@ class StudentStage(LatentDiffusionStage):
         if key not in self._calibrated:
             dm = getattr(self._trainer, "datamodule", None)
             calibrate_lip_gain(self.net, dm, self.device, "student")
-            self._calibrated[key] = self.net.lip_gain.clone(), self.calibrate_rendered_gain(dm)
+            calibration = self.calibrate_rendered_gain(dm)  # first: it scales the gain that is kept
+            self._calibrated[key] = self.net.lip_gain.clone(), calibration
         gain, self.lip_calibration = self._calibrated[key]
         self.net.lip_gain.copy_(gain)
 
