@@ -15,15 +15,18 @@ from temposyncdiff.data.visemes import SILENCE
 
 
 class ClipSource(Protocol):
-    """What ``ClipDataset`` reads: utterance ids, talks and lengths, a frame span's arrays, one frame."""
+    """What ``ClipDataset`` reads: utterance ids, talks and lengths, a frame span's arrays, one frame (``mirror``:
+    left-right, with the cache's mirrored latents)."""
 
     ids: list[str]
     talk_ids: list[str]
     num_frames: list[int]
 
-    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]: ...
+    def clip(
+        self, u: int, a: int, b: int, mirror: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]: ...
 
-    def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 def mel_span(audio: AudioFeatures, start: int, length: int) -> tuple[int, int, int]:

@@ -97,12 +97,12 @@ class ClipDataset(Dataset):
         """Whether item ``index`` is mirrored (``mirror``): the same draw in every epoch."""
         return bool(self.mirror) and np.random.default_rng([self.seed, index]).random() < self.mirror
 
-    def window(self, index: int) -> dict[str, Any]:
+    def window(self, index: int, mirror: bool | None = None) -> dict[str, Any]:
         """Item ``index`` without its (epoch-dependent) reference: unpadded frames, the mel rows of its windows,
-        visemes and latents, as the LitData shards store it."""
+        visemes and latents, as the LitData shards store it (``mirror`` None: the item's own draw)."""
         u, start = self.items[index]
-        flip = {"mirror": True} if self.mirrored(index) else {}
-        frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len, **flip)
+        mirror = self.mirrored(index) if mirror is None else mirror
+        frames, mel, visemes, latents = self.src.clip(u, start, start + self.clip_len, mirror)
         s0, m0, m1 = mel_span(self.audio, start, self.clip_len)
         window = {
             "index": index,
@@ -121,9 +121,9 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        flip = {"mirror": True} if self.mirrored(index) else {}
-        ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch), **flip)
-        return clip_item(self.audio, self.clip_len, self.window(index), ref, ref_latent)
+        mirror = self.mirrored(index)
+        ref, ref_latent = self.src.frame(*self.reference_frame(index, epoch), mirror)
+        return clip_item(self.audio, self.clip_len, self.window(index, mirror), ref, ref_latent)
 
 
 class EpochSampler(DistributedSampler):

@@ -261,7 +261,10 @@ class ShardSource:
             self._pid = os.getpid()
         return self._store[u]  # batch_decode=0 as in ClipStream
 
-    def clip(self, u: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def clip(
+        self, u: int, a: int, b: int, mirror: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        _no_mirror(mirror)
         r = self._utterance(u)  # arrays may map LitData's chunk files: copy what is kept
         latents = r.get("latents")
         return (
@@ -271,13 +274,19 @@ class ShardSource:
             None if latents is None else np.array(latents[a:b]),
         )
 
-    def frame(self, u: int, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        _no_mirror(mirror)
         r = self._utterance(u)
         latents = r.get("latents")
         return np.array(r["frames"][j]), None if latents is None else np.array(latents[j])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None, "_pid": None}
+
+
+def _no_mirror(mirror: bool) -> None:
+    if mirror:  # ClipDataset refuses mirror augmentation over shards before it gets here
+        raise ValueError("LitData shards hold no mirrored latents: mirror augmentation reads a cache")
 
 
 class ClipStream(StreamingDataset):
