@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,faces,phones,sweep,export,wandb,scale
 PYTEST_ARGS ?=
+# pytest-xdist processes (auto: one per core); the tests run their tiny nets on one thread each
+TEST_WORKERS ?= auto
 
 .PHONY: setup system-deps demo test test-all lint format clean-outputs
 
@@ -34,10 +36,10 @@ demo: setup
 	$(BIN)/tsd-pipeline experiment=quickstart
 
 test: setup
-	$(BIN)/pytest -q -m "not slow and not gpu" --timeout=900 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not slow and not gpu" --timeout=900 $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/pytest -q --timeout=3600 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --timeout=3600 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests
