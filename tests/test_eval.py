@@ -192,6 +192,53 @@ def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_a_given_still_is_cropped_as_tsd_infer_crops_it(exports, data_root, tmp_path, monkeypatch):
+    """The clips' references are prepared crops (taken as they are); a still given by eval.generation.reference is a
+    photo, cropped to the face as tsd-infer and prepare crop one (eval.generation.reference_detector)."""
+    from temposyncdiff.inference.pipeline import TalkingHeadPipeline
+
+    matplotlib = pytest.importorskip("matplotlib")
+    photo = matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg"
+    asked = []
+    real = TalkingHeadPipeline.reference
+
+    def reference(self, image, detector=None):
+        asked.append((isinstance(image, str), detector or self.detector))
+        return real(self, image, detector)
+
+    monkeypatch.setattr(TalkingHeadPipeline, "reference", reference)
+    base = [
+        "eval=generation",
+        "split=val",
+        "max_utterances=2",
+        f"vae={exports / 'vae_pretrained.pt'}",
+        f"paths.outputs_dir={tmp_path / 'out'}",
+        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+        "models.0.steps=[1]",
+        "models.1.steps=[]",
+        "eval.generation.max_frames=8",
+        "eval.generation.baselines=[]",
+        "eval.generation.identity.enabled=false",
+        "eval.generation.lip_landmarks.enabled=false",
+        "eval.generation.syncnet=null",
+        "threads=1",
+    ]
+    evaluate(compose_config("eval", base, data_root, tmp_path / "run"))
+    assert asked and all(d == "center" for _, d in asked)  # each clip's own reference, a prepared crop
+    asked.clear()
+    evaluate(compose_config("eval", [*base, f"eval.generation.reference={photo}"], data_root, tmp_path / "run"))
+    assert asked and all(is_path and d == "auto" for is_path, d in asked)
+    with pytest.raises(SystemExit):
+        evaluate(
+            compose_config(
+                "eval",
+                [*base, f"eval.generation.reference={photo}", "eval.generation.reference_detector=nose"],
+                data_root,
+                tmp_path / "run",
+            )
+        )
+
+
 def test_per_talk_scores_each_talk_apart(exports, data_root, tmp_path):
     """eval.generation.per_talk: every run and baseline also scored per talk (person), in the report and a table."""
     cfg = compose_config(

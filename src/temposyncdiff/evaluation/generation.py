@@ -68,6 +68,8 @@ def evaluate_generation(
         raise UserError(f"eval.generation.lips={g.lips!r}: choose head | truth")
     if g.reference is not None:
         check_reference_file(g.reference)
+        if g.reference_detector not in ("auto", "dlib", "center"):
+            raise UserError(f"eval.generation.reference_detector={g.reference_detector!r}: choose auto | dlib | center")
     regions = RegionBoxes(**cfg.regions)
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
@@ -89,6 +91,12 @@ def evaluate_generation(
             swapped = features.log_mel(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
             truth.update(c.at(expert.config["image_size"]), mels[c.id], swapped)
         out["ground_truth"]["lip_sync"] = truth.compute()
+
+    def reference(pipe: TalkingHeadPipeline, clip: Clip) -> tuple[Any, Tensor]:
+        """The clip's own reference (already a prepared crop) or the given still, cropped as tsd-infer crops one."""
+        if g.reference is None:
+            return pipe.reference(clip.reference)
+        return pipe.reference(g.reference, detector=g.reference_detector)
 
     def scorer_for(size: int) -> GenerationScorer:
         reason = lse_reason
@@ -140,7 +148,7 @@ def evaluate_generation(
         pipe.steps, timings = steps, Timings()
         shown: dict[str, int] = {}  # side-by-side samples written per talk
         for i, clip in enumerate(clips):
-            face, ref = pipe.reference(g.reference or clip.reference)
+            face, ref = reference(pipe, clip)
             truth = clip.at(size)
             pose = (lambda a, b, t=truth: t[a:b]) if g.pose_source == "video" else None  # re-voice the utterance
             lips = truth_lip_shapes(landmarks, truth) if g.lips == "truth" else None  # own audio only
@@ -166,7 +174,7 @@ def evaluate_generation(
     pipe = next((p for p in models.values() if not isinstance(p, str)), None)
     if pipe is not None and g.baselines:
         out["baselines"] = {}
-        faces = [pipe.reference(g.reference or clip.reference)[0] for clip in clips]  # once for every baseline
+        faces = [reference(pipe, clip)[0] for clip in clips]  # once for every baseline
         for name in g.baselines:
             make, truth_free = BASELINES[name]
             try:

@@ -143,8 +143,12 @@ class TalkingHeadPipeline:
         return cls(net, vae_net, **settings)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
-    def reference(self, image: str | Path | np.ndarray) -> tuple[ReferenceFace, torch.Tensor]:
-        face = prepare_reference(image, self.image_size, detector=self.detector, min_face_px=self.min_face_px)
+    def reference(
+        self, image: str | Path | np.ndarray, detector: str | None = None
+    ) -> tuple[ReferenceFace, torch.Tensor]:
+        """The face crop of ``image`` (``detector``: auto | dlib | center; None: the pipeline's) and its latent."""
+        detector = detector or self.detector
+        face = prepare_reference(image, self.image_size, detector=detector, min_face_px=self.min_face_px)
         x = (
             torch.from_numpy(np.ascontiguousarray(face.crop).copy())
             .permute(2, 0, 1)
