@@ -151,6 +151,28 @@ def test_dlib_framing_of_a_real_face():
     assert abs((x0 + x1) / 2 - 80) < 16 and abs((y0 + y1) / 2 - 80) < 32
 
 
+@RunIf(modules=("dlib",))
+def test_a_stills_face_box_is_the_median_over_scales(monkeypatch):
+    """detect_still: the box is the median of dlib's boxes on the image at each scale (in the image's pixels), so a
+    still's crop does not hang on one detection; faces_found is the full-size count; photos are cropped with it."""
+    from temposyncdiff.data.faces import FaceDetector
+
+    det = FaceDetector()
+    per_width = {400: (100, 100, 200, 200), 300: (60, 90, 165, 165), 200: (56, 52, 104, 100)}
+
+    def detect(image):
+        det.faces_found = {400: 2, 300: 1, 200: 1}[image.shape[1]]
+        return per_width[image.shape[1]]
+
+    monkeypatch.setattr(det, "detect", detect)
+    box = det.detect_still(np.zeros((400, 400, 3), np.uint8))
+    assert box == (100, 104, 208, 200) and det.faces_found == 2  # medians of (100, 80, 112), (100, 120, 104), ...
+    asked = []
+    monkeypatch.setattr(FaceDetector, "detect_still", lambda self, image: asked.append(image.shape) or (8, 8, 56, 56))
+    prepare_reference(np.zeros((64, 64, 3), np.uint8), 32, detector="dlib")
+    assert asked == [(64, 64, 3)]
+
+
 def _no_face(tmp_path: Path) -> Path:
     ramp = np.linspace(0, 255, 120, dtype=np.float32)
     return _save(tmp_path, Image.fromarray(np.add.outer(ramp[:80] / 2, ramp / 2).astype(np.uint8)), "wall.png")

@@ -39,6 +39,23 @@ class FaceDetector:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
         return self.detect_gray(np.asarray(image), scale)
 
+    def detect_still(self, frame: np.ndarray, scales: Sequence[float] = (1.0, 0.75, 0.5)) -> Box | None:
+        """The largest face of one image, its box the median over the image at ``scales`` x its size.
+
+        A video's boxes are smoothed over its track; a still has none, and dlib's box on one image moves with how
+        the image was saved (on a 512 px portrait: 216 px across as a PNG, 259 px as a JPEG at quality 20, the
+        median over these three scales 240-250 px on both). ``faces_found``: the full-size detection's count.
+        """
+        boxes, found, (h, w) = [], [], frame.shape[:2]
+        for s in sorted(scales, reverse=True):
+            image = frame if s == 1.0 else np.asarray(Image.fromarray(frame).resize((round(w * s), round(h * s))))
+            box = self.detect(image)
+            found.append(self.faces_found)
+            if box is not None:
+                boxes.append([v / s for v in box])
+        self.faces_found = found[0]
+        return tuple(round(v) for v in np.median(np.array(boxes), axis=0)) if boxes else None
+
     def detect_gray(self, gray: np.ndarray, scale: float = 1.0) -> Box | None:
         """Largest face box of a uint8 luma image that is ``scale`` x the frame's size, in the frame's pixels."""
         gray = np.ascontiguousarray(gray)

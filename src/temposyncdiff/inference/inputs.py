@@ -192,7 +192,7 @@ def _detect(image: np.ndarray, name: str, required: bool) -> tuple[Box | None, i
             raise InputError(f"detector=dlib: {err}") from None
         log.info("dlib is not installed; using a centre crop of %s", name)
         return None, 0
-    face = detector.detect(image)
+    face = detector.detect_still(image)
     if face is None and required:
         raise InputError(f"no face found in {name}; pass detector=center to use a centre crop")
     if face is None:
