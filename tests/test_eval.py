@@ -151,34 +151,37 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
     assert "faster than teacher@2" in next(line for line in lines if "teacher@1" in line)  # the speed-up
 
 
+def tiny_generation(exports, tmp_path) -> list[str]:
+    """tsd-eval's generation protocol on two val utterances of 8 frames, the tiny teacher at 1 step, no dlib."""
+    return [
+        "eval=generation",
+        "split=val",
+        "max_utterances=2",
+        f"vae={exports / 'vae_pretrained.pt'}",
+        f"paths.outputs_dir={tmp_path / 'out'}",
+        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+        "models.0.steps=[1]",
+        "models.1.steps=[]",
+        "eval.generation.max_frames=8",
+        "eval.generation.identity.enabled=false",
+        "eval.generation.lip_landmarks.enabled=false",
+        "threads=1",
+    ]
+
+
 def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):
     """eval.generation.reference: a photo replaces each clip's reference frame (photo-in robustness checks)."""
     matplotlib = pytest.importorskip("matplotlib")
     photo = matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg"
 
     def still_psnr(*extra: str) -> tuple[float, dict]:
-        cfg = compose_config(
-            "eval",
-            [
-                "eval=generation",
-                "split=val",
-                "max_utterances=2",
-                f"vae={exports / 'vae_pretrained.pt'}",
-                f"paths.outputs_dir={tmp_path / 'out'}",
-                f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-                "models.0.steps=[1]",
-                "models.1.steps=[]",
-                "eval.generation.max_frames=8",
-                "eval.generation.pose_source=photo",
-                "eval.generation.baselines=[reference_still]",
-                "eval.generation.identity.enabled=false",
-                "eval.generation.lip_landmarks.enabled=false",
-                "threads=1",
-                *extra,
-            ],
-            data_root,
-            tmp_path / "run",
-        )
+        overrides = [
+            *tiny_generation(exports, tmp_path),
+            "eval.generation.pose_source=photo",
+            "eval.generation.baselines=[reference_still]",
+            *extra,
+        ]
+        cfg = compose_config("eval", overrides, data_root, tmp_path / "run")
         gen = evaluate(cfg)["generation"]
         return gen["baselines"]["reference_still"]["fidelity"]["full"]["psnr"], gen
 
@@ -207,22 +210,7 @@ def test_a_given_still_is_cropped_as_tsd_infer_crops_it(exports, data_root, tmp_
         return real(self, image, detector)
 
     monkeypatch.setattr(TalkingHeadPipeline, "reference", reference)
-    base = [
-        "eval=generation",
-        "split=val",
-        "max_utterances=2",
-        f"vae={exports / 'vae_pretrained.pt'}",
-        f"paths.outputs_dir={tmp_path / 'out'}",
-        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-        "models.0.steps=[1]",
-        "models.1.steps=[]",
-        "eval.generation.max_frames=8",
-        "eval.generation.baselines=[]",
-        "eval.generation.identity.enabled=false",
-        "eval.generation.lip_landmarks.enabled=false",
-        "eval.generation.syncnet=null",
-        "threads=1",
-    ]
+    base = [*tiny_generation(exports, tmp_path), "eval.generation.baselines=[]", "eval.generation.syncnet=null"]
     evaluate(compose_config("eval", base, data_root, tmp_path / "run"))
     assert asked and all(d == "center" for _, d in asked)  # each clip's own reference, a prepared crop
     asked.clear()
