@@ -92,11 +92,15 @@ def evaluate_generation(
             truth.update(c.at(expert.config["image_size"]), mels[c.id], swapped)
         out["ground_truth"]["lip_sync"] = truth.compute()
 
+    stills: dict[int, tuple[Any, Tensor]] = {}  # the given still's crop and latent, once per pipeline
+
     def reference(pipe: TalkingHeadPipeline, clip: Clip) -> tuple[Any, Tensor]:
         """The clip's own reference (already a prepared crop) or the given still, cropped as tsd-infer crops one."""
         if g.reference is None:
             return pipe.reference(clip.reference)
-        return pipe.reference(g.reference, detector=g.reference_detector)
+        if id(pipe) not in stills:
+            stills[id(pipe)] = pipe.reference(g.reference, detector=g.reference_detector)
+        return stills[id(pipe)]
 
     def scorer_for(size: int) -> GenerationScorer:
         reason = lse_reason

@@ -167,8 +167,9 @@ def score_runs(
         ref, pose = reference_latent(utt, vae, dev)[None].expand(2, -1, -1, -1), latents[None].expand(2, -1, -1, -1, -1)
         gt, rec = as_uint8_frames(utt["frames"]), as_uint8_frames(decode(vae, latents))
         borders = window_borders(window_plan(max(n, s.window), s.window, s.overlap))
+        own_mel = _mel(utt)
         if truth is not None:
-            truth.update(gt, _mel(utt), _mel(other))
+            truth.update(gt, own_mel, _mel(other))
         own: dict[str, np.ndarray] = {}
         for name, fn in runs.items():
             key = f"{name}/{utt['id']}"
@@ -179,7 +180,7 @@ def score_runs(
                     cache[key] = z
             video = as_uint8_frames(decode(vae, z).flatten(0, 1)).reshape(2, n, *gt.shape[1:])
             own[name] = video[0]
-            scorers[name].update(gt, video[0], None, borders, _mel(utt), video[1])
+            scorers[name].update(gt, video[0], None, borders, own_mel, video[1])
             vs_rec[name].update(video[0], rec)
             if name in vs_ref:
                 vs_ref[name].update(video[0], own[next(iter(runs))])
@@ -190,6 +191,7 @@ def score_runs(
                 (rows or {}).get(utt["id"]),
                 audio,
             )
+    t = truth.compute() if truth is not None else None
     out = {}
     for name, scorer in scorers.items():
         m = flat_scores(scorer.compute())
@@ -197,8 +199,7 @@ def score_runs(
         m |= {"psnr_rec": _num(rec_full["psnr"]), "ssim_rec": _num(rec_full["ssim"])}
         if name in vs_ref:
             m["psnr_vs_ref"] = _num(vs_ref[name].compute()["full"]["psnr"])
-        if truth is not None:
-            t = truth.compute()
+        if t is not None:
             m |= {"lse_c_gt": _num(t["lse_c"]), "lse_c_gt_gap": _num(t.get("gap_lse_c"))}
         out[name] = m
     return out
