@@ -180,7 +180,11 @@ def test_window_plan_covers_every_frame_once(window, overlap):
             assert (made[start : start + known] == 1).all()  # motion frames were generated before
             made[start + known : start + window] += 1
         assert (made == 1).all(), (n, plan)
-        assert window_borders(plan) == [s + k for s, k in plan[1:]] == sorted(set(window_borders(plan)))
+        assert (
+            window_borders(n, window, overlap)
+            == [s + k for s, k in plan[1:]]
+            == sorted(set(window_borders(n, window, overlap)))
+        )
 
 
 def test_generate_long_passes_motion_frames():

@@ -7,7 +7,7 @@ import math
 import torch
 
 from temposyncdiff.data.audio import AudioFeatures
-from temposyncdiff.diffusion.sampling import window_borders, window_plan
+from temposyncdiff.diffusion.sampling import window_borders
 from temposyncdiff.evaluation.scorer import GenerationScorer, flat_scores
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.stages.scoring import ScoreSettings, decode, score_runs
@@ -54,7 +54,7 @@ def test_score_runs_gives_the_scorers_numbers(tmp_path):
             {"rec": redraw_pose, "still": still}, utts, vae, AudioFeatures(), settings, video_dir=tmp_path
         )
         direct = GenerationScorer(face_regions())
-        borders = window_borders(window_plan(N, 4, 1))
+        borders = window_borders(N, 4, 1)
         for u in utts:
             rec = as_uint8_frames(decode(vae, vae.to_latent(u["frames"])))
             direct.update(as_uint8_frames(u["frames"]), rec, None, borders, swapped=rec)

@@ -104,8 +104,9 @@ def window_plan(num_frames: int, window: int, overlap: int) -> list[tuple[int, i
     return plan
 
 
-def window_borders(plan: list[tuple[int, int]]) -> list[int]:
-    """First newly generated frame of every window after the first (where a seam could be)."""
+def window_borders(num_frames: int, window: int, overlap: int) -> list[int]:
+    """First newly generated frame of every window after the first (where a seam could be) of a ``num_frames`` clip."""
+    plan = window_plan(max(num_frames, window), window, overlap)
     return [start + known for start, known in plan[1:]]
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.video import write_side_by_side
-from temposyncdiff.diffusion.sampling import window_borders, window_plan
+from temposyncdiff.diffusion.sampling import window_borders
 from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.baselines import BASELINES, BaselineUnavailable
 from temposyncdiff.evaluation.clips import Clip, swapped_inputs
@@ -170,7 +170,7 @@ def evaluate_generation(
                     [truth, own] + ([swapped] if swapped is not None else []),
                     clip.wave,
                 )
-            borders = window_borders(window_plan(max(len(own), pipe.window), pipe.window, pipe.overlap))
+            borders = window_borders(len(own), pipe.window, pipe.overlap)
             update(scorers, clip.talk, truth, own, face.crop, borders, mels.get(clip.id), swapped, clip.wave, clip.id)
         seconds = sum(len(c.wave) for c in clips) / pipe.audio.sample_rate
         out["results"][name] = info | {"status": "ok", **scored(scorers), "latency": timings.report(seconds)}
@@ -190,7 +190,7 @@ def evaluate_generation(
             scorers = scorers_for(pipe.image_size)
             for clip, face, video in zip(clips, faces, frames):
                 gt = clip.at(pipe.image_size)
-                borders = window_borders(window_plan(max(len(gt), pipe.window), pipe.window, pipe.overlap))
+                borders = window_borders(len(gt), pipe.window, pipe.overlap)
                 swap = video if truth_free else None
                 update(scorers, clip.talk, gt, video, face.crop, borders, mels.get(clip.id), swap, clip.wave, clip.id)
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}

@@ -19,7 +19,7 @@ from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.clips import clip_mel_windows
 from temposyncdiff.data.video import write_side_by_side
 from temposyncdiff.data.visemes import SILENCE
-from temposyncdiff.diffusion.sampling import generate_long, window_borders, window_plan
+from temposyncdiff.diffusion.sampling import generate_long, window_borders
 from temposyncdiff.evaluation.scorer import GenerationScorer, TruthSync, flat_scores
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.metrics.image import FidelityMetrics
@@ -166,7 +166,7 @@ def score_runs(
         latents = frame_latents(utt, vae, dev)
         ref, pose = reference_latent(utt, vae, dev)[None].expand(2, -1, -1, -1), latents[None].expand(2, -1, -1, -1, -1)
         gt, rec = as_uint8_frames(utt["frames"]), as_uint8_frames(decode(vae, latents))
-        borders = window_borders(window_plan(max(n, s.window), s.window, s.overlap))
+        borders = window_borders(n, s.window, s.overlap)
         own_mel = _mel(utt)
         if truth is not None:
             truth.update(gt, own_mel, _mel(other))
