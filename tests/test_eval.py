@@ -134,6 +134,14 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
             assert float(rel["teacher@2"]) == pytest.approx(r["lip_sync"]["gap_lse_c"] / truth["gap_lse_c"], rel=1e-3)
             assert float(rel["ground_truth"]) == 1.0
         assert len((out / "tables" / f"eval_{kind}.md").read_text().splitlines()) == n_rows + 2
+    targets = gen["targets"]  # the teacher's targets as measured now: against the retake, and the truth's gap
+    assert set(targets) == {"teacher@1", "teacher@2"}
+    t = targets["teacher@2"]
+    upper = r["fidelity"]["upper_face"]["psnr"] - take["fidelity"]["upper_face"]["psnr"]
+    assert t["upper_face_minus_retake_db"] == pytest.approx(upper) and t["upper_face_met"] == (upper >= 0)
+    assert t["lse_c_gap_rel"] == pytest.approx(r["lip_sync"]["gap_lse_c"] / truth["gap_lse_c"])
+    assert t["lse_c_gap_met"] == (t["lse_c_gap_rel"] >= 0.8)
+    assert len(list(csv.DictReader((out / "tables" / "eval_targets.csv").open()))) == 2
     for name in ("metric_vs_steps", "quality_latency"):
         with Image.open(out / "plots" / f"{name}.png") as im:
             assert im.format == "PNG" and im.width > 100 and im.height > 100

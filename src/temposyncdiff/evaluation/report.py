@@ -25,6 +25,11 @@ GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth"
                "ms_per_frame", "rtf")  # fmt: skip
 DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
                "psnr_upper_face", "ms_per_frame")  # fmt: skip
+TARGET_COLUMNS = ("run", "upper_face_minus_retake_db", "upper_face_met", "lse_c_gap_rel", "lse_c_gap_target",
+                  "lse_c_gap_met")  # fmt: skip
+# eval=long's blocks
+LONG_COLUMNS = ("t0_s", "t1_s", "identity", "identity_min", "red", "green", "blue", "contrast", "colour_shift",
+                "seam_ratio", "rss_mb")  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -105,6 +110,31 @@ def per_talk_rows(report: dict) -> list[dict]:
 def relative_gap(gap: Any, truth_gap: Any) -> float | None:
     """A run's LSE-C audio-swap gap as a fraction of the ground truth's (1 = as audio-dependent as real video)."""
     return gap / truth_gap if is_finite(gap) and is_finite(truth_gap) and truth_gap > 0 else None
+
+
+def teacher_targets(generation: dict, gap_target: float = 0.8) -> dict[str, dict[str, Any]]:
+    """The teacher's targets as the project measures them, per run: upper-face PSNR against the ``synthetic_retake``
+    baseline (the same utterance with other head motion: what a perfect generator that makes its own motion scores;
+    an absolute 25 dB is beyond the corpus's random motion) and the LSE-C audio-swap gap over the truth's (any
+    expert's units; target ``gap_target``). An entry is None where its baseline or lip-sync expert is missing."""
+    retake = generation.get("baselines", {}).get("synthetic_retake", {})
+    retake_upper = retake["fidelity"]["upper_face"]["psnr"] if retake.get("status") == "ok" else None
+    truth_gap = generation.get("ground_truth", {}).get("lip_sync", {}).get("gap_lse_c")
+    out = {}
+    for name, r in generation.get("results", {}).items():
+        if r.get("status") != "ok":
+            continue
+        row = gen_row(name, r)
+        upper = row["psnr_upper_face"] - retake_upper if is_finite(retake_upper) else None
+        rel = relative_gap(row.get("lse_c_gap"), truth_gap)
+        out[name] = {
+            "upper_face_minus_retake_db": upper,
+            "upper_face_met": None if upper is None else bool(upper >= 0),
+            "lse_c_gap_rel": rel,
+            "lse_c_gap_target": gap_target,
+            "lse_c_gap_met": None if rel is None else bool(rel >= gap_target),
+        }
+    return out
 
 
 def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
@@ -251,6 +281,34 @@ def plot_quality_latency(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_long_drift(report: dict, path: Path) -> None:
+    """eval=long's blocks against time: identity cosine, mean colour, seam ratio and memory."""
+    from matplotlib.figure import Figure
+
+    long = report["long"]
+    rows = long["blocks"]
+    t = [(r["t0_s"] + r["t1_s"]) / 2 for r in rows]
+    fig = Figure(figsize=(9, 6))
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    if "identity" in rows[0]:
+        axes[0].plot(t, [r["identity"] for r in rows], marker="o", label="mean")
+        axes[0].plot(t, [r["identity_min"] for r in rows], marker=".", ls="--", label="min")
+        axes[0].legend()
+    else:
+        axes[0].text(0.5, 0.5, long["identity"].get("reason", "no identity"), ha="center", transform=axes[0].transAxes)
+    axes[0].set(ylabel="identity cosine to the reference")
+    for key in ("red", "green", "blue"):
+        axes[1].plot(t, [r[key] for r in rows], color=key, marker=".")
+    axes[1].set(ylabel="mean colour (0-255)")
+    axes[2].plot(t, [r["seam_ratio"] if is_finite(r["seam_ratio"]) else np.nan for r in rows], marker="o")
+    axes[2].axhline(1, color="grey", lw=0.5)
+    axes[2].set(ylabel="seam ratio (border / inside)", xlabel="time (s)")
+    axes[3].plot(t, [r["rss_mb"] for r in rows], marker="o")
+    axes[3].set(ylabel="resident memory (MiB)", xlabel="time (s)")
+    fig.suptitle(f"{long['run']}: {long['seconds']:.0f} s, {long['num_frames']} frames, {long['block_s']:g} s blocks")
+    _save(fig, path)
+
+
 def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, plots_dir: str | Path) -> dict[str, Path]:
     """The report JSON, ``eval_{generation,denoise}.{md,csv}`` tables and the two plots, each written atomically."""
     tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
@@ -264,7 +322,18 @@ def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, pl
         for ext, fn in (("md", markdown), ("csv", csv_text)):
             paths[f"generation_per_talk_{ext}"] = tables_dir / f"eval_generation_per_talk.{ext}"
             write_text(paths[f"generation_per_talk_{ext}"], fn(talk_rows, ("talk", *GEN_COLUMNS)))
-    for name, plot in (("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)):
+    if targets := report.get("generation", {}).get("targets"):
+        rows = [{"run": name, **t} for name, t in targets.items()]
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"targets_{ext}"] = tables_dir / f"eval_targets.{ext}"
+            write_text(paths[f"targets_{ext}"], fn(rows, TARGET_COLUMNS))
+    plots = [("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)]
+    if report.get("long", {}).get("status") == "ok":
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"long_{ext}"] = tables_dir / f"eval_long.{ext}"
+            write_text(paths[f"long_{ext}"], fn(report["long"]["blocks"], LONG_COLUMNS))
+        plots.append(("long_drift", plot_long_drift))
+    for name, plot in plots:
         paths[name] = plots_dir / f"{name}.png"
         plot(report, paths[name])
     return paths

@@ -13,8 +13,17 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.clips import load_clips
 from temposyncdiff.evaluation.denoise import Fidelity, evaluate_denoise
 from temposyncdiff.evaluation.generation import evaluate_generation
+from temposyncdiff.evaluation.long import evaluate_long
 from temposyncdiff.evaluation.models import file_sha256, load_models
-from temposyncdiff.evaluation.report import DEN_COLUMNS, GEN_COLUMNS, markdown, table_rows, versions, write_outputs
+from temposyncdiff.evaluation.report import (
+    DEN_COLUMNS,
+    GEN_COLUMNS,
+    markdown,
+    table_rows,
+    teacher_targets,
+    versions,
+    write_outputs,
+)
 from temposyncdiff.metrics.image import (
     LPIPS,
     LPIPS_BACKBONES,
@@ -29,7 +38,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Load the split and the models, run the selected protocols (``cfg.eval``), write report, tables and plots."""
     protocols = cfg.get("eval") or {}
     if not protocols:
-        raise UserError("no protocol selected: use eval=denoise, eval=generation or eval=[denoise,generation]")
+        raise UserError("no protocol selected: use eval=denoise, eval=generation, eval=long or a list of them")
     if cfg.visemes not in ("audio", "data"):
         raise UserError(f"visemes={cfg.visemes}: expected audio | data")
     if "denoise" in protocols and cfg.lpips.net not in LPIPS_BACKBONES:
@@ -66,8 +75,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         report["denoise"] = unavailable("not selected (eval=...)")
     if "generation" in protocols:
         report["generation"] = evaluate_generation(cfg, clips, models)
+        report["generation"]["targets"] = teacher_targets(report["generation"])
     else:
         report["generation"] = unavailable("not selected (eval=...)")
+    if "long" in protocols:
+        report["long"] = evaluate_long(cfg, clips, models)
     paths = write_outputs(report, cfg.out_json, cfg.tables_dir, cfg.plots_dir)
     gen, den = table_rows(report)
     log.info(
