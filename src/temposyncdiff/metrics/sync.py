@@ -4,26 +4,35 @@ For one clip with per-window video embeddings v_t and audio embeddings a_t (wind
 the same frames when in sync), and each offset o in [-vshift, vshift]:
 
     dist(o) = mean over t of ||v_t - a_{t+o}||     LSE-D = min_o dist(o)
-    LSE-C = median_o dist(o) - LSE-D               offset = argmin_o dist(o)
+    LSE-C = median_o dist(o) - LSE-D               best offset = argmin_o dist(o)
 
-Sign: offset o > 0 means the matching audio comes o frames *after* the picture (the audio lags);
-syncnet_python reports the same shift as -o (its ``vshift - minidx``). Differences from syncnet_python:
-the mean runs only over t where both v_t and a_{t+o} exist (it zero-pads the audio features instead),
-distances are plain Euclidean (no 1e-6 term), and our expert's embeddings are unit vectors, so values
-are not comparable with published SyncNet numbers. Audio and video of different lengths are trimmed to
-the shorter; a clip with fewer than ``vshift + min_overlap`` windows is skipped with a warning and counted.
+Audio and video of different lengths are trimmed to the shorter; a clip with fewer than
+``vshift + min_overlap`` windows is skipped with a warning and counted. Two protocols (``protocol=``):
+
+- ``"temposyncdiff"`` (default): the mean runs only over t where both v_t and a_{t+o} exist, distances are
+  plain Euclidean, and the reported offset is o: o > 0 means the matching audio comes o frames *after*
+  the picture (the audio lags). With our own expert (unit-vector embeddings) values are not comparable
+  with published SyncNet numbers.
+- ``"syncnet_python"``: the arithmetic of syncnet_python's SyncNetInstance (``calc_pdist`` and ``evaluate``):
+  the audio embeddings are zero-padded by vshift on both sides, so the mean runs over every t (a missing
+  a_{t+o} counts as ||v_t||); distances are ``F.pairwise_distance`` (||v - a + 1e-6||); the reported offset
+  is its ``vshift - argmin``, i.e. -o. With its published ``syncnet_v2.model``
+  (``metrics.syncnet_python.load_syncnet_python``) the values are in the units papers report.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, get_args, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+
+SyncProtocol = Literal["temposyncdiff", "syncnet_python"]
 
 
 @runtime_checkable
@@ -50,12 +59,24 @@ def embed_clip(expert: SyncExpert, frames: Tensor, mel: Tensor, batch_size: int 
     return ev, ea
 
 
-def offset_distances(video_emb: Tensor, audio_emb: Tensor, vshift: int) -> Tensor:
-    """``[2*vshift+1]`` mean distances: entry ``o + vshift`` is mean_t ||v_t - a_{t+o}|| (lengths trimmed to the shorter)."""
+def offset_distances(
+    video_emb: Tensor, audio_emb: Tensor, vshift: int, protocol: SyncProtocol = "temposyncdiff"
+) -> Tensor:
+    """``[2*vshift+1]`` mean distances: entry ``o + vshift`` is mean_t ||v_t - a_{t+o}|| (lengths trimmed to the shorter).
+
+    ``protocol="syncnet_python"``: as syncnet_python's ``calc_pdist``, over every t with the audio zero-padded
+    and ``F.pairwise_distance``'s 1e-6 eps; the default: over the t where a_{t+o} exists, plain Euclidean.
+    """
     n = min(len(video_emb), len(audio_emb))
     if n <= vshift:
         raise ValueError(f"{n} windows cannot cover offsets up to {vshift}")
-    d = torch.cdist(video_emb[:n].double(), audio_emb[:n].double(), compute_mode="donot_use_mm_for_euclid_dist")
+    v, a = video_emb[:n].double(), audio_emb[:n].double()
+    if protocol == "syncnet_python":
+        padded = F.pad(a, (0, 0, vshift, vshift))
+        return torch.stack([F.pairwise_distance(v, padded[j : j + n]).mean() for j in range(2 * vshift + 1)])
+    if protocol != "temposyncdiff":
+        raise ValueError(f"unknown LSE protocol {protocol!r}, expected one of {get_args(SyncProtocol)}")
+    d = torch.cdist(v, a, compute_mode="donot_use_mm_for_euclid_dist")
     return torch.stack([d.diagonal(o).mean() for o in range(-vshift, vshift + 1)])
 
 
@@ -65,6 +86,7 @@ class LipSyncError(Metric):
     ``compute()`` -> dict of means ``lse_d``, ``lse_c``, ``offset_zero_frac`` (fraction of clips whose best
     offset is 0), counts ``num_clips``, ``num_skipped`` (scalar tensors), and per-clip lists ``clip_lse_d``,
     ``clip_lse_c``, ``clip_offset``. With no scored clip the means are NaN. Use ``embed_clip`` to get the embeddings.
+    ``protocol`` picks the distance arithmetic and the offset's sign (see the module docstring).
     Per process by default (``sync_on_compute=False``); pass ``sync_on_compute=True`` to gather rank-sharded clips.
     """
 
@@ -72,13 +94,17 @@ class LipSyncError(Metric):
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, vshift: int = 15, min_overlap: int = 5, **kwargs: Any) -> None:
+    def __init__(
+        self, vshift: int = 15, min_overlap: int = 5, protocol: SyncProtocol = "temposyncdiff", **kwargs: Any
+    ) -> None:
         # every caller scores all of its clips in each process: no gathering across ranks unless asked for
         kwargs.setdefault("sync_on_compute", False)
         super().__init__(**kwargs)
         if vshift < 0 or min_overlap < 1:
             raise ValueError(f"need vshift >= 0 and min_overlap >= 1, got {vshift}, {min_overlap}")
-        self.vshift, self.min_overlap = vshift, min_overlap
+        if protocol not in get_args(SyncProtocol):
+            raise ValueError(f"unknown LSE protocol {protocol!r}, expected one of {get_args(SyncProtocol)}")
+        self.vshift, self.min_overlap, self.protocol = vshift, min_overlap, protocol
         self.add_state("clip_lse_d", default=[], dist_reduce_fx="cat")
         self.add_state("clip_lse_c", default=[], dist_reduce_fx="cat")
         self.add_state("clip_offset", default=[], dist_reduce_fx="cat")
@@ -101,11 +127,12 @@ class LipSyncError(Metric):
             raise ValueError(f"embedding sizes differ: video {video_emb.shape[1]}, audio {audio_emb.shape[1]}")
         if not (torch.isfinite(video_emb).all() and torch.isfinite(audio_emb).all()):
             raise ValueError("LipSyncError: non-finite embeddings")
-        dist = offset_distances(video_emb, audio_emb, self.vshift)
+        dist = offset_distances(video_emb, audio_emb, self.vshift, self.protocol)
         lse_d, idx = dist.min(0)
         self.clip_lse_d.append(lse_d.float().view(1))
         self.clip_lse_c.append((dist.median() - lse_d).float().view(1))
-        self.clip_offset.append((idx - self.vshift).view(1))
+        offset = self.vshift - idx if self.protocol == "syncnet_python" else idx - self.vshift
+        self.clip_offset.append(offset.view(1))
 
     def compute(self) -> dict[str, Any]:
         """Scalar tensors for means and counts; per-clip values as Python lists."""

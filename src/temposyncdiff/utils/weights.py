@@ -23,6 +23,7 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_path
 
 FORMAT_VERSION = 1
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pre-1.6 layout starts with this pickle
 NET_PACKAGE = "temposyncdiff.nets."
 
 
@@ -76,6 +77,8 @@ def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap:
     """``torch.load(path, weights_only=True)`` of a local PyTorch zip file; one-line errors naming the file.
 
     Never unpickles code, and no message repeats torch's advice to retry with weights-only loading turned off.
+    Files in torch's legacy layout (saved before torch 1.6, such as some published weights) go through the same
+    weights-only unpickler.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,12 +87,12 @@ def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap:
         zipped = zipfile.is_zipfile(path)
     except zipfile.BadZipFile:  # is_zipfile itself raises on some corrupt end records
         zipped = False
-    if not zipped:
+    if not zipped and not _legacy(path):
         raise WeightsError(
             f"{path}: not a readable {what} (not a PyTorch zip archive: corrupt, truncated or another format)"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as err:
         named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         detail = (
@@ -99,7 +102,13 @@ def read_weights_only(path: str | os.PathLike, what: str = "weights file", mmap:
         )
         raise WeightsError(f"{path}: refused by the weights-only loader ({detail})") from err
     except Exception as err:  # a corrupt archive or pickle: RuntimeError, EOFError, KeyError, IndexError, ...
-        raise WeightsError(f"{path}: not a readable {what} (corrupt or truncated zip archive)") from err
+        raise WeightsError(f"{path}: not a readable {what} (corrupt or truncated)") from err
+
+
+def _legacy(path: Path) -> bool:
+    """Whether the file starts with the magic number of torch.save's legacy (pre-1.6, non-zip) layout."""
+    with open(path, "rb") as f:
+        return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
 
 
 def load_payload(path: str | os.PathLike, kind: str) -> dict[str, Any]:
