@@ -136,7 +136,8 @@ def _exports(out: Path, marker: Path) -> None:
 
 def _onnx_dirs(bad: Path, good: Path) -> None:
     """ONNX export folders for runtime=onnx: incomplete, unreadable sidecar, stale, and graphs that are garbage."""
-    from temposyncdiff.export.onnx import GRAPHS, SIDECAR, file_sha256
+    from temposyncdiff.export.onnx import GRAPHS, SIDECAR
+    from temposyncdiff.utils.io import file_sha256
 
     def folder(name: str, sidecar: str, graph: bytes) -> None:
         (bad / name).mkdir()

@@ -29,6 +29,7 @@ from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
 from tests.helpers.configs import compose_config, face_regions
+from tests.helpers.field import save_arcface_onnx, save_fid_inception, save_i3d, save_syncnet
 from tests.helpers.nets import save_tiny_exports
 from tests.helpers.run_if import RunIf
 
@@ -175,6 +176,60 @@ def tiny_generation(exports, tmp_path) -> list[str]:
         "eval.generation.lip_landmarks.enabled=false",
         "threads=1",
     ]
+
+
+def field_overrides(exports, tmp_path) -> list[str]:
+    """Two 20-frame clips, LSE over +-2 frames, no baselines: the field's nets cost seconds per clip on a CPU."""
+    return [
+        *tiny_generation(exports, tmp_path),
+        "eval.generation.max_frames=20",
+        "eval.generation.vshift=2",
+        "eval.generation.baselines=[]",
+    ]
+
+
+def test_field_metrics_from_weights_files(exports, data_root, tmp_path):
+    """Random-init nets in the published formats give numbers in every run's field section and the truth's LSE in
+    syncnet_python's units; without the files each is unavailable, naming its file (checkpoints/field/ by default)."""
+    overrides = field_overrides(exports, tmp_path)
+    report = evaluate(compose_config("eval", overrides, data_root, tmp_path / "run"))["generation"]
+    for metric, f in report["field"].items():
+        assert f["status"] == "unavailable" and str(data_root / "checkpoints" / "field") in f["reason"], metric
+    assert report["results"]["teacher@1"]["field"] == report["field"]
+    rows = list(csv.DictReader((tmp_path / "out" / "tables" / "eval_field.csv").open()))
+    assert [r["metric"] for r in rows] == ["syncnet_python", "csim", "fid", "fvd"]
+    assert all(r["status"] == "unavailable" and "not found" in r["reason"] for r in rows)
+
+    field = {  # FID's Inception: test_fid_in_tsd_eval
+        "syncnet_python": save_syncnet(tmp_path / "syncnet_v2.model"),
+        "arcface": save_arcface_onnx(tmp_path / "w600k_r50.onnx"),
+        "i3d": save_i3d(tmp_path / "i3d_torchscript.pt"),
+    }
+    overrides += [f"eval.generation.field.{key}={path}" for key, path in field.items()]
+    report = evaluate(compose_config("eval", overrides, data_root, tmp_path / "run"))["generation"]
+    files = report["field"]
+    assert all(files[m]["status"] == "ok" and len(files[m]["sha256"]) == 64 for m in ("syncnet_python", "csim", "fvd"))
+    r = report["results"]["teacher@1"]["field"]
+    sync = r["syncnet_python"]
+    assert sync["own"]["num_clips"] == sync["swapped"]["num_clips"] == 2 and sync["weights"]["status"] == "ok"
+    assert sync["gap_lse_c"] == pytest.approx(sync["own"]["lse_c"] - sync["swapped"]["lse_c"])
+    truth = report["ground_truth"]["field_lip_sync"]
+    assert truth["num_clips"] == 2 and truth["swapped"]["num_clips"] == 2 and truth["lse_c"] >= 0
+    assert r["csim"]["num_frames"] == 40 and -1 <= r["csim"]["mean"] <= 1
+    assert r["fvd"]["num_real"] == r["fvd"]["num_fake"] == 2 and r["fvd"]["fvd"] >= 0
+    assert r["fvd"]["weights"]["sha256"] == files["fvd"]["sha256"] and r["fid"] == files["fid"]
+    row = next(x for x in csv.DictReader((tmp_path / "out" / "tables" / "eval_generation.csv").open()))
+    assert float(row["lse_c_syncnet"]) == pytest.approx(sync["own"]["lse_c"], rel=1e-3)
+    assert float(row["fvd"]) == pytest.approx(r["fvd"]["fvd"], rel=1e-3) and row["fid"] == ""
+
+
+def test_fid_in_tsd_eval(exports, data_root, tmp_path):
+    pytest.importorskip("torch_fidelity")
+    weights = save_fid_inception(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    overrides = [*field_overrides(exports, tmp_path), f"eval.generation.field.inception={weights}"]
+    fid = evaluate(compose_config("eval", overrides, data_root, tmp_path / "run"))["generation"]["results"]
+    fid = fid["teacher@1"]["field"]["fid"]
+    assert fid["status"] == "ok" and fid["num_real"] == fid["num_fake"] == 40 and fid["fid"] >= 0
 
 
 def test_one_reference_image_for_every_clip(exports, data_root, tmp_path):

@@ -10,21 +10,11 @@ from temposyncdiff.metrics.identity import CROP_FACE_BOX
 from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip, offset_distances
 from temposyncdiff.metrics.syncnet_python import SyncNetV2, load_syncnet_python, mfcc, syncnet_crop_box
 from temposyncdiff.utils.weights import WeightsError
-
-
-def random_net(seed: int = 0) -> SyncNetV2:
-    """Random weights and BatchNorm statistics (so a load that dropped any tensor would show)."""
-    torch.manual_seed(seed)
-    net = SyncNetV2()
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2)
-    return net.eval()
+from tests.helpers.field import random_syncnet
 
 
 def test_published_format_loads_and_scores_a_clip(tmp_path, one_thread):
-    net = random_net()
+    net = random_syncnet()
     path = tmp_path / "syncnet_v2.model"
     torch.save(net.state_dict(), path)  # what syncnet_python's loadParameters reads
     expert = load_syncnet_python(path)
@@ -43,7 +33,7 @@ def test_published_format_loads_and_scores_a_clip(tmp_path, one_thread):
 
 
 def test_legacy_torch_file_without_num_batches_tracked_loads(tmp_path):
-    net = random_net(3)
+    net = random_syncnet(3)
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "old.model"
     torch.save(state, path, _use_new_zipfile_serialization=False)  # pre-1.6 layout, torch < 0.4.1 keys

@@ -16,6 +16,7 @@ from temposyncdiff.diffusion.sampling import window_borders
 from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.baselines import BASELINES, BaselineUnavailable
 from temposyncdiff.evaluation.clips import Clip, swapped_inputs
+from temposyncdiff.evaluation.field import FieldScores, field_files, load_field_syncnet
 from temposyncdiff.evaluation.models import runs
 from temposyncdiff.evaluation.report import gen_row, row_text
 from temposyncdiff.evaluation.scorer import GenerationScorer, TruthSync
@@ -74,6 +75,7 @@ def evaluate_generation(
     expert, lse_reason = _expert(g)
     embedder, identity_reason = _embedder(g)
     landmarks, lips_reason = _landmarks(g)
+    field_syncnet = load_field_syncnet(g.field)  # syncnet_python's SyncNet when its weights are there
     if g.lips == "truth" and landmarks is None:
         raise UserError(f"eval.generation.lips=truth reads the truth's lip shapes with dlib: {lips_reason}")
     out: dict[str, Any] = {
@@ -81,6 +83,7 @@ def evaluate_generation(
         "results": {},
         "reference": str(g.reference) if g.reference else "each clip's own",
         "lips": g.lips,
+        "field": field_files(g.field),
     }
     mels: dict[str, Tensor] = {}
     if expert is not None:
@@ -91,6 +94,13 @@ def evaluate_generation(
             swapped = features.log_mel(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
             truth.update(c.at(expert.config["image_size"]), mels[c.id], swapped)
         out["ground_truth"]["lip_sync"] = truth.compute()
+    out["ground_truth"]["field_lip_sync"] = out["field"]["syncnet_python"]
+    if field_syncnet is not None:  # the truth in syncnet_python's units (LSE-C about 7-8 on LRS2/LRS3 in papers)
+        truth = TruthSync(field_syncnet, g.vshift, protocol="syncnet_python")
+        for i, c in enumerate(clips):
+            swapped = field_syncnet.audio_features(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
+            truth.update(c.frames, field_syncnet.audio_features(c.wave), swapped)
+        out["ground_truth"]["field_lip_sync"] = truth.compute()
 
     stills: dict[int, tuple[Any, Tensor]] = {}  # the given still's crop and latent, once per pipeline
 
@@ -102,7 +112,7 @@ def evaluate_generation(
             stills[id(pipe)] = pipe.reference(g.reference, detector=g.reference_detector)
         return stills[id(pipe)]
 
-    def scorer_for(size: int) -> GenerationScorer:
+    def scorer_for(size: int, field: bool) -> GenerationScorer:
         reason = lse_reason
         if expert is not None and expert.config["image_size"] != size:
             reason = f"lip-sync expert takes {expert.config['image_size']} px frames, the model makes {size} px"
@@ -123,14 +133,15 @@ def evaluate_generation(
             g.identity.stride,
             lips,
             lips_reason,
+            FieldScores(g.field, field_syncnet, g.vshift) if field else None,
         )
 
     talks = sorted({c.talk for c in clips}) if g.per_talk else []
     talks = talks if len(talks) > 1 else []
 
     def scorers_for(size: int) -> dict[str | None, GenerationScorer]:
-        """One scorer over every clip (key None) and, with per_talk, one per talk."""
-        return {key: scorer_for(size) for key in [None, *talks]}
+        """One scorer over every clip (key None, with the field's metrics) and, with per_talk, one per talk."""
+        return {key: scorer_for(size, field=key is None) for key in [None, *talks]}
 
     def update(scorers: dict[str | None, GenerationScorer], talk: str, *args: Any) -> None:
         """Score a clip in the overall scorer and its talk's."""

@@ -1,8 +1,7 @@
-"""The exports tsd-eval runs (``<name>@<steps>``) and the checksums the report records."""
+"""The exports tsd-eval runs (``<name>@<steps>``)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,3 @@ def runs(cfg: DictConfig, models: dict[str, TalkingHeadPipeline | str]) -> Itera
             if not isinstance(pipe, str):
                 info |= {"sampler": pipe.sampler, "guidance_scale": pipe.guidance_scale}
             yield f"{m.name}@{steps}", pipe, int(steps), info
-
-
-def file_sha256(path: str | Path) -> dict[str, str]:
-    """``{"path", "sha256"}`` of a file, or ``{"path", "status": "missing"}``."""
-    path = Path(path)
-    if not path.is_file():
-        return {"path": str(path), "status": "missing"}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"path": str(path), "sha256": h.hexdigest()}

@@ -22,9 +22,11 @@ GEN_COLUMNS = ("run", "steps", "sampler", "status", "psnr", "ssim", "psnr_mouth"
                "ssim_upper_face", "psnr_mouth_gap", "flicker", "flicker_gap", "seam_ratio", "seam_ratio_gt", "mouth_corr",
                "mouth_corr_swapped", "mouth_amplitude", "lip_corr", "lip_corr_swapped", "lip_amplitude", "lip_silence",
                "lip_silence_gap", "lse_c", "lse_d", "lse_c_swapped", "lse_c_gap", "lse_c_gap_rel", "identity",
-               "ms_per_frame", "rtf")  # fmt: skip
+               "lse_c_syncnet", "lse_d_syncnet", "lse_c_syncnet_swapped", "csim", "fid", "fvd", "ms_per_frame",
+               "rtf")  # fmt: skip
 DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim", "lpips", "psnr_mouth", "ssim_mouth",
                "psnr_upper_face", "ms_per_frame")  # fmt: skip
+FIELD_COLUMNS = ("metric", "status", "path", "sha256", "reason")
 TARGET_COLUMNS = ("run", "upper_face_minus_retake_db", "upper_face_met", "lse_c_gap_rel", "lse_c_gap_target",
                   "lse_c_gap_met")  # fmt: skip
 # eval=long's blocks
@@ -93,6 +95,16 @@ def gen_row(name: str, r: dict) -> dict[str, Any]:
             "lse_c_swapped": ls["swapped"].get("lse_c"),
             "lse_c_gap": ls.get("gap_lse_c"),
         }
+    field = r.get("field", {})  # the field's metrics (absent from per-talk entries and older reports)
+    sync = field.get("syncnet_python", {})
+    row |= {
+        "lse_c_syncnet": sync.get("own", {}).get("lse_c"),
+        "lse_d_syncnet": sync.get("own", {}).get("lse_d"),
+        "lse_c_syncnet_swapped": sync.get("swapped", {}).get("lse_c"),
+        "csim": field.get("csim", {}).get("mean"),
+        "fid": field.get("fid", {}).get("fid"),
+        "fvd": field.get("fvd", {}).get("fvd"),
+    }
     return row
 
 
@@ -146,16 +158,20 @@ def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
         gt = g["ground_truth"]["lip_sync"]
         for row in gen:
             row["lse_c_gap_rel"] = relative_gap(row.get("lse_c_gap"), gt.get("gap_lse_c"))
-        if "lse_c" in gt:
+        field_gt = g["ground_truth"].get("field_lip_sync", {})
+        if "lse_c" in gt or "lse_c" in field_gt:
             gen.append(
                 {
                     "run": "ground_truth",
                     "status": "ok",
-                    "lse_c": gt["lse_c"],
-                    "lse_d": gt["lse_d"],
+                    "lse_c": gt.get("lse_c"),
+                    "lse_d": gt.get("lse_d"),
                     "lse_c_swapped": gt.get("swapped", {}).get("lse_c"),
                     "lse_c_gap": gt.get("gap_lse_c"),
                     "lse_c_gap_rel": relative_gap(gt.get("gap_lse_c"), gt.get("gap_lse_c")),
+                    "lse_c_syncnet": field_gt.get("lse_c"),
+                    "lse_d_syncnet": field_gt.get("lse_d"),
+                    "lse_c_syncnet_swapped": field_gt.get("swapped", {}).get("lse_c"),
                 }
             )
     if "levels" in d:
@@ -322,6 +338,11 @@ def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, pl
         for ext, fn in (("md", markdown), ("csv", csv_text)):
             paths[f"generation_per_talk_{ext}"] = tables_dir / f"eval_generation_per_talk.{ext}"
             write_text(paths[f"generation_per_talk_{ext}"], fn(talk_rows, ("talk", *GEN_COLUMNS)))
+    if files := report.get("generation", {}).get("field"):  # which of the field's weights were there
+        rows = [{"metric": name, **f} for name, f in files.items()]
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"field_{ext}"] = tables_dir / f"eval_field.{ext}"
+            write_text(paths[f"field_{ext}"], fn(rows, FIELD_COLUMNS))
     if targets := report.get("generation", {}).get("targets"):
         rows = [{"run": name, **t} for name, t in targets.items()]
         for ext, fn in (("md", markdown), ("csv", csv_text)):

@@ -14,7 +14,7 @@ from temposyncdiff.evaluation.clips import load_clips
 from temposyncdiff.evaluation.denoise import Fidelity, evaluate_denoise
 from temposyncdiff.evaluation.generation import evaluate_generation
 from temposyncdiff.evaluation.long import evaluate_long
-from temposyncdiff.evaluation.models import file_sha256, load_models
+from temposyncdiff.evaluation.models import load_models
 from temposyncdiff.evaluation.report import (
     DEN_COLUMNS,
     GEN_COLUMNS,
@@ -30,6 +30,7 @@ from temposyncdiff.metrics.image import (
     unavailable,
 )
 from temposyncdiff.regions import RegionBoxes
+from temposyncdiff.utils.io import file_record
 from temposyncdiff.utils.task import log
 from temposyncdiff.utils.timing import device_name
 
@@ -49,9 +50,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
-    checkpoints = {m.name: file_sha256(m.checkpoint) for m in cfg.models} | {"vae": file_sha256(cfg.vae)}
+    checkpoints = {m.name: file_record(m.checkpoint) for m in cfg.models} | {"vae": file_record(cfg.vae)}
     if "generation" in protocols and protocols.generation.syncnet:
-        checkpoints["syncnet"] = file_sha256(protocols.generation.syncnet)
+        checkpoints["syncnet"] = file_record(protocols.generation.syncnet)
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),

@@ -6,7 +6,7 @@ through these, so the same clip gives the same number everywhere."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,9 +16,12 @@ from temposyncdiff.evaluation.report import gen_row, is_finite
 from temposyncdiff.metrics.identity import IdentitySimilarity
 from temposyncdiff.metrics.image import FidelityMetrics, json_float, to_unit, unavailable
 from temposyncdiff.metrics.mouth import MouthOpening
-from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, embed_clip
+from temposyncdiff.metrics.sync import LipSyncError, SyncExpert, SyncProtocol, embed_clip
 from temposyncdiff.metrics.temporal import FlickerMetric, MouthMotion, seam_error
 from temposyncdiff.regions import RegionBoxes
+
+if TYPE_CHECKING:
+    from temposyncdiff.evaluation.field import FieldScores
 
 NO_SWAP = "no audio-swap control: it needs 2 utterances, and a baseline made from the truth has none"
 
@@ -36,23 +39,34 @@ def lse_summary(metric: LipSyncError) -> dict[str, Any]:
     }
 
 
-def _embed(expert: SyncExpert, frames: Tensor | np.ndarray, mel: Tensor) -> tuple[Tensor, Tensor]:
-    """``embed_clip`` of frames in any layout ``to_unit`` takes, on the expert's device."""
+def embed_frames(expert: SyncExpert, frames: Tensor | np.ndarray, audio: Tensor) -> tuple[Tensor, Tensor]:
+    """``embed_clip`` of frames in any layout ``to_unit`` takes and the expert's audio input, on its device."""
     param = next(expert.parameters(), None) if isinstance(expert, nn.Module) else None
     dev = param.device if param is not None else torch.device("cpu")
-    return embed_clip(expert, (to_unit(frames) * 2 - 1).to(dev), mel.to(dev))
+    return embed_clip(expert, (to_unit(frames) * 2 - 1).to(dev), audio.to(dev))
+
+
+def sync_report(own: LipSyncError, swapped: LipSyncError | None, no_swap: str = NO_SWAP) -> dict[str, Any]:
+    """LSE with the own audio and the audio-swap control's, and their gaps (positive: the audio matters)."""
+    out = {"own": lse_summary(own)}
+    out["swapped"] = lse_summary(swapped) if swapped is not None and swapped.update_called else unavailable(no_swap)
+    if out["own"]["num_clips"] and out["swapped"].get("num_clips"):
+        out["gap_lse_c"] = json_float(out["own"]["lse_c"] - out["swapped"]["lse_c"])
+        out["gap_lse_d"] = json_float(out["swapped"]["lse_d"] - out["own"]["lse_d"])
+    return out
 
 
 class TruthSync:
     """The ground truth's LSE with its own audio and with the audio-swap control's."""
 
-    def __init__(self, expert: SyncExpert, vshift: int = 15) -> None:
-        self.expert, self.lse = expert, {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
+    def __init__(self, expert: SyncExpert, vshift: int = 15, protocol: SyncProtocol = "temposyncdiff") -> None:
+        self.expert = expert
+        self.lse = {k: LipSyncError(vshift=vshift, protocol=protocol) for k in ("own", "swapped")}
 
     def update(self, frames: Tensor | np.ndarray, mel: Tensor, swapped_mel: Tensor | None = None) -> None:
-        self.lse["own"].update(*_embed(self.expert, frames, mel))
+        self.lse["own"].update(*embed_frames(self.expert, frames, mel))
         if swapped_mel is not None:
-            self.lse["swapped"].update(*_embed(self.expert, frames, swapped_mel))
+            self.lse["swapped"].update(*embed_frames(self.expert, frames, swapped_mel))
 
     def compute(self) -> dict[str, Any]:
         out = lse_summary(self.lse["own"])
@@ -77,6 +91,7 @@ class GenerationScorer:
         identity_stride: int = 1,
         lips: MouthOpening | None = None,
         lips_reason: str = "no landmark model given",
+        field: FieldScores | None = None,
     ) -> None:
         self.fidelity, self.fidelity_swapped = FidelityMetrics(regions), FidelityMetrics(regions)
         self.flicker, self.seams = FlickerMetric(), []
@@ -85,6 +100,7 @@ class GenerationScorer:
         self.lse = {k: LipSyncError(vshift=vshift) for k in ("own", "swapped")}
         self.identity, self.identity_reason, self.identity_stride = identity, identity_reason, identity_stride
         self.lips, self.lips_reason = lips, lips_reason
+        self.field = field  # the field's metrics (evaluation.field), from the user's weights files
 
     def update(
         self,
@@ -107,7 +123,7 @@ class GenerationScorer:
             if video is not None:
                 self.motion[key].update(video, gt)
                 if self.expert is not None:
-                    self.lse[key].update(*_embed(self.expert, video, mel))
+                    self.lse[key].update(*embed_frames(self.expert, video, mel))
         if swapped is not None:
             self.fidelity_swapped.update(swapped, gt)
         if borders:  # none when the clip fits in one window
@@ -116,6 +132,8 @@ class GenerationScorer:
             self.identity.update(reference, own[:: self.identity_stride])
         if self.lips is not None:
             self.lips.update(own, gt, wave, swapped, clip_id)
+        if self.field is not None:
+            self.field.update(gt, own, reference, wave, swapped)
 
     def compute(self) -> dict[str, Any]:
         no_swap = unavailable(NO_SWAP)
@@ -138,16 +156,11 @@ class GenerationScorer:
         if self.expert is None:
             out["lip_sync"] = unavailable(self.lse_reason)
         else:
-            own = lse_summary(self.lse["own"])
-            swap = lse_summary(self.lse["swapped"]) if swapped else no_swap
-            out["lip_sync"] = {"own": own, "swapped": swap}
-            if own["num_clips"] and swap.get("num_clips"):
-                out["lip_sync"] |= {
-                    "gap_lse_c": json_float(own["lse_c"] - swap["lse_c"]),
-                    "gap_lse_d": json_float(swap["lse_d"] - own["lse_d"]),
-                }
+            out["lip_sync"] = sync_report(self.lse["own"], self.lse["swapped"])
         out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
         out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
+        if self.field is not None:
+            out["field"] = self.field.compute(NO_SWAP)
         return out
 
 

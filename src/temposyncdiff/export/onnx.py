@@ -15,7 +15,6 @@ export fails above ``tolerance``. The runtime refuses graphs whose recorded sha2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,21 +25,13 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from temposyncdiff.errors import UserError
-from temposyncdiff.utils.io import atomic_path, write_json
+from temposyncdiff.utils.io import atomic_path, file_sha256, write_json
 from temposyncdiff.utils.weights import load_net
 
 TOLERANCE = 1e-4  # max abs difference from PyTorch (float32) an exported graph may show
 GRAPHS = ("vae_encoder", "vae_decoder", "audio_encoder", "denoiser")
 SIDECAR = "export.json"
 EXPORT_AGAIN = "run tsd-export again"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ort():

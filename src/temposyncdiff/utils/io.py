@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -121,3 +122,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a file, or ``{"path", "status": "missing"}`` (what reports record of an input)."""
+    if not Path(path).is_file():
+        return {"path": str(path), "status": "missing"}
+    return {"path": str(path), "sha256": file_sha256(path)}
