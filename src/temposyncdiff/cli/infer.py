@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +51,29 @@ CHOICES = {
 }
 
 
+FrameProgress = Callable[[Iterable[np.ndarray], int], Iterable[np.ndarray]]  # (frames, how many) -> them, shown
+
+
 @task
 def infer(cfg: DictConfig) -> dict:
-    """Check every setting and input, then generate and write frames + sample.mp4 + summary.json; return the summary."""
+    """tsd-infer: ``make_sample`` with a progress bar on the console."""
+    return make_sample(cfg, console_progress)
+
+
+def console_progress(frames: Iterable[np.ndarray], total: int) -> Iterator[np.ndarray]:
+    """The frames as they come, counted on a transient rich progress bar."""
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("generating", total=total)
+        for frame in frames:
+            progress.advance(bar)
+            yield frame
+
+
+def make_sample(cfg: DictConfig, progress: FrameProgress) -> dict:
+    """Check every setting and input, then generate and write frames + sample.mp4 + summary.json; return the summary.
+
+    The one generation path of tsd-infer and tsd-app: ``progress`` shows the frames' progress (the console, the page).
+    Bad settings and inputs raise ``UserError``."""
     out_dir = check_settings(cfg)
     video = check_video(cfg.video, cfg.min_face_px) if cfg.video else None
     # video mode: pass 1 tracks the face before any model loads, so a video without one fails fast
@@ -80,13 +100,6 @@ def infer(cfg: DictConfig) -> dict:
         raise UserError(f"steps={pipe.steps}: {err}") from None
     timings = Timings()
     face, reference, stream, revoicer = generation(cfg, pipe, track, wave, visemes, timings)
-
-    def frames():
-        with Progress(transient=True) as progress:
-            bar = progress.add_task("generating", total=num_frames)
-            for frame in stream:
-                progress.advance(bar)
-                yield frame
 
     def summary() -> dict:
         return {
@@ -118,7 +131,9 @@ def infer(cfg: DictConfig) -> dict:
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
 
-    out = write_sample(out_dir, frames(), wave, rate, cfg.fps, cfg.save_frames, summary, protected_dirs(cfg))
+    out = write_sample(
+        out_dir, progress(stream, num_frames), wave, rate, cfg.fps, cfg.save_frames, summary, protected_dirs(cfg)
+    )
     report = summary()
     t = report["timings"]
     log.info(

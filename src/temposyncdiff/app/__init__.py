@@ -1,0 +1,1 @@
+"""tsd-app: the local web app (Gradio) over tsd-infer's generation."""
