@@ -28,7 +28,7 @@ from temposyncdiff.evaluation.report import write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from tests.helpers.configs import compose_config, face_regions
+from tests.helpers.configs import compose_config, face_regions, tiny_eval
 from tests.helpers.field import save_arcface_onnx, save_fid_inception, save_i3d, save_syncnet
 from tests.helpers.nets import save_tiny_exports
 from tests.helpers.run_if import RunIf
@@ -163,18 +163,10 @@ def test_tsd_eval_end_to_end(exports, data_root, tmp_path):
 def tiny_generation(exports, tmp_path) -> list[str]:
     """tsd-eval's generation protocol on two val utterances of 8 frames, the tiny teacher at 1 step, no dlib."""
     return [
-        "eval=generation",
-        "split=val",
-        "max_utterances=2",
-        f"vae={exports / 'vae_pretrained.pt'}",
-        f"paths.outputs_dir={tmp_path / 'out'}",
-        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-        "models.0.steps=[1]",
-        "models.1.steps=[]",
+        *tiny_eval("generation", exports, tmp_path / "out"),
         "eval.generation.max_frames=8",
         "eval.generation.identity.enabled=false",
         "eval.generation.lip_landmarks.enabled=false",
-        "threads=1",
     ]
 
 

@@ -15,7 +15,7 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.evaluation.clips import Clip
 from temposyncdiff.evaluation.long import DriftBlocks, drift_summary, joined_audio
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
-from tests.helpers.configs import compose_config
+from tests.helpers.configs import compose_config, tiny_eval
 from tests.helpers.nets import save_tiny_exports
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,19 +33,11 @@ def long_config(exports, data_root, tmp_path, *extra: str):
     return compose_config(
         "eval",
         [
-            "eval=long",
-            "split=val",
-            "max_utterances=2",
-            f"vae={exports / 'vae_pretrained.pt'}",
-            f"paths.outputs_dir={tmp_path / 'out'}",
-            f"models.0.checkpoint={exports / 'teacher_best.pt'}",
-            "models.0.steps=[1]",
-            "models.1.steps=[]",
+            *tiny_eval("long", exports, tmp_path / "out"),
             "eval.long.run=teacher@1",
             "eval.long.duration_s=3",
             "eval.long.block_s=1",
             "eval.long.identity.stride=12",
-            "threads=1",
             *extra,
         ],
         data_root,

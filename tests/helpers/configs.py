@@ -35,6 +35,21 @@ TINY_SYNCNET = (
 ).split()
 
 
+def tiny_eval(protocol: str, exports: Path, out_dir: Path) -> list[str]:
+    """tsd-eval ``eval=<protocol>`` over two val utterances with the tiny teacher of ``exports`` at 1 step."""
+    return [
+        f"eval={protocol}",
+        "split=val",
+        "max_utterances=2",
+        f"vae={exports / 'vae_pretrained.pt'}",
+        f"paths.outputs_dir={out_dir}",
+        f"models.0.checkpoint={exports / 'teacher_best.pt'}",
+        "models.0.steps=[1]",
+        "models.1.steps=[]",
+        "threads=1",
+    ]
+
+
 def face_regions():
     """The project's regions as the configs give them (conf/regions/face.yaml, the one place they are written)."""
     from omegaconf import OmegaConf
