@@ -20,23 +20,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-# espeak-ng (speech for the synthetic corpus) is a system library; chromium + chromium-driver run tsd-app's browser
-# tests (skipped without them). apt-get what is missing when we are root.
+# espeak-ng (speech for the synthetic corpus) is a system library: apt-get it when we are root, else stop with the fix.
+# chromium + chromium-driver run tsd-app's browser tests: apt-get them too when we can; without them those tests skip.
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 system-deps:
-	@missing=""; \
-	ldconfig -p 2>/dev/null | grep -q libespeak-ng.so || missing=" espeak-ng"; \
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing$$missing with apt-get"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
-		|| { echo "error: apt-get install$$missing failed"; exit 1; }; \
-	elif [ "$${missing# espeak-ng}" != "$$missing" ]; then \
-		echo "error: espeak-ng is missing. Install it (Debian/Ubuntu: sudo apt-get install espeak-ng;" \
-		     "macOS: brew install espeak-ng), then run make again."; exit 1; \
-	else \
-		echo "note: chromium or chromedriver is missing, so tsd-app's browser tests will be skipped" \
-		     "(Debian/Ubuntu: sudo apt-get install chromium chromium-driver)"; \
+	@if ! ldconfig -p 2>/dev/null | grep -q libespeak-ng.so; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing espeak-ng with apt-get"; \
+			(apt-get update -qq && $(APT) espeak-ng >/dev/null) || { echo "error: apt-get install espeak-ng failed"; exit 1; }; \
+		else \
+			echo "error: espeak-ng is missing. Install it (Debian/Ubuntu: sudo apt-get install espeak-ng;" \
+			     "macOS: brew install espeak-ng), then run make again."; exit 1; \
+		fi; \
+	fi; \
+	if ! { command -v chromium && command -v chromedriver; } >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium and chromium-driver with apt-get (tsd-app's browser tests)"; \
+			(apt-get update -qq && $(APT) chromium chromium-driver >/dev/null) \
+			|| echo "note: apt-get install chromium chromium-driver failed: tsd-app's browser tests will be skipped"; \
+		else \
+			echo "note: without chromium and chromedriver tsd-app's browser tests are skipped" \
+			     "(Debian/Ubuntu: sudo apt-get install chromium chromium-driver)"; \
+		fi; \
 	fi
 
 demo: setup
