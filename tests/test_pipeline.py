@@ -10,6 +10,7 @@ from omegaconf import OmegaConf, open_dict
 from temposyncdiff.cli.pipeline import pipeline
 from temposyncdiff.utils.weights import load_net
 from tests.helpers.configs import compose_config
+from tests.helpers.run_if import RunIf
 
 
 def _cfg(root, tmp_path, *overrides):
@@ -110,9 +111,10 @@ def _own_footage(synth_corpus, path):
     return path
 
 
-def test_own_video_recipe_end_to_end(synth_corpus, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, RunIf(cuda=True)])])
+def test_own_video_recipe_end_to_end(synth_corpus, tmp_path, device):
     """experiment=own_video on self-made footage: every step runs, outputs are namespaced by name, the summary lists
-    the eval report; a name that is not a plain name is refused."""
+    the eval report; a name that is not a plain name is refused. ``device=cuda``: the recipe's GPU variant."""
     import subprocess
     import sys
     from pathlib import Path
@@ -128,6 +130,7 @@ def test_own_video_recipe_end_to_end(synth_corpus, tmp_path):
         "max_utterance_s=1.5",
         "train_steps={vae: 30, syncnet: 30, teacher: 30, student: 30}",
         "teacher_eval_steps=2",
+        f"device={device}",
         f"paths.root_dir={tmp_path}",
         "extras.print_config=false",
     ]
@@ -153,3 +156,22 @@ def test_own_video_recipe_end_to_end(synth_corpus, tmp_path):
     assert len(calibration.get("rows", [])) == 7 or calibration["reason"].startswith("unavailable")
     bad = subprocess.run([*cmd[:3], "name=../x", *cmd[4:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "name=" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_own_video_recipe_on_a_gpu_at_256_px(tmp_path):
+    """device=cuda: every training step runs with trainer=gpu, tsd-eval on cuda, tsd-bench's gpu preset; image_size
+    reaches prepare, the cache and the stages. On the CPU (default) the stages keep trainer=cpu."""
+
+    def commands(*overrides: str) -> dict[str, list[str]]:
+        cfg = compose_config(
+            "pipeline", ["pipeline=own_video", "inputs=me.mp4", "name=me", *overrides], tmp_path, tmp_path / "run"
+        )
+        return {s["name"]: s["cmd"] for s in OmegaConf.to_container(cfg.steps, resolve=True)}
+
+    gpu = commands("device=cuda", "image_size=256")
+    trained = ("vae", "syncnet", "teacher", "student")
+    assert all("trainer=gpu" in gpu[step] and "data.image_size=256" in gpu[step] for step in trained)
+    assert "image_size=256" in gpu["prepare"] and "data.image_size=256" in gpu["cache"]
+    assert "device=cuda" in gpu["eval"] and "bench=gpu" in gpu["bench"]
+    cpu = commands()
+    assert all("trainer=cpu" in cpu[step] for step in trained) and "bench=latency_cpu" in cpu["bench"]
