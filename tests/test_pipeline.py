@@ -78,10 +78,15 @@ def test_unknown_step_name(tmp_path):
 ENTRY = {"tsd-train": "train", "tsd-eval": "eval", "tsd-infer": "infer", "tsd-bench": "bench", "tsd-export": "export"}
 
 
-@pytest.mark.parametrize("recipe", ["quickstart"])
+OWN = ["pipeline=own_video", "inputs=me.mp4", "name=me"]
+
+
+@pytest.mark.parametrize(
+    "recipe", [["pipeline=quickstart"], OWN, [*OWN, "device=cuda", "image_size=256"]], ids=["quickstart", "own", "gpu"]
+)
 def test_every_recipe_step_composes(recipe, tmp_path):
     """Each step's overrides exist in the config it runs (a typo would fail minutes into `make demo`)."""
-    steps = compose_config("pipeline", [f"pipeline={recipe}"], tmp_path, tmp_path / "run").steps
+    steps = compose_config("pipeline", recipe, tmp_path, tmp_path / "run").steps
     for step in steps:
         cmd, args = list(step.cmd[:1]), [str(a) for a in step.cmd[1:]]
         if cmd == ["tsd-data"]:
@@ -163,9 +168,7 @@ def test_own_video_recipe_on_a_gpu_at_256_px(tmp_path):
     reaches prepare, the cache and the stages. On the CPU (default) the stages keep trainer=cpu."""
 
     def commands(*overrides: str) -> dict[str, list[str]]:
-        cfg = compose_config(
-            "pipeline", ["pipeline=own_video", "inputs=me.mp4", "name=me", *overrides], tmp_path, tmp_path / "run"
-        )
+        cfg = compose_config("pipeline", [*OWN, *overrides], tmp_path, tmp_path / "run")
         return {s["name"]: s["cmd"] for s in OmegaConf.to_container(cfg.steps, resolve=True)}
 
     gpu = commands("device=cuda", "image_size=256")
