@@ -89,3 +89,11 @@ def opener(landmarks):
         return out
 
     return open_by, iod, lip_opening(pts)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh user cache folder per test (tsd-infer runtime=auto keeps its choice there), never the real one."""
+    path = tmp_path_factory.mktemp("xdg_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(path))
+    return path / "temposyncdiff"

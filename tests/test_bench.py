@@ -266,3 +266,61 @@ def test_prepare_memory_rows_and_outputs(tmp_path):
     table = (tmp_path / "outputs" / "tables" / "prepare_memory.md").read_text()
     assert "| 426x240 | 2.4 | 60 |" in table and "MB per minute of video" in table
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("prepare_memory_")] == []  # videos removed
+
+
+def test_precision_rows_per_image_size_with_psnr_and_peak_at_their_dtype(tmp_path):
+    """bench=precision's rows: eager fp32 and a bfloat16 model at two image sizes (the second a VAE of its own),
+    decoded frames' PSNR against eager fp32, the speed-up over it, and the CPU flags in the machine info."""
+    cfg = _bench_cfg(
+        tmp_path,
+        "bench.runtimes=[eager,bf16]",
+        "bench.dtypes=[fp32]",
+        "bench.batch_sizes=[1]",
+        "bench.image_sizes=[32,64]",
+        "+bench.vae.sizes.64={channels:[8,8],patch_size:4}",
+        "bench.components=[audio_encoder,decoder,end_to_end]",
+        "bench.models.teacher=null",
+    )
+    report = latency(cfg)
+    rows = {(r["image_size"], r["runtime"], r["component"], r["steps"]): r for r in report["rows"]}
+    assert {k[:2] for k in rows} == {(s, rt) for s in (32, 64) for rt in ("eager", "bf16")}
+    for size in (32, 64):
+        bf16, fp32 = rows[size, "bf16", "end_to_end", 2], rows[size, "eager", "end_to_end", 2]
+        assert bf16["dtype"] == "bf16" and bf16["psnr_db"] >= 40.0 and fp32["psnr_db"] is None  # None: identical
+        assert (
+            rows[size, "bf16", "decoder", None]["psnr_db"] >= 40.0
+            and rows[size, "bf16", "audio_encoder", None]["psnr_db"] is None
+        )
+        assert bf16["peak_gflops"] == lat.matmul_peak("cpu", "bf16", 1, 64)
+    summary = {(r["image_size"], r["runtime"]): r for r in report["summary"]}
+    assert summary[64, "eager"]["vs_fp32"] == 1.0 and summary[64, "bf16"]["vs_fp32"] > 0
+    assert set(report["models"]) == {"student 32 px", "student 64 px"}
+    assert set(report["machine"]["cpu_flags"]) >= {"amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx2"}
+    with pytest.raises(UserError, match="unknown runtime"):
+        plan(compose_run("bench", ["bench.runtimes=[eager,fp8]"]).bench, torch.device("cpu"))
+
+
+def test_own_precision_runtimes_run_at_fp32_only(tmp_path):
+    report = latency(
+        _bench_cfg(tmp_path, "bench.runtimes=[bf16]", "bench.batch_sizes=[1]", "bench.components=[decoder]")
+    )
+    assert {r["dtype"] for r in report["rows"]} == {"bf16"}  # the setting's fp32: the model's own bf16, no autocast
+    assert {s["reason"] for s in report["skipped"]} == {"ValueError: bf16 runs a bfloat16 model only"}
+
+
+@pytest.mark.slow  # ~40 s: ONNX export, int8 quantization and onnxruntime timing rows
+def test_int8_rows_quantize_the_export_and_stay_near_fp32(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report = latency(
+        _bench_cfg(
+            tmp_path,
+            "bench.runtimes=[int8]",
+            "bench.dtypes=[fp32]",
+            "bench.batch_sizes=[1]",
+            "bench.components=[decoder,end_to_end]",
+            "bench.models.teacher=null",
+        )  # fmt: skip
+    )
+    rows = {(r["component"], r["steps"]): r for r in report["rows"]}
+    assert rows["end_to_end", 2]["dtype"] == "int8" and rows["end_to_end", 2]["psnr_db"] >= 35.0
+    assert rows["decoder", None]["peak_gflops"] > 0 and report["skipped"] == []

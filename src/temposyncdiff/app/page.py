@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from temposyncdiff.app.jobs import Request, error_line, generate, summary_lines
 from temposyncdiff.app.models import find_models
+from temposyncdiff.inference.precision import RUNTIMES
 from temposyncdiff.utils.task import USER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ def build_page(app: DictConfig) -> gr.Blocks:
                     steps = gr.Number(label="Steps (0: the model's own)", value=form.steps)
                     threads = gr.Number(label="Threads (0: the idle cores)", value=form.threads)
                 with gr.Row():
-                    runtime = gr.Radio(
-                        ["torch", "onnx"], value=form.runtime, label="Runtime (onnx: tsd-export's graphs)"
-                    )
+                    runtime = gr.Radio(list(RUNTIMES), value=form.runtime, label="Runtime (onnx: tsd-export's graphs)")
                     paste_back = gr.Checkbox(value=form.paste_back, label="Paste the face back into the whole photo")
                 button = gr.Button("Generate", variant="primary", elem_id="tsd-generate")
             with gr.Column():

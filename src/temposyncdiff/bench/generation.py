@@ -1,5 +1,6 @@
 """The generation path (audio features -> audio encoder -> sampler -> VAE decoder) timed per component and end
-to end on one steady-state window, under each runtime in ``RUNTIMES``."""
+to end on one steady-state window, under each runtime in ``RUNTIMES``, with the decoded frames' PSNR against
+eager float32's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.inference.pipeline import MARGIN_FRAMES
+from temposyncdiff.inference.precision import psnr
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.timing import (
@@ -56,15 +58,50 @@ def onnx(path: GenerationPath) -> Nets:
 
     if path.onnx_dir is None:
         path.onnx_dir = tempfile.TemporaryDirectory(prefix="tsd-bench-onnx-")
-        size = path.latent_size * path.vae.downsample
-        path.onnx_meta = export_nets(path.net, path.vae, size, Path(path.onnx_dir.name), None, TOLERANCE, 0)
+        path.onnx_meta = export_nets(path.net, path.vae, path.image_size, Path(path.onnx_dir.name), None, TOLERANCE, 0)
     net, vae = sessions(Path(path.onnx_dir.name), path.onnx_meta, torch.get_num_threads())
     return Nets(net.embed_audio, net, vae.from_latent)
 
 
+def bf16(path: GenerationPath) -> Nets:
+    """tsd-infer's runtime=bf16: bfloat16 weights and activations, channels-last (not autocast)."""
+    from temposyncdiff.inference.precision import LowPrecisionDenoiser, LowPrecisionVAE
+
+    net, vae = LowPrecisionDenoiser(path.net, torch.bfloat16), LowPrecisionVAE(path.vae, torch.bfloat16)
+    return Nets(net.embed_audio, net, vae.from_latent)
+
+
+def int8(path: GenerationPath) -> Nets:
+    """tsd-infer's runtime=int8: onnx's graphs statically quantized, calibrated on one window of the path's inputs."""
+    from temposyncdiff.export.onnx import sessions
+    from temposyncdiff.inference.precision import quantize_nets, use_int8
+
+    onnx(path)  # the float32 export
+    graphs = Path(path.onnx_dir.name)
+    threads = torch.get_num_threads()
+    if not (graphs / "int8").is_dir():
+        nets = sessions(graphs, path.onnx_meta, threads)
+        calibration = path.inputs(1, torch.device("cpu"))
+        run = lambda pair: path.end_to_end(Nets(pair[0].embed_audio, pair[0], pair[1].from_latent), calibration, 2)  # noqa: E731
+        quantize_nets(nets, run, graphs, graphs / "int8")
+    net, vae = use_int8(sessions(graphs, path.onnx_meta, threads), graphs / "int8", threads)
+    return Nets(net.embed_audio, net, vae.from_latent)
+
+
 # runtime name -> factory of the nets' callables, built once per setting (batch, dtype, threads)
-RUNTIMES: dict[str, Callable[[GenerationPath], Nets]] = {"eager": eager, "compile": compiled, "onnx": onnx}
-FP32_ONLY = ("onnx",)  # runtimes that run the float32 graphs whatever the autocast dtype
+RUNTIMES: dict[str, Callable[[GenerationPath], Nets]] = {
+    "eager": eager,
+    "compile": compiled,
+    "onnx": onnx,
+    "bf16": bf16,
+    "int8": int8,
+}
+OWN_PRECISION = {
+    "onnx": ("fp32", "float32 graphs"),
+    "bf16": ("bf16", "a bfloat16 model"),
+    "int8": ("int8", "int8 graphs"),
+}
+PSNR_COMPONENTS = ("decoder", "end_to_end")  # calls whose output is frames
 
 
 # ---- the generation path ------------------------------------------------------------------------------------------
@@ -103,11 +140,12 @@ class GenerationPath:
         self.net, self.vae, self.schedule, self.sampler = net.eval(), vae.eval(), dict(schedule), sampler
         self.sampler_kwargs, self.guidance_scale = dict(sampler_kwargs or {}), guidance_scale
         self.window, self.overlap, self.latent_size = net.window, overlap, latent_size
+        self.image_size = latent_size * vae.downsample
         self.frames = self.window - overlap
         self.calls_per_step = 1 if guidance_scale == 1.0 else 2
         enc = net.audio.config
         self.features = AudioFeatures(n_mels=enc["n_mels"], window_frames=enc["window"])
-        self.onnx_dir: tempfile.TemporaryDirectory | None = None  # the onnx runtime's export of these nets
+        self.onnx_dir: tempfile.TemporaryDirectory | None = None  # the onnx (and int8) runtimes' export of these nets
         self.onnx_meta: dict[str, Any] = {}
 
     def params(self) -> dict[str, int]:
@@ -223,10 +261,13 @@ def bench_generation(
         with num_threads(setting.threads):
             threads = torch.get_num_threads()
             try:
-                if setting.runtime in FP32_ONLY and setting.dtype != "fp32":
-                    raise ValueError(f"{setting.runtime} runs float32 graphs only")
+                dtype, what = OWN_PRECISION.get(setting.runtime, (setting.dtype, ""))
+                if setting.runtime in OWN_PRECISION and setting.dtype != "fp32":
+                    raise ValueError(f"{setting.runtime} runs {what} only")
                 inp = path.inputs(setting.batch, device)
                 calls = path.calls(RUNTIMES[setting.runtime](path), inp, steps)
+                with torch.inference_mode():
+                    fp32 = {k: fn() for k, fn in path.calls(eager(path), inp, steps).items() if k[0] in PSNR_COMPONENTS}
                 for (component, n), fn in calls.items():
                     if component not in components:
                         continue
@@ -234,19 +275,25 @@ def bench_generation(
                         torch.cuda.reset_peak_memory_stats(device)
                     with torch.inference_mode(), autocast(device, setting.dtype):
                         stats = time_call(fn, device, warmup, repeats, budget_s)
+                        db = (
+                            psnr(fn().cpu().numpy(), fp32[component, n].cpu().numpy())
+                            if component in PSNR_COMPONENTS
+                            else None
+                        )
                     ms = stats["median_ms"] / (setting.batch * path.frames)
-                    peak = matmul_peak(str(device), setting.dtype, setting.threads, peak_size)
+                    peak = matmul_peak(str(device), dtype, setting.threads, peak_size)
                     gflops = flops[component, n] / ms / 1e6
                     calls_made = {"denoiser": 1, "end_to_end": (n or 0) * path.calls_per_step}.get(component)
                     rows.append(
                         {
                             "model": model,
                             "component": component,
+                            "image_size": path.image_size,
                             "steps": n,
                             "net_calls": calls_made,
                             "runtime": setting.runtime,
                             "device": device_name(device),
-                            "dtype": setting.dtype,
+                            "dtype": dtype,
                             "threads": threads,
                             "batch": setting.batch,
                             "frames": setting.batch * path.frames,
@@ -258,13 +305,14 @@ def bench_generation(
                             "gflops": gflops,
                             "peak_gflops": peak,
                             "peak_pct": 100 * gflops / peak,
+                            "psnr_db": None if db in (None, float("inf")) else db,  # vs eager fp32; None: identical
                             "params": params[component],
                             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20
                             if device.type == "cuda"
                             else None,
                         }
                     )
-                    log(f"{model} {component}{f'@{n}' if n else ''} {setting}: {ms:.3f} ms/frame")
+                    log(f"{model} {component}{f'@{n}' if n else ''} {setting} {path.image_size} px: {ms:.3f} ms/frame")
             except Exception as err:
                 if setting.runtime == "eager":
                     raise

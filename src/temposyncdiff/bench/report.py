@@ -14,25 +14,34 @@ def _f(spec: str = "", scale: float = 1.0, unit: str = "") -> Callable[[Any], st
     return lambda v: format(v * scale if scale != 1.0 else v, spec) + unit
 
 
-SUMMARY = (("model", "model", _f()), ("steps", "steps", _f()), ("net calls", "net_calls", _f()),
-           ("ms/frame", "ms_per_frame", _f(".2f")), ("fps", "fps", _f(".1f")), ("RTF", "rtf", _f(".3f")),
-           ("speed-up", "speedup", _f(".1f", unit="x")), ("runtime", "runtime", _f()), ("dtype", "dtype", _f()),
-           ("threads", "threads", _f()), ("batch", "batch", _f()))  # fmt: skip
+SUMMARY = (("model", "model", _f()), ("px", "image_size", _f()), ("steps", "steps", _f()),
+           ("net calls", "net_calls", _f()), ("ms/frame", "ms_per_frame", _f(".2f")), ("fps", "fps", _f(".1f")),
+           ("RTF", "rtf", _f(".3f")), ("speed-up", "speedup", _f(".1f", unit="x")), ("runtime", "runtime", _f()),
+           ("dtype", "dtype", _f()), ("threads", "threads", _f()), ("batch", "batch", _f()),
+           ("vs eager fp32", "vs_fp32", _f(".2f", unit="x")), ("PSNR dB", "psnr_db", _f(".1f")),
+           ("% peak", "peak_pct", _f(".1f")), ("window ms", "median_ms", _f(".1f")))  # fmt: skip
 COLUMNS = (("model", "model", _f()), ("component", "component", _f()), ("steps", "steps", _f()),
            ("runtime", "runtime", _f()), ("dtype", "dtype", _f()), ("threads", "threads", _f()),
-           ("batch", "batch", _f()), ("ms/frame", "ms_per_frame", _f(".3f")), ("median ms", "median_ms", _f(".2f")),
+           ("batch", "batch", _f()), ("px", "image_size", _f()), ("ms/frame", "ms_per_frame", _f(".3f")), ("median ms", "median_ms", _f(".2f")),
            ("p10 ms", "p10_ms", _f(".2f")), ("p90 ms", "p90_ms", _f(".2f")), ("n", "repeats", _f()),
            ("MFLOP/frame", "flops_per_frame", _f(".1f", 1e-6)), ("GFLOP/s", "gflops", _f(".2f")),
-           ("% peak", "peak_pct", _f(".1f")), ("params", "params", _f(",")), ("peak MB", "peak_mem_mb", _f(".0f")))  # fmt: skip
+           ("% peak", "peak_pct", _f(".1f")), ("PSNR dB", "psnr_db", _f(".1f")), ("params", "params", _f(",")),
+           ("peak MB", "peak_mem_mb", _f(".0f")))  # fmt: skip
 
 
 def summary(rows: list[dict], reference: str) -> list[dict]:
-    """End-to-end rows with the speed-up over ``reference``'s largest step count in the same setting."""
+    """End-to-end rows with the speed-up over ``reference``'s largest step count in the same setting, and over the
+    same model's eager float32 row (``vs_fp32``). ``median_ms`` is one window's compute: a stream's first frame waits
+    for it once its audio has come."""
     e2e = [r for r in rows if r["component"] == "end_to_end"]
 
     def key(r: dict) -> tuple:
-        return r["runtime"], r["dtype"], r["threads"], r["batch"]
+        return r["runtime"], r["dtype"], r["threads"], r["batch"], r["image_size"]
 
+    def same_work(r: dict) -> tuple:
+        return r["model"], r["steps"], r["threads"], r["batch"], r["image_size"]
+
+    fp32 = {same_work(r): r["ms_per_frame"] for r in e2e if (r["runtime"], r["dtype"]) == ("eager", "fp32")}
     base: dict[tuple, dict] = {}
     for r in e2e:
         if r["model"] == reference and r["steps"] > base.get(key(r), {}).get("steps", -1):
@@ -53,20 +62,27 @@ def summary(rows: list[dict], reference: str) -> list[dict]:
                 "dtype",
                 "threads",
                 "batch",
+                "image_size",
+                "psnr_db",
+                "peak_pct",
+                "median_ms",
             )
         }
         | {"speedup": base[key(r)]["ms_per_frame"] / r["ms_per_frame"] if key(r) in base else None}
+        | {"vs_fp32": fp32[same_work(r)] / r["ms_per_frame"] if same_work(r) in fp32 else None}
         for r in e2e
     ]
-    return sorted(out, key=lambda r: (order[key(r)], models.index(r["model"]), r["steps"]))
+    return sorted(out, key=lambda r: (r["image_size"], order[key(r)], models.index(r["model"]), r["steps"]))
 
 
 def report_markdown(report: dict) -> str:
     m = report["machine"]
     head = (
         f"# Latency\n\n{m['device']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load average "
-        f"{' '.join(map(str, m['load_avg']))}. Per frame = per new frame of a steady-state window "
-        f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time).\n\n"
+        f"{' '.join(map(str, m['load_avg']))}, CPU flags "
+        f"{' '.join(k for k, v in m.get('cpu_flags', {}).items() if v) or 'none of note'}. Per frame = per new frame of a steady-state window "
+        f"(window - overlap frames per stream); RTF = time per frame x 25 fps (< 1: faster than real time); PSNR: the decoded frames against eager fp32's (blank: identical); "
+        f"window ms: one window's compute, what a stream's first frame waits for once its audio has come.\n\n"
     )
     skipped = "".join(
         f"- skipped {s['model']} {s['runtime']} {s['dtype']} threads={s['threads']} batch={s['batch']}: {s['reason']}\n"
@@ -91,7 +107,9 @@ def plot(report: dict, path: str | Path) -> None:
     ax = fig.subplots()
     series: dict[str, list] = {}
     for r in report["summary"]:
-        label = f"{r['model']} ({r['runtime']}, {r['dtype']}, {r['threads']} thr, batch {r['batch']})"
+        label = (
+            f"{r['model']} {r['image_size']} px ({r['runtime']}, {r['dtype']}, {r['threads']} thr, batch {r['batch']})"
+        )
         series.setdefault(label, []).append((r["steps"], r["ms_per_frame"]))
     for label, pts in series.items():
         ax.plot(

@@ -29,16 +29,24 @@ SAMPLER_KEYS = ("sampler", "sampler_kwargs", "guidance_scale", "overlap")
 
 
 # ---- models and the grid ------------------------------------------------------------------------------------------
-def load_models(bench: DictConfig, device: torch.device) -> dict[str, tuple[GenerationPath, list[int], dict]]:
+def load_models(
+    bench: DictConfig, device: torch.device, image_size: int | None = None
+) -> dict[str, tuple[GenerationPath, list[int], dict]]:
     """name -> (generation path, step counts, facts for the report), from exports or random-init net configs.
 
     An export's sampler settings (meta) win over the entry's, as ``tsd-infer`` uses them; steps are the entry's.
+    ``image_size`` other than the VAE's own (``vae.image_size``, an export's trained size) takes a random-init VAE
+    with ``vae.sizes[image_size]``'s overrides of ``vae.net``.
     """
     torch.manual_seed(0)
     vae, vae_meta = load_net(bench.vae.weights, "vae") if bench.vae.weights else (instantiate(bench.vae.net), {})
     size = vae_meta.get("image_size") or bench.vae.image_size  # an export's trained size wins
+    if image_size is not None and image_size != size:
+        vae, size = instantiate(OmegaConf.merge(bench.vae.net, bench.vae.sizes.get(image_size) or {})), image_size
     out = {}
     for name, entry in bench.models.items():
+        if entry is None:  # a preset leaves this model out
+            continue
         if entry.weights:
             net, meta = load_net(entry.weights, entry.kind)
         else:
@@ -51,6 +59,7 @@ def load_models(bench: DictConfig, device: torch.device) -> dict[str, tuple[Gene
             "weights": entry.weights,
             "vae_weights": bench.vae.weights,
             "window": net.window,
+            "image_size": size,
             "params": param_count(net),
             **settings,
         }
@@ -101,20 +110,22 @@ def latency(cfg: DictConfig) -> dict:
     settings = plan(bench, device)
     machine = machine_info(device)
     rows, skipped, models = [], [], {}
-    for name, (path, steps, facts) in load_models(bench, device).items():
-        r, s = bench_generation(
-            name,
-            path,
-            steps,
-            settings,
-            device,
-            bench.warmup,
-            bench.repeats,
-            bench.budget_s,
-            bench.peak_matmul_size,
-            log.info,
-        )
-        rows, skipped, models[name] = rows + r, skipped + s, facts
+    for image_size in bench.image_sizes or [None]:
+        for name, (path, steps, facts) in load_models(bench, device, image_size).items():
+            r, s = bench_generation(
+                name,
+                path,
+                steps,
+                settings,
+                device,
+                bench.warmup,
+                bench.repeats,
+                bench.budget_s,
+                bench.peak_matmul_size,
+                log.info,
+            )
+            rows, skipped = rows + r, skipped + [x | {"image_size": path.image_size} for x in s]
+            models[name if image_size is None else f"{name} {path.image_size} px"] = facts
     report = {
         "machine": machine,
         "config": OmegaConf.to_container(bench, resolve=True),

@@ -1,5 +1,5 @@
-"""tsd-infer ref_image=<image> | video=<talking video> audio=<file> [run_name=...] [runtime=onnx]: a photo animated, or
-a video re-voiced, by the speech -> outputs/samples/<run_name>/."""
+"""tsd-infer ref_image=<image> | video=<talking video> audio=<file> [run_name=...] [runtime=auto|torch|onnx|bf16|int8|fp16]:
+a photo animated, or a video re-voiced, by the speech -> outputs/samples/<run_name>/."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from temposyncdiff.inference.inputs import (
     paste_back,
 )
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, Timings, num_output_frames
+from temposyncdiff.inference.precision import RUNTIMES, Probe, cache_root, check_runtime, use_runtime
 from temposyncdiff.inference.video_in import (
     LOOPS,
     VideoRevoicer,
@@ -45,7 +46,7 @@ from temposyncdiff.utils.threads import set_threads
 
 CHOICES = {
     "stage": ("student", "teacher"),
-    "runtime": ("torch", "onnx"),
+    "runtime": RUNTIMES,
     "detector": ("auto", "dlib", "center"),
     "video_loop": LOOPS,
 }
@@ -90,16 +91,21 @@ def make_sample(cfg: DictConfig, progress: FrameProgress) -> dict:
         sample_rate=rate,
     )
     threads = set_threads(cfg.threads)
-    keys = ("steps", "sampler", "guidance_scale", "device", "seed", "detector", "min_face_px", "runtime", "onnx_dir")
-    pipe = TalkingHeadPipeline.from_checkpoints(
-        cfg.checkpoint, cfg.vae, kind=cfg.stage, onnx_threads=threads, **{k: cfg[k] for k in keys}
+    keys = ("steps", "sampler", "guidance_scale", "device", "seed", "detector", "min_face_px", "onnx_dir")
+    pipe = TalkingHeadPipeline.from_checkpoints(  # float32 torch nets: the other runtimes are made from them
+        cfg.checkpoint,
+        cfg.vae,
+        kind=cfg.stage,
+        onnx_threads=threads,
+        runtime="onnx" if cfg.runtime == "onnx" else "torch",
+        **{k: cfg[k] for k in keys},
     )
     try:  # the sampler's own limit on steps (the training timesteps; LCM: its original steps)
         make_sampler(pipe.sampler, pipe.schedule, **pipe.sampler_kwargs).set_timesteps(pipe.steps)
     except ValueError as err:
         raise UserError(f"steps={pipe.steps}: {err}") from None
     timings = Timings()
-    face, reference, stream, revoicer = generation(cfg, pipe, track, wave, visemes, timings)
+    face, reference, runtime, stream, revoicer = generation(cfg, pipe, track, wave, visemes, timings)
 
     def summary() -> dict:
         return {
@@ -107,7 +113,8 @@ def make_sample(cfg: DictConfig, progress: FrameProgress) -> dict:
             "audio": str(cfg.audio),
             "checkpoint": str(cfg.checkpoint),
             "stage": cfg.stage,
-            "runtime": cfg.runtime,
+            "runtime": runtime["chosen"],
+            "runtime_choice": runtime,
             "sampler": pipe.sampler,
             "steps": pipe.steps,
             "guidance_scale": pipe.guidance_scale,
@@ -154,21 +161,24 @@ def generation(
     wave: np.ndarray,
     visemes: np.ndarray | None,
     timings: Timings,
-) -> tuple[ReferenceFace, str, Iterator[np.ndarray], VideoRevoicer | None]:
-    """The reference face (and what it came from) and the output frames: the photo animated (pasted back into it
-    with ``paste_back``) or, given a video's ``track``, the video re-voiced."""
+) -> tuple[ReferenceFace, str, dict, Iterator[np.ndarray], VideoRevoicer | None]:
+    """The reference face (and what it came from), the runtime put into ``pipe`` (``pick_runtime``) and the output
+    frames: the photo animated (pasted back into it with ``paste_back``) or, given a video's ``track``, the video
+    re-voiced."""
     image, reference = cfg.ref_image, str(cfg.ref_image)
     if track is None:
         face, ref = pipe.reference(image)
+        runtime = pick_runtime(cfg, pipe, ref, wave, visemes)
         canvas = even_size(face.image) if cfg.paste_back else None  # H.264 needs an even frame size
         frames = pipe.frames(ref, wave, visemes, timings)
         if canvas is not None:
             frames = (paste_back(canvas, face.box, frame, cfg.feather) for frame in frames)
-        return face, reference, frames, None
+        return face, reference, runtime, frames, None
     if image is None:
         image, at = reference_frame(track)
         reference = f"{cfg.video} at {at:.2f} s"
     face, ref = pipe.reference(image)
+    runtime = pick_runtime(cfg, pipe, ref, wave, visemes)
     region = changed_region(pipe)
     lips = None
     if cfg.score_lips:
@@ -177,7 +187,20 @@ def generation(
         except (ImportError, OSError, RuntimeError) as err:
             raise UserError(f"score_lips=true: {err}") from None
     revoicer = VideoRevoicer(pipe, track, face.crop, region, cfg.feather, cfg.video_loop, lips=lips)
-    return face, reference, revoicer.frames(ref, wave, visemes, timings), revoicer
+    return face, reference, runtime, revoicer.frames(ref, wave, visemes, timings), revoicer
+
+
+def pick_runtime(
+    cfg: DictConfig, pipe: TalkingHeadPipeline, ref: torch.Tensor, wave: np.ndarray, visemes: np.ndarray | None
+) -> dict:
+    """Put ``cfg.runtime``'s nets into ``pipe`` (auto: measured on the first window, or cached); what was done."""
+    if cfg.runtime in ("torch", "onnx"):  # from_checkpoints loaded them
+        return {"requested": cfg.runtime, "chosen": cfg.runtime}
+    probe = Probe(
+        pipe, ref, wave, visemes, cfg.onnx_dir, torch.get_num_threads(), cache_root() if cfg.runtime_cache else None
+    )
+    candidates = None if cfg.runtime_candidates is None else list(cfg.runtime_candidates)
+    return use_runtime(probe, cfg.runtime, candidates, cfg.runtime_min_psnr, cfg.runtime_repeats)
 
 
 def check_settings(cfg: DictConfig) -> Path:
@@ -201,6 +224,8 @@ def check_settings(cfg: DictConfig) -> Path:
     _check_number(cfg, "guidance_scale", low=0, optional=True)
     _check_number(cfg, "seed", low=0, whole=True)
     _check_number(cfg, "feather", low=0)
+    _check_number(cfg, "runtime_min_psnr", low=0)
+    _check_number(cfg, "runtime_repeats", low=1, whole=True)
     if cfg.feather > 0.5:
         raise UserError(f"feather={cfg.feather}: must be at most 0.5 (a fraction of the face crop's side)")
     if cfg.video is not None:
@@ -213,6 +238,7 @@ def check_settings(cfg: DictConfig) -> Path:
         raise UserError(f"device={cfg.device}: not a device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
+    check_runtime(cfg.runtime, cfg.device, None if cfg.runtime_candidates is None else list(cfg.runtime_candidates))
     if cfg.ref_image is not None:
         check_reference_file(cfg.ref_image, cfg.min_face_px)
     return check_out_dir(cfg.out_dir, protected_dirs(cfg))

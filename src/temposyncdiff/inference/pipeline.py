@@ -96,6 +96,7 @@ class TalkingHeadPipeline:
         self.hop = int(round(self.audio.sample_rate / self.audio.fps))
         size = image_size // vae.downsample
         self.latent_shape = (vae.latent_channels, size, size)
+        self.source: tuple[Path, Path, str] | None = None  # (checkpoint, vae, kind) when loaded from files
 
     @classmethod
     def from_checkpoints(
@@ -140,7 +141,9 @@ class TalkingHeadPipeline:
             log.warning("%s and %s store no image size: assuming 64 px (pass image_size= if not)", denoiser, vae_path)
             settings["image_size"] = 64
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(net, vae_net, **settings)
+        pipe = cls(net, vae_net, **settings)
+        pipe.source = (Path(denoiser), Path(vae_path), kind)
+        return pipe
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def reference(

@@ -309,7 +309,8 @@ class Denoiser(nn.Module):
         b, n = shape
         if n > self.window:
             raise ValueError(f"window of {n} frames exceeds the net's window={self.window}")
-        temb = self.time_mlp(sinusoidal(t.expand(b) if t.ndim == 0 else t, self.cond_dim))
+        emb = sinusoidal(t.expand(b) if t.ndim == 0 else t, self.cond_dim)  # float32: t up to 999 exactly
+        temb = self.time_mlp(emb.to(self.null_audio.dtype))  # a bf16 / fp16 net: its own dtype from here
         null_a = self.null_audio.expand(b, n, -1)
         null_v = self.viseme_emb.weight[-1].expand(b, n, -1)
         a = null_a if audio_emb is None else self.audio_proj(audio_emb)

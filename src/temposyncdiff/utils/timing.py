@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the CPU features bf16 and int8 speed depends on (reported with every latency table)
+FAST_PATH_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
 
 # ---- machine ----------------------------------------------------------------------------------------------------
@@ -32,6 +34,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
@@ -41,6 +55,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return {
         "device": device_name(device),
         "cpu": cpu_model(),
+        "cpu_flags": {flag: flag in cpu_flags() for flag in FAST_PATH_FLAGS},
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -116,9 +131,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def matmul_peak(device: str, dtype: str, threads: int | None, size: int = 1024) -> float:
     """GFLOP/s of the fastest of a few ``size``-square matmuls in ``dtype``: the machine's practical peak."""
     dev = torch.device(device)
-    a, b = (torch.randn(size, size, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
+    if dtype == "int8":
+        a, b = (torch.randint(-128, 128, (size, size), device=dev, dtype=torch.int8) for _ in range(2))
+        matmul = functools.partial(torch._int_mm, a, b)
+    else:
+        a, b = (torch.randn(size, size, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
+        matmul = functools.partial(torch.matmul, a, b)
     with num_threads(threads), torch.inference_mode():
-        ms = time_call(lambda: a @ b, dev, warmup=2, repeats=5)["min_ms"]
+        ms = time_call(matmul, dev, warmup=2, repeats=5)["min_ms"]
     return 2 * size**3 / ms / 1e6
 
 
