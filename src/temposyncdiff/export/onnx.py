@@ -105,7 +105,8 @@ def _graphs(net: nn.Module, vae: nn.Module, image_size: int, seed: int) -> dict[
     }
 
 
-def _session(path: str | os.PathLike, threads: int | None = None):
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session of the graph at ``path`` on ``threads`` intra-op threads (None: its default)."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads or 0, 1  # 0: onnxruntime's default
@@ -163,7 +164,7 @@ def export_nets(
         )
         with atomic_path(out / f"{name}.onnx") as tmp:
             program.save(tmp, external_data=False)
-            session = _session(tmp, torch.get_num_threads())
+            session = ort_session(tmp, torch.get_num_threads())
             diff = 0.0
             with torch.inference_mode():
                 for inputs in examples:
@@ -296,7 +297,7 @@ def sessions(onnx_dir: Path, meta: dict[str, Any], threads: int | None = None) -
     s = {}
     for g in GRAPHS:
         try:
-            s[g] = _session(onnx_dir / f"{g}.onnx", threads)
+            s[g] = ort_session(onnx_dir / f"{g}.onnx", threads)
         except UserError:
             raise
         except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception only

@@ -221,11 +221,11 @@ def quantize_nets(nets: Nets, run: Callable[[Nets], Any], fp32_dir: Path, out: P
 
 def use_int8(nets: Nets, int8_dir: Path, threads: int | None) -> Nets:
     """The float32 stand-ins ``nets`` running ``int8_dir``'s graphs for ``QUANTIZED``."""
-    from temposyncdiff.export.onnx import _session
+    from temposyncdiff.export.onnx import ort_session
 
     for graph in QUANTIZED:
         holder, attr = _holder(nets, graph)
-        setattr(holder, attr, _session(int8_dir / f"{graph}.onnx", threads))
+        setattr(holder, attr, ort_session(int8_dir / f"{graph}.onnx", threads))
     return nets
 
 
