@@ -54,10 +54,13 @@ def load_field_syncnet(c: DictConfig) -> SyncNetV2 | None:
 
 
 class FieldScores:
-    """One run's field metrics, clip by clip: ``update(gt, own, reference, wave, swapped)``, then ``compute()``."""
+    """One run's field metrics, clip by clip: ``update(gt, own, reference, wave, swapped)``, then ``compute()``;
+    ``files``: ``field_files(c)``, read once per tsd-eval."""
 
-    def __init__(self, c: DictConfig, syncnet: SyncNetV2 | None, vshift: int = 15) -> None:
-        self.files, self.syncnet = field_files(c), syncnet
+    def __init__(
+        self, c: DictConfig, files: dict[str, dict[str, Any]], syncnet: SyncNetV2 | None, vshift: int = 15
+    ) -> None:
+        self.files, self.syncnet = files, syncnet
         self.lse = {k: LipSyncError(vshift=vshift, protocol="syncnet_python") for k in ("own", "swapped")}
         ok = {m for m, f in self.files.items() if f["status"] == "ok"}
         self.csim = ArcFaceSimilarity(c.arcface) if "csim" in ok else None
@@ -85,13 +88,13 @@ class FieldScores:
             if metric is not None:
                 metric.update(gt, own)
 
-    def compute(self, no_swap: str) -> dict[str, Any]:
+    def compute(self) -> dict[str, Any]:
         out = {}
         for name, metric in (("csim", self.csim), ("fid", self.fid), ("fvd", self.fvd)):
             out[name] = metric.compute() if metric is not None else self.files[name]
         if self.syncnet is None:
             out["syncnet_python"] = self.files["syncnet_python"]
         else:
-            sync = sync_report(self.lse["own"], self.lse["swapped"], no_swap)
+            sync = sync_report(self.lse["own"], self.lse["swapped"])
             out["syncnet_python"] = {"status": "ok", **sync, "weights": self.files["syncnet_python"]}
         return {k: out[k] for k in FILES}

@@ -3,6 +3,7 @@ against the truth (``GenerationScorer``); baselines scored the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,20 +88,18 @@ def evaluate_generation(
     }
     mels: dict[str, Tensor] = {}
     if expert is not None:
-        features = AudioFeatures(n_mels=expert.n_mels)
-        mels = {c.id: features.log_mel(c.wave) for c in clips}
-        truth = TruthSync(expert, g.vshift)
-        for i, c in enumerate(clips):  # the truth with its own audio and with the swap control's audio
-            swapped = features.log_mel(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
-            truth.update(c.at(expert.config["image_size"]), mels[c.id], swapped)
-        out["ground_truth"]["lip_sync"] = truth.compute()
+        log_mel = AudioFeatures(n_mels=expert.n_mels).log_mel
+        mels = {c.id: log_mel(c.wave) for c in clips}
+        out["ground_truth"]["lip_sync"] = truth_sync(
+            TruthSync(expert, g.vshift), clips, lambda c: c.at(expert.config["image_size"]), log_mel, mels
+        )
     out["ground_truth"]["field_lip_sync"] = out["field"]["syncnet_python"]
     if field_syncnet is not None:  # the truth in syncnet_python's units (LSE-C about 7-8 on LRS2/LRS3 in papers)
         truth = TruthSync(field_syncnet, g.vshift, protocol="syncnet_python")
-        for i, c in enumerate(clips):
-            swapped = field_syncnet.audio_features(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
-            truth.update(c.frames, field_syncnet.audio_features(c.wave), swapped)
-        out["ground_truth"]["field_lip_sync"] = truth.compute()
+        mfcc = {c.id: field_syncnet.audio_features(c.wave) for c in clips}
+        out["ground_truth"]["field_lip_sync"] = truth_sync(
+            truth, clips, lambda c: c.frames, field_syncnet.audio_features, mfcc
+        )
 
     stills: dict[int, tuple[Any, Tensor]] = {}  # the given still's crop and latent, once per pipeline
 
@@ -133,7 +132,7 @@ def evaluate_generation(
             g.identity.stride,
             lips,
             lips_reason,
-            FieldScores(g.field, field_syncnet, g.vshift) if field else None,
+            FieldScores(g.field, out["field"], field_syncnet, g.vshift) if field else None,
         )
 
     talks = sorted({c.talk for c in clips}) if g.per_talk else []
@@ -207,6 +206,21 @@ def evaluate_generation(
             out["baselines"][name] = {"model": name, "kind": "baseline", "status": "ok", **scored(scorers)}
             log.info("generation baseline %s: %s", name, row_text(gen_row(name, out["baselines"][name])))
     return out
+
+
+def truth_sync(
+    truth: TruthSync,
+    clips: list[Clip],
+    frames: Callable[[Clip], np.ndarray],
+    audio: Callable[[np.ndarray], Tensor],
+    own: dict[str, Tensor],
+) -> dict[str, Any]:
+    """``truth``'s LSE of every clip's truth ``frames(clip)`` with its own audio (``own[clip.id]``, the expert's audio
+    input) and with the swap control's (``audio(wave)`` makes that input)."""
+    for i, c in enumerate(clips):
+        swapped = audio(swapped_inputs(clips, i)[0]) if len(clips) > 1 else None
+        truth.update(frames(c), own[c.id], swapped)
+    return truth.compute()
 
 
 def truth_lip_shapes(landmarks: LipLandmarks, frames: np.ndarray) -> np.ndarray | None:

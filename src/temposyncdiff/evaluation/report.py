@@ -326,33 +326,28 @@ def plot_long_drift(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, plots_dir: str | Path) -> dict[str, Path]:
-    """The report JSON, ``eval_{generation,denoise}.{md,csv}`` tables and the two plots, each written atomically."""
+    """The report JSON, the ``eval_<table>.{md,csv}`` tables (generation, denoise; per talk, field, targets, long when
+    the report has them) and the plots, each written atomically."""
     tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
     write_json(out_json, report)
     paths = {"report": Path(out_json)}
+
+    def table(name: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+        for ext, fn in (("md", markdown), ("csv", csv_text)):
+            paths[f"{name}_{ext}"] = tables_dir / f"eval_{name}.{ext}"
+            write_text(paths[f"{name}_{ext}"], fn(rows, columns))
+
     for kind, rows, cols in zip(("generation", "denoise"), table_rows(report), (GEN_COLUMNS, DEN_COLUMNS)):
-        for ext, fn in (("md", markdown), ("csv", csv_text)):
-            paths[f"{kind}_{ext}"] = tables_dir / f"eval_{kind}.{ext}"
-            write_text(paths[f"{kind}_{ext}"], fn(rows, cols))
+        table(kind, rows, cols)
     if talk_rows := per_talk_rows(report):
-        for ext, fn in (("md", markdown), ("csv", csv_text)):
-            paths[f"generation_per_talk_{ext}"] = tables_dir / f"eval_generation_per_talk.{ext}"
-            write_text(paths[f"generation_per_talk_{ext}"], fn(talk_rows, ("talk", *GEN_COLUMNS)))
+        table("generation_per_talk", talk_rows, ("talk", *GEN_COLUMNS))
     if files := report.get("generation", {}).get("field"):  # which of the field's weights were there
-        rows = [{"metric": name, **f} for name, f in files.items()]
-        for ext, fn in (("md", markdown), ("csv", csv_text)):
-            paths[f"field_{ext}"] = tables_dir / f"eval_field.{ext}"
-            write_text(paths[f"field_{ext}"], fn(rows, FIELD_COLUMNS))
+        table("field", [{"metric": name, **f} for name, f in files.items()], FIELD_COLUMNS)
     if targets := report.get("generation", {}).get("targets"):
-        rows = [{"run": name, **t} for name, t in targets.items()]
-        for ext, fn in (("md", markdown), ("csv", csv_text)):
-            paths[f"targets_{ext}"] = tables_dir / f"eval_targets.{ext}"
-            write_text(paths[f"targets_{ext}"], fn(rows, TARGET_COLUMNS))
+        table("targets", [{"run": name, **t} for name, t in targets.items()], TARGET_COLUMNS)
     plots = [("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)]
     if report.get("long", {}).get("status") == "ok":
-        for ext, fn in (("md", markdown), ("csv", csv_text)):
-            paths[f"long_{ext}"] = tables_dir / f"eval_long.{ext}"
-            write_text(paths[f"long_{ext}"], fn(report["long"]["blocks"], LONG_COLUMNS))
+        table("long", report["long"]["blocks"], LONG_COLUMNS)
         plots.append(("long_drift", plot_long_drift))
     for name, plot in plots:
         paths[name] = plots_dir / f"{name}.png"

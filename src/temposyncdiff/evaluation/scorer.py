@@ -160,7 +160,7 @@ class GenerationScorer:
         out["identity"] = self.identity.compute() if self.identity is not None else unavailable(self.identity_reason)
         out["lip_landmarks"] = self.lips.compute() if self.lips is not None else unavailable(self.lips_reason)
         if self.field is not None:
-            out["field"] = self.field.compute(NO_SWAP)
+            out["field"] = self.field.compute()
         return out
 
 

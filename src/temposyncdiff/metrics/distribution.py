@@ -84,7 +84,7 @@ def load_fid_inception(path: Path) -> nn.Module:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as err:
-        raise ImportError("FID needs torch-fidelity: pip install torch-fidelity") from err
+        raise ImportError("FID needs torch-fidelity: pip install -e .[field]") from err
     state = read_weights_only(path, "FID Inception weights file")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict of tensors (expected {FID_WEIGHTS_HINT})")

@@ -52,10 +52,11 @@ def device_name(device: torch.device) -> str:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What every latency number depends on besides its own setting (load average: the machine may be shared)."""
+    flags = set(cpu_flags())
     return {
         "device": device_name(device),
         "cpu": cpu_model(),
-        "cpu_flags": {flag: flag in cpu_flags() for flag in FAST_PATH_FLAGS},
+        "cpu_flags": {flag: flag in flags for flag in FAST_PATH_FLAGS},
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
