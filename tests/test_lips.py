@@ -22,7 +22,7 @@ from temposyncdiff.inference.pipeline import TalkingHeadPipeline
 from temposyncdiff.metrics.mouth import LIP_FEATURES, lip_shape
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
-from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain, set_lip_norm
 from temposyncdiff.training import train
 from temposyncdiff.utils.weights import load_net, save_weights
 from tests.helpers.configs import TINY_STUDENT as STUDENT
@@ -133,6 +133,41 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
     assert not torch.equal(net.lip_gain, torch.ones(3)) and ((net.lip_gain >= 0.5) & (net.lip_gain <= 4)).all()
 
 
+def test_relative_lip_shapes_are_each_talks_deviation_from_its_own_mean(data_root, tmp_path):
+    """lip_relative: batches carry their talk's mean shape; the net's standardisation is then fitted on, and applied
+    to, each frame's deviation from it, so people whose mouths differ by far more than they move share one scale."""
+    cfg = compose_config("train", [*TEACHER, f"data.cache_dir={tmp_path / 'cache'}"], data_root, tmp_path / "run")
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    reader = open_cache(dm.cache_path("train"))
+    talks = sorted(set(reader.talk_ids))
+    assert len(talks) > 1
+    offset = {t: np.array([0.05 * i, 0.1 * i, -0.02 * i], np.float32) for i, t in enumerate(talks)}
+    raw = _fake_lips(dm.cache_path("train")) + np.repeat([offset[t] for t in reader.talk_ids], reader.num_frames, 0)
+    np.save(reader.root / "lips.npy", raw)
+    of_talk = {t: raw[np.repeat([u == t for u in reader.talk_ids], reader.num_frames)] for t in talks}
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    talk_of = dict(zip(reader.ids, reader.talk_ids))
+    means = [of_talk[talk_of[i]].mean(0) for i in batch.ids]
+    np.testing.assert_allclose(batch.lip_rest.numpy(), means, atol=1e-5)
+    net = lip_net()
+    net.lip_relative = True
+    set_lip_norm(net, dm)
+    within = np.concatenate([v - v.mean(0) for v in of_talk.values()])
+    assert torch.allclose(net.lip_norm[0], torch.zeros(3), atol=1e-5)
+    np.testing.assert_allclose(net.lip_norm[1].numpy(), within.std(0, ddof=1), rtol=1e-4)
+    assert net.lip_norm[1].max() < 0.05  # the talks' offsets (up to 0.1 x their count) are not in the scale
+    standard = net.standardize_lips(batch.lips, batch.lip_rest)
+    expect = (batch.lips - batch.lip_rest[:, None]) / net.lip_norm[1]
+    assert torch.allclose(standard, expect, atol=1e-5)
+    with pytest.raises(ValueError, match="rest"):
+        net.standardize_lips(batch.lips)
+    absolute = lip_net()
+    set_lip_norm(absolute, dm)
+    assert absolute.lip_norm[1].max() > net.lip_norm[1].max()  # between-talk offsets inflate a pooled scale
+
+
 def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
     """Val batches of known lip shapes whose 'audio' is the standardised truth (so a fake head can shrink it)."""
     for part, audio in zip(lips.split(2), standard.split(2)):
@@ -140,6 +175,7 @@ def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
             mel=audio,
             visemes=torch.zeros(len(part), 4, dtype=torch.long),
             lips=part,
+            lip_rest=None,
             mask=torch.ones(len(part), 4, dtype=torch.bool),
         )
         batch.to = lambda _device, batch=batch: batch
@@ -178,11 +214,14 @@ def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
     assert torch.equal(net.lip_gain, torch.ones(3))
 
 
-def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path):
-    """TalkingHeadPipeline.frames(lips=...): each window draws the given raw shapes, standardised, not the head's."""
+@pytest.mark.parametrize("relative", [False, True])
+def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path, relative):
+    """TalkingHeadPipeline.frames(lips=...): each window draws the given raw shapes, standardised, not the head's
+    (a lip_relative net: relative to the given shapes' own mean)."""
     save_tiny_exports(tmp_path, lip_dim=3)
     pipe = TalkingHeadPipeline.from_checkpoints(tmp_path / "teacher_best.pt", kind="teacher", steps=1)
     pipe.net.lip_norm.copy_(torch.tensor([[0.1, 0.2, 0.8], [0.05, 0.05, 0.1]]))
+    pipe.net.lip_relative = relative
     face, ref = pipe.reference(np.full((64, 64, 3), 128, np.uint8))
     wave = np.random.default_rng(0).normal(0, 0.1, 6 * 640).astype(np.float32)  # 6 frames: windows 0-3, 2-5
     lips = np.stack([np.linspace(0.0, 0.5, 6), np.linspace(0.1, 0.6, 6), np.full(6, 0.9)], axis=1)
@@ -190,7 +229,8 @@ def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path):
     pipe.net.forward = lambda *a, lips=None, **k: seen.append(lips) or forward(*a, lips=lips, **k)
     given = np.stack(list(pipe.frames(ref, wave, lips=lips)))
     drawn = np.stack([s[0, :, 0].numpy() for s in seen if s is not None])
-    np.testing.assert_allclose(drawn, [(lips[a : a + 4, 0] - 0.1) / 0.05 for a in (0, 2)], atol=1e-5)
+    rest = lips[:, 0].mean() if relative else 0.0
+    np.testing.assert_allclose(drawn, [(lips[a : a + 4, 0] - rest - 0.1) / 0.05 for a in (0, 2)], atol=1e-5)
     assert given.shape == (6, 32, 32, 3)
     seen.clear()
     list(pipe.frames(ref, wave))
@@ -244,6 +284,9 @@ def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tm
     out["loss"].backward()
     assert "lips" in out and torch.isfinite(out["lips"])
     assert all(p.grad is not None for p in model.net.lip_head.parameters())
+    model_cfg["net"]["lip_relative"] = True  # the teacher measures shapes absolutely: a relative student is refused
+    with pytest.raises(ValueError, match="lip_relative"):
+        hydra.utils.instantiate(model_cfg).setup("fit")
 
 
 class _BrightnessLips:

@@ -313,6 +313,7 @@ class CacheReader:
             raise CacheError(f"{self.root}: unreadable cache index or meta ({reason}); rebuild it") from err
         self._arrays: dict[str, np.ndarray] = {}
         self._pid: int | None = None
+        self._talk_lips: dict[str, np.ndarray] | None = None
         for name in self._layout:  # check every array's header now: a bad one is this line, not a worker's traceback
             self._array(name)
 
@@ -359,6 +360,20 @@ class CacheReader:
     def lips(self) -> np.ndarray | None:
         """``[total_frames, 3]`` float32 landmark lip shapes when ``add_lips`` has run, else None."""
         return self._array("lips") if self.meta.get("lips") else None
+
+    def talk_lip_means(self) -> dict[str, np.ndarray] | None:
+        """Each talk's mean lip shape over its frames in this cache (the person's average mouth), or None."""
+        lips = self.lips
+        if lips is None:
+            return None
+        if self._talk_lips is None:
+            sums: dict[str, list] = {}
+            for talk, off, n in zip(self.talk_ids, self.offsets, self.num_frames):
+                acc = sums.setdefault(talk, [np.zeros(lips.shape[1], np.float64), 0])
+                acc[0] += np.asarray(lips[off : off + n], np.float64).sum(0)
+                acc[1] += int(n)
+            self._talk_lips = {t: (s / max(n, 1)).astype(np.float32) for t, (s, n) in sums.items()}
+        return self._talk_lips
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_pid": None}  # never pickle memmaps

@@ -195,7 +195,8 @@ class TalkingHeadPipeline:
         """Yield uint8 ``[H,W,3]`` frames; ``wave_source`` is the whole 16 kHz waveform or an iterable of chunks.
 
         ``lips`` (``[frames, lip_dim]`` raw ``metrics.mouth.lip_shape`` values, nets built with ``lip_dim``) draws
-        those lip shapes instead of the net's prediction from the audio (e.g. the truth's, to measure the renderer).
+        those lip shapes instead of the net's prediction from the audio (e.g. the truth's, to measure the renderer);
+        a ``lip_relative`` net takes them relative to their own mean, as the person's average mouth.
 
         ``pose(start, stop)`` gives the uint8 face crops ``[stop - start, H, W, 3]`` of the frames to re-voice (a
         driving video; nets built with a ``pose_mask`` keep all but the masked box of them); without it, such a net
@@ -211,6 +212,7 @@ class TalkingHeadPipeline:
         wave, ended, end = np.zeros(0, np.float32), False, 0
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         history = torch.zeros(1, 0, *self.latent_shape, device=self.device)  # latents of frames [end - len, end)
+        lip_rest = None if lips is None else torch.from_numpy(np.asarray(lips, np.float32).mean(0))
         while True:
             num_frames = num_output_frames(len(wave), self.audio.sample_rate, self.audio.fps) if ended else None
             if ended and end >= num_frames:
@@ -232,8 +234,8 @@ class TalkingHeadPipeline:
             pose_latents = self._pose(pose, start, stop, timings) if pose is not None else None
             shapes = None
             if lips is not None:
-                rows = lips[np.clip(np.arange(start, stop), 0, len(lips) - 1)]
-                shapes = self.net.standardize_lips(torch.from_numpy(np.asarray(rows, np.float32))[None].to(self.device))
+                rows = np.asarray(lips[np.clip(np.arange(start, stop), 0, len(lips) - 1)], np.float32)
+                shapes = self.net.standardize_lips(torch.from_numpy(rows)[None].to(self.device), lip_rest.to(self.device))
             latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents, shapes)
             new_end = min(stop, num_frames) if ended else stop
             fresh = latents[:, known : new_end - start]

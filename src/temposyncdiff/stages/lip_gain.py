@@ -26,7 +26,8 @@ from temposyncdiff.stages.latent import base_dataset
 
 
 def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
-    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set)."""
+    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set); a
+    ``lip_relative`` net's shapes are each frame's minus its talk's mean shape."""
     if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
         return
     ds = (
@@ -36,6 +37,11 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     )
     reader = getattr(getattr(ds, "src", None), "reader", None)
     lips = None if reader is None else reader.lips
+    if lips is not None and net.lip_relative:
+        means = reader.talk_lip_means()
+        lips = np.asarray(lips) - np.repeat(
+            np.stack([means[t] for t in reader.talk_ids]), np.asarray(reader.num_frames), axis=0
+        )
     if lips is None:
         rank_zero_warn(
             "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
@@ -44,7 +50,10 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
         return
     lips = torch.from_numpy(np.array(lips, dtype=np.float32))  # a copy: the cache is a read-only memmap
     net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
-    rank_zero_info(f"teacher: lip shapes standardised by mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}")
+    rank_zero_info(
+        f"teacher: lip shapes{' (each minus its talk mean)' if net.lip_relative else ''} standardised by "
+        f"mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}"
+    )
 
 
 @torch.no_grad()
@@ -58,7 +67,7 @@ def calibrate_lip_gain(net: Denoiser, datamodule: Any, device: torch.device, nam
             break
         batch = batch.to(device)
         emb, _ = net.embed_audio(batch.mel)
-        truth.append(net.standardize_lips(batch.lips)[batch.mask])
+        truth.append(net.standardize_lips(batch.lips, batch.lip_rest)[batch.mask])
         guess.append(net.predict_lips(emb, batch.visemes)[batch.mask])
     net.train(was_training)
     if not truth or sum(len(t) for t in truth) < 2:
