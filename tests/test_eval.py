@@ -24,7 +24,7 @@ from temposyncdiff.evaluation.baselines import BaselineUnavailable, synthetic_re
 from temposyncdiff.evaluation.clips import load_clips
 from temposyncdiff.evaluation.denoise import denoise_from
 from temposyncdiff.evaluation.generation import GenerationScorer, evaluate_generation
-from temposyncdiff.evaluation.report import write_outputs
+from temposyncdiff.evaluation.report import face_targets, write_outputs
 from temposyncdiff.inference.pipeline import Timings
 from temposyncdiff.metrics import identity
 from temposyncdiff.nets.syncnet import SyncNet, export_expert
@@ -465,3 +465,69 @@ def test_face_vs_itself_has_identity_cosine_one():
     ident = scorer.compute()["identity"]
     assert ident["status"] == "ok" and ident["num_frames"] == 2
     assert ident["mean"] == pytest.approx(1.0, abs=1e-6) and ident["mean_distance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _scored(psnr_mouth: float, identity: float, flicker: float, truth_flicker: float, lips: dict | None) -> dict:
+    """A generation report entry (a run's or a baseline's) with the numbers the real-face targets read."""
+    region = {"psnr": 20.0, "ssim": 0.8}
+    return {
+        "status": "ok",
+        "model": "student",
+        "steps": 2,
+        "latency": {"ms_per_frame": {"total": 10.0}},
+        "fidelity": {"full": region, "mouth": {"psnr": psnr_mouth, "ssim": 0.7}, "upper_face": region},
+        "lip_sync": {},
+        "flicker": {"flicker_pred": flicker, "flicker_gap": flicker - truth_flicker},
+        "seam": {},
+        "identity": {"mean": identity},
+        "lip_landmarks": lips or {},
+    }
+
+
+def test_face_targets_check_each_run_and_talk_against_the_baselines_and_the_truth(tmp_path):
+    """eval_face_targets: lip correlation (own, swapped), mouth PSNR over the still's, identity over the VAE's,
+    flicker over the truth's and the silence gap, each against its limit, per run and per talk; nothing for runs
+    without landmark lip scores."""
+    lips = {"own": {"corr": 0.45, "amplitude": 0.9}, "swapped": {"corr": 0.25}, "silence": {"gap": 0.004}}
+    run = _scored(22.0, 0.94, 0.012, 0.010, lips)
+    run["per_talk"] = {
+        "ann": _scored(21.0, 0.90, 0.011, 0.010, {"own": {"corr": 0.30}, "swapped": {"corr": 0.1}}),
+        "bob": _scored(23.0, 0.97, 0.013, 0.010, lips),
+    }
+    still, vae = _scored(20.0, 1.0, 0.0, 0.010, None), _scored(27.0, 0.96, 0.009, 0.010, None)
+    still["per_talk"] = {"ann": _scored(20.0, 1.0, 0.0, 0.01, None), "bob": _scored(21.0, 1.0, 0.0, 0.01, None)}
+    vae["per_talk"] = {"ann": _scored(27.0, 0.95, 0.009, 0.01, None), "bob": _scored(27.0, 1.0, 0.009, 0.01, None)}
+    report = {
+        "generation": {
+            "results": {"student@2": run, "teacher@20": _scored(21.0, 0.9, 0.02, 0.01, None)},  # no lip scores
+            "baselines": {"reference_still": still, "vae_reconstruction": vae},
+            "ground_truth": {"lip_sync": {}},
+        }
+    }
+    limits = {"lip_corr": 0.4, "lip_corr_swapped": 0.2, "mouth_over_still_db": 1.5, "identity_of_vae": 0.95,
+              "flicker_of_truth": 1.2, "silence_gap": None}  # fmt: skip
+    rows = {(r["talk"], r["run"]): r for r in face_targets(report, limits)}
+    assert set(rows) == {("all", "student@2"), ("ann", "student@2"), ("bob", "student@2")}
+    every = rows["all", "student@2"]
+    assert every["lip_corr"] == 0.45 and every["lip_corr_met"] is True
+    assert every["lip_corr_swapped"] == 0.25 and every["lip_corr_swapped_met"] is False
+    assert every["mouth_over_still_db"] == pytest.approx(2.0) and every["mouth_over_still_db_met"] is True
+    assert every["identity_of_vae"] == pytest.approx(0.94 / 0.96) and every["identity_of_vae_met"] is True
+    assert every["flicker_of_truth"] == pytest.approx(1.2) and every["flicker_of_truth_met"] is True
+    assert every["silence_gap"] == 0.004 and every["silence_gap_met"] is None  # its limit is null: reported only
+    assert every["met"] == "4/5"
+    ann = rows["ann", "student@2"]  # each talk against its own baselines; no silence in its clips
+    assert ann["mouth_over_still_db"] == pytest.approx(1.0) and ann["mouth_over_still_db_met"] is False
+    assert ann["identity_of_vae"] == pytest.approx(0.90 / 0.95) and ann["silence_gap"] is None
+    assert ann["met"] == "2/5" and rows["bob", "student@2"]["mouth_over_still_db"] == pytest.approx(2.0)
+    assert rows["bob", "student@2"]["flicker_of_truth"] == pytest.approx(1.3)  # 0.013 over 0.010: not met
+    paths = write_outputs(
+        report | {"generation": report["generation"] | {"face_targets": list(rows.values())}},
+        tmp_path / "r.json",
+        tmp_path / "tables",
+        tmp_path / "plots",
+    )
+    table = list(csv.DictReader(paths["face_targets_csv"].open()))
+    assert [(r["talk"], r["met"]) for r in table] == [("all", "4/5"), ("ann", "2/5"), ("bob", "3/5")]
+    del report["generation"]["results"]["student@2"]["lip_landmarks"]  # drawn faces: no table
+    assert face_targets(report, limits) == []

@@ -29,6 +29,16 @@ DEN_COLUMNS = ("noise_level", "run", "steps", "status", "psnr", "ssim", "ms_ssim
 FIELD_COLUMNS = ("metric", "status", "path", "sha256", "reason")
 TARGET_COLUMNS = ("run", "upper_face_minus_retake_db", "upper_face_met", "lse_c_gap_rel", "lse_c_gap_target",
                   "lse_c_gap_met")  # fmt: skip
+# eval_face_targets: the real-face targets, per run (and per talk); (name, row key -> value, at least | at most)
+FACE_TARGETS = (
+    ("lip_corr", "at_least"),
+    ("lip_corr_swapped", "at_most"),
+    ("mouth_over_still_db", "at_least"),
+    ("identity_of_vae", "at_least"),
+    ("flicker_of_truth", "at_most"),
+    ("silence_gap", "at_most"),
+)
+FACE_TARGET_COLUMNS = ("talk", "run", *(c for name, _ in FACE_TARGETS for c in (name, f"{name}_met")), "met")
 # eval=long's blocks
 LONG_COLUMNS = ("t0_s", "t1_s", "identity", "identity_min", "red", "green", "blue", "contrast", "colour_shift",
                 "seam_ratio", "rss_mb")  # fmt: skip
@@ -147,6 +157,54 @@ def teacher_targets(generation: dict, gap_target: float = 0.8) -> dict[str, dict
             "lse_c_gap_met": None if rel is None else bool(rel >= gap_target),
         }
     return out
+
+
+def face_targets(report: dict, limits: dict[str, float]) -> list[dict[str, Any]]:
+    """The real-face targets, per run and, for reports scored ``per_talk``, per talk too (``talk`` "all": every
+    clip): landmark lip correlation with the own audio's truth and with another utterance's audio, mouth PSNR over
+    the ``reference_still`` baseline's (dB), identity over the ``vae_reconstruction`` baseline's, flicker over the
+    truth's, and the mouth's opening in silence minus the truth's. Each value is checked against ``limits[name]``
+    (``FACE_TARGETS`` says whether at least or at most); a value or limit that is missing is None, and ``met``
+    counts the targets met of those measured. Empty when no run has landmark lip scores (drawn faces)."""
+    gen, _ = table_rows(report)
+    runs = set(report.get("generation", {}).get("results", {}))  # not the baselines
+    groups = [("all", gen)] + [(t, [r for r in per_talk_rows(report) if r["talk"] == t])
+                               for t in dict.fromkeys(r["talk"] for r in per_talk_rows(report))]  # fmt: skip
+    out = []
+    for talk, rows in groups:
+        by_run = {r["run"]: r for r in rows}
+        still, vae = by_run.get("reference_still", {}), by_run.get("vae_reconstruction", {})
+        for row in rows:
+            if row["run"] not in runs or row.get("status") != "ok" or not is_finite(row.get("lip_corr")):
+                continue
+            truth_flicker = _sub(row.get("flicker"), row.get("flicker_gap"))
+            values = {
+                "lip_corr": row.get("lip_corr"),
+                "lip_corr_swapped": row.get("lip_corr_swapped"),
+                "mouth_over_still_db": _sub(row.get("psnr_mouth"), still.get("psnr_mouth")),
+                "identity_of_vae": _ratio(row.get("identity"), vae.get("identity")),
+                "flicker_of_truth": _ratio(row.get("flicker"), truth_flicker),
+                "silence_gap": row.get("lip_silence_gap"),
+            }
+            entry: dict[str, Any] = {"talk": talk, "run": row["run"]}
+            for name, sense in FACE_TARGETS:
+                v, limit = values[name], limits.get(name)
+                ok = None
+                if is_finite(v) and limit is not None:
+                    ok = bool(v >= limit) if sense == "at_least" else bool(v <= limit)
+                entry |= {name: v if is_finite(v) else None, f"{name}_met": ok}
+            checked = [entry[f"{n}_met"] for n, _ in FACE_TARGETS if entry[f"{n}_met"] is not None]
+            entry["met"] = f"{sum(checked)}/{len(checked)}"
+            out.append(entry)
+    return out if any(e["talk"] == "all" for e in out) else []
+
+
+def _sub(a: Any, b: Any) -> float | None:
+    return a - b if is_finite(a) and is_finite(b) else None
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if is_finite(a) and is_finite(b) and b > 0 else None
 
 
 def table_rows(report: dict) -> tuple[list[dict], list[dict]]:
@@ -326,8 +384,8 @@ def plot_long_drift(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, plots_dir: str | Path) -> dict[str, Path]:
-    """The report JSON, the ``eval_<table>.{md,csv}`` tables (generation, denoise; per talk, field, targets, long when
-    the report has them) and the plots, each written atomically."""
+    """The report JSON, the ``eval_<table>.{md,csv}`` tables (generation, denoise; per talk, field, targets, face
+    targets, long when the report has them) and the plots, each written atomically."""
     tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
     write_json(out_json, report)
     paths = {"report": Path(out_json)}
@@ -345,6 +403,8 @@ def write_outputs(report: dict, out_json: str | Path, tables_dir: str | Path, pl
         table("field", [{"metric": name, **f} for name, f in files.items()], FIELD_COLUMNS)
     if targets := report.get("generation", {}).get("targets"):
         table("targets", [{"run": name, **t} for name, t in targets.items()], TARGET_COLUMNS)
+    if face := report.get("generation", {}).get("face_targets"):
+        table("face_targets", face, FACE_TARGET_COLUMNS)
     plots = [("metric_vs_steps", plot_metric_vs_steps), ("quality_latency", plot_quality_latency)]
     if report.get("long", {}).get("status") == "ok":
         table("long", report["long"]["blocks"], LONG_COLUMNS)

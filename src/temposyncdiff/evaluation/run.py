@@ -18,6 +18,7 @@ from temposyncdiff.evaluation.models import load_models
 from temposyncdiff.evaluation.report import (
     DEN_COLUMNS,
     GEN_COLUMNS,
+    face_targets,
     markdown,
     table_rows,
     teacher_targets,
@@ -77,6 +78,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if "generation" in protocols:
         report["generation"] = evaluate_generation(cfg, clips, models)
         report["generation"]["targets"] = teacher_targets(report["generation"])
+        if face := face_targets(report, dict(cfg.generation.face_targets or {})):
+            report["generation"]["face_targets"] = face
     else:
         report["generation"] = unavailable("not selected (eval=...)")
     if "long" in protocols:

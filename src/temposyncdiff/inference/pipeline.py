@@ -235,7 +235,9 @@ class TalkingHeadPipeline:
             shapes = None
             if lips is not None:
                 rows = np.asarray(lips[np.clip(np.arange(start, stop), 0, len(lips) - 1)], np.float32)
-                shapes = self.net.standardize_lips(torch.from_numpy(rows)[None].to(self.device), lip_rest.to(self.device))
+                shapes = self.net.standardize_lips(
+                    torch.from_numpy(rows)[None].to(self.device), lip_rest.to(self.device)
+                )
             latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents, shapes)
             new_end = min(stop, num_frames) if ended else stop
             fresh = latents[:, known : new_end - start]

@@ -245,7 +245,9 @@ class StudentStage(LatentDiffusionStage):
         if teacher.lip_dim:  # as in teacher training: the true shapes part of the time, else the teacher's guess
             lips = teacher.predict_lips(emb, visemes)
             if batch.lips is not None:
-                lips = torch.where(r[:, 3, None, None] < hp.lip_truth_prob, teacher.standardize_lips(batch.lips, batch.lip_rest), lips)
+                lips = torch.where(
+                    r[:, 3, None, None] < hp.lip_truth_prob, teacher.standardize_lips(batch.lips, batch.lip_rest), lips
+                )
             cond["lips"] = lips
         scheduler = make_sampler(hp.teacher_sampler, self.teacher_schedule.scheduler.config)
         noise, sample = teacher_couplings(
