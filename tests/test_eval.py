@@ -529,5 +529,8 @@ def test_face_targets_check_each_run_and_talk_against_the_baselines_and_the_trut
     )
     table = list(csv.DictReader(paths["face_targets_csv"].open()))
     assert [(r["talk"], r["met"]) for r in table] == [("all", "4/5"), ("ann", "2/5"), ("bob", "3/5")]
+    lines = key_numbers(tmp_path / "r.json")  # the recipe's closing summary
+    ann_line = lines[lines.index("real-face targets met (eval_face_targets.md):") + 2].split()
+    assert ann_line[:3] == ["ann", "student@2", "2/5"] and "lip_corr 0.3," in " ".join(ann_line)
     del report["generation"]["results"]["student@2"]["lip_landmarks"]  # drawn faces: no table
     assert face_targets(report, limits) == []

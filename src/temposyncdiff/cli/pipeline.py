@@ -104,8 +104,10 @@ def pipeline(cfg: DictConfig) -> dict:
 
 def key_numbers(eval_report: Path) -> list[str]:
     """One line per generation run of the eval report: mouth and upper-face PSNR, mouth motion and LSE-C (own vs
-    swapped audio), speed."""
-    from temposyncdiff.evaluation.report import per_talk_rows, table_rows
+    swapped audio), speed; then the real-face targets each run (and person) meets, when the report has them."""
+    from temposyncdiff.evaluation.report import FACE_TARGETS, per_talk_rows, table_rows
+
+    FACE_TARGET_NAMES = [name for name, _ in FACE_TARGETS]
 
     fields = (
         ("psnr_mouth", "mouth PSNR {:.2f} dB"),
@@ -140,6 +142,13 @@ def key_numbers(eval_report: Path) -> list[str]:
     for r in talk_rows:
         parts = [fmt.format(r[k]) for k, fmt in fields[:-1] if isinstance(r.get(k), int | float)]
         lines.append(f"  {r['talk'] + ' ' + r['run']:<30} " + "  ".join(parts))
+    if face := report.get("generation", {}).get("face_targets"):
+        lines.append("real-face targets met (eval_face_targets.md):")
+    for t in face or ():
+        missed = [f"{k} {t[k]:.3g}" for k in FACE_TARGET_NAMES if t.get(f"{k}_met") is False]
+        lines.append(
+            f"  {t['talk'] + ' ' + t['run']:<30} {t['met']}" + (f"  missed: {', '.join(missed)}" if missed else "")
+        )
     return lines
 
 

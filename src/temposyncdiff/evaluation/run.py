@@ -78,7 +78,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if "generation" in protocols:
         report["generation"] = evaluate_generation(cfg, clips, models)
         report["generation"]["targets"] = teacher_targets(report["generation"])
-        if face := face_targets(report, dict(cfg.generation.face_targets or {})):
+        if face := face_targets(report, dict(protocols.generation.get("face_targets") or {})):
             report["generation"]["face_targets"] = face
     else:
         report["generation"] = unavailable("not selected (eval=...)")
