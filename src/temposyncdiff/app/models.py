@@ -31,7 +31,9 @@ class Model:
     @property
     def onnx_dir(self) -> Path:
         """Where tsd-export writes this model's graphs (runtime=onnx)."""
-        return self.folder / "onnx" / self.stage
+        from temposyncdiff.export.onnx import default_onnx_dir
+
+        return default_onnx_dir(self.checkpoint, self.stage)
 
 
 def find_models(dirs: Iterable[str | os.PathLike], depth: int = 2) -> list[Model]:

@@ -266,6 +266,11 @@ class OnnxVAE(nn.Module):
         return _run(self.decoder, {"latents": z.float()})[0]
 
 
+def default_onnx_dir(checkpoint: str | os.PathLike, stage: str) -> Path:
+    """Where tsd-export puts a stage's graphs unless told: ``onnx/<stage>`` beside its checkpoint."""
+    return Path(checkpoint).with_name("onnx") / stage
+
+
 def load_onnx(
     onnx_dir: str | os.PathLike,
     checkpoint: str | os.PathLike,

@@ -139,8 +139,10 @@ def onnx_dir(probe: Probe) -> Path:
     """Where tsd-export's graphs of the pipeline's files are (``probe.onnx_dir``, else ``onnx/<kind>`` beside them)."""
     if probe.pipe.source is None:
         raise UserError("the ONNX runtimes need the pipeline's checkpoint files (TalkingHeadPipeline.from_checkpoints)")
+    from temposyncdiff.export.onnx import default_onnx_dir
+
     checkpoint, _, kind = probe.pipe.source
-    return Path(probe.onnx_dir or Path(checkpoint).with_name("onnx") / kind)
+    return Path(probe.onnx_dir) if probe.onnx_dir else default_onnx_dir(checkpoint, kind)
 
 
 def _onnx(probe: Probe) -> Nets:
