@@ -133,9 +133,11 @@ def test_teacher_learns_lip_shapes_from_the_cache(data_root, tmp_path):
     assert not torch.equal(net.lip_gain, torch.ones(3)) and ((net.lip_gain >= 0.5) & (net.lip_gain <= 4)).all()
 
 
-def test_relative_lip_shapes_are_each_talks_deviation_from_its_own_mean(data_root, tmp_path):
-    """lip_relative: batches carry their talk's mean shape; the net's standardisation is then fitted on, and applied
-    to, each frame's deviation from it, so people whose mouths differ by far more than they move share one scale."""
+@pytest.mark.parametrize("relative", ["mean", "scale"])
+def test_relative_lip_shapes_are_in_each_talks_own_range(data_root, tmp_path, relative):
+    """lip_relative: batches carry their talk's mean and std shape; the net's standardisation is then fitted on, and
+    applied to, each frame relative to them (mean: the deviation; scale: also over the std), so people whose mouths
+    differ by far more than they move share one scale."""
     cfg = compose_config("train", [*TEACHER, f"data.cache_dir={tmp_path / 'cache'}"], data_root, tmp_path / "run")
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
@@ -143,29 +145,37 @@ def test_relative_lip_shapes_are_each_talks_deviation_from_its_own_mean(data_roo
     talks = sorted(set(reader.talk_ids))
     assert len(talks) > 1
     offset = {t: np.array([0.05 * i, 0.1 * i, -0.02 * i], np.float32) for i, t in enumerate(talks)}
-    raw = _fake_lips(dm.cache_path("train")) + np.repeat([offset[t] for t in reader.talk_ids], reader.num_frames, 0)
+    spread = {t: 1.0 + 2.0 * i for i, t in enumerate(talks)}  # the second talk's mouth moves 3x the first's
+    per_frame = [(offset[t], spread[t]) for t in reader.talk_ids]
+    raw = _fake_lips(dm.cache_path("train"))
+    raw = np.repeat([s for _, s in per_frame], reader.num_frames)[:, None] * (raw - raw.mean(0)) + raw.mean(0)
+    raw = (raw + np.repeat([o for o, _ in per_frame], reader.num_frames, 0)).astype(np.float32)
     np.save(reader.root / "lips.npy", raw)
     of_talk = {t: raw[np.repeat([u == t for u in reader.talk_ids], reader.num_frames)] for t in talks}
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     talk_of = dict(zip(reader.ids, reader.talk_ids))
-    means = [of_talk[talk_of[i]].mean(0) for i in batch.ids]
-    np.testing.assert_allclose(batch.lip_rest.numpy(), means, atol=1e-5)
+    stats = [np.stack([of_talk[talk_of[i]].mean(0), of_talk[talk_of[i]].std(0)]) for i in batch.ids]
+    np.testing.assert_allclose(batch.lip_person.numpy(), stats, atol=1e-5)
     net = lip_net()
-    net.lip_relative = True
+    net.lip_relative = relative
     set_lip_norm(net, dm)
-    within = np.concatenate([v - v.mean(0) for v in of_talk.values()])
+    within = np.concatenate([(v - v.mean(0)) / (v.std(0) if relative == "scale" else 1) for v in of_talk.values()])
     assert torch.allclose(net.lip_norm[0], torch.zeros(3), atol=1e-5)
     np.testing.assert_allclose(net.lip_norm[1].numpy(), within.std(0, ddof=1), rtol=1e-4)
-    assert net.lip_norm[1].max() < 0.05  # the talks' offsets (up to 0.1 x their count) are not in the scale
-    standard = net.standardize_lips(batch.lips, batch.lip_rest)
-    expect = (batch.lips - batch.lip_rest[:, None]) / net.lip_norm[1]
-    assert torch.allclose(standard, expect, atol=1e-5)
-    with pytest.raises(ValueError, match="rest"):
+    mean, std = batch.lip_person[:, None, 0], batch.lip_person[:, None, 1]
+    expect = (batch.lips - mean) / (std if relative == "scale" else 1) / net.lip_norm[1]
+    assert torch.allclose(net.standardize_lips(batch.lips, batch.lip_person), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="person"):
         net.standardize_lips(batch.lips)
     absolute = lip_net()
     set_lip_norm(absolute, dm)
-    assert absolute.lip_norm[1].max() > net.lip_norm[1].max()  # between-talk offsets inflate a pooled scale
+    if relative == "mean":  # the talks' offsets inflate a pooled scale (the first two shapes' offsets are large)
+        assert (absolute.lip_norm[1][:2] > 1.1 * net.lip_norm[1][:2]).all()
+    else:  # each talk in its own range: every frame's shape is a z-score of its talk's
+        assert torch.allclose(net.lip_norm[1], torch.ones(3), atol=0.05)
+    with pytest.raises(ValueError, match="lip_relative"):
+        Denoiser(channels=(8,), lip_relative="yes")
 
 
 def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
@@ -175,7 +185,7 @@ def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
             mel=audio,
             visemes=torch.zeros(len(part), 4, dtype=torch.long),
             lips=part,
-            lip_rest=None,
+            lip_person=None,
             mask=torch.ones(len(part), 4, dtype=torch.bool),
         )
         batch.to = lambda _device, batch=batch: batch
@@ -214,10 +224,10 @@ def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
     assert torch.equal(net.lip_gain, torch.ones(3))
 
 
-@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("relative", ["none", "mean", "scale"])
 def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path, relative):
     """TalkingHeadPipeline.frames(lips=...): each window draws the given raw shapes, standardised, not the head's
-    (a lip_relative net: relative to the given shapes' own mean)."""
+    (a lip_relative net: relative to the given shapes' own mean and std)."""
     save_tiny_exports(tmp_path, lip_dim=3)
     pipe = TalkingHeadPipeline.from_checkpoints(tmp_path / "teacher_best.pt", kind="teacher", steps=1)
     pipe.net.lip_norm.copy_(torch.tensor([[0.1, 0.2, 0.8], [0.05, 0.05, 0.1]]))
@@ -229,8 +239,10 @@ def test_given_lip_shapes_replace_the_heads_in_generation(tmp_path, relative):
     pipe.net.forward = lambda *a, lips=None, **k: seen.append(lips) or forward(*a, lips=lips, **k)
     given = np.stack(list(pipe.frames(ref, wave, lips=lips)))
     drawn = np.stack([s[0, :, 0].numpy() for s in seen if s is not None])
-    rest = lips[:, 0].mean() if relative else 0.0
-    np.testing.assert_allclose(drawn, [(lips[a : a + 4, 0] - rest - 0.1) / 0.05 for a in (0, 2)], atol=1e-5)
+    mean = lips[:, 0].mean() if relative != "none" else 0.0
+    std = lips[:, 0].std() if relative == "scale" else 1.0
+    expect = [((lips[a : a + 4, 0] - mean) / std - 0.1) / 0.05 for a in (0, 2)]
+    np.testing.assert_allclose(drawn, expect, rtol=1e-5, atol=1e-4)
     assert given.shape == (6, 32, 32, 3)
     seen.clear()
     list(pipe.frames(ref, wave))
@@ -284,7 +296,7 @@ def test_student_draws_the_teachers_lip_shapes_and_learns_its_head(data_root, tm
     out["loss"].backward()
     assert "lips" in out and torch.isfinite(out["lips"])
     assert all(p.grad is not None for p in model.net.lip_head.parameters())
-    model_cfg["net"]["lip_relative"] = True  # the teacher measures shapes absolutely: a relative student is refused
+    model_cfg["net"]["lip_relative"] = "scale"  # the teacher's shapes are absolute: a relative student is refused
     with pytest.raises(ValueError, match="lip_relative"):
         hydra.utils.instantiate(model_cfg).setup("fit")
 

@@ -24,7 +24,7 @@ class Batch:
     latents: Tensor | None = None  # [B,T,C,h,w] cached VAE latents of the frames
     ref_latent: Tensor | None = None  # [B,C,h,w]
     lips: Tensor | None = None  # [B,T,3] landmark lip shapes (metrics.mouth.lip_shape) when the cache has them
-    lip_rest: Tensor | None = None  # [B,3] with lips: the mean shape of the clip's talk (the person's average mouth)
+    lip_person: Tensor | None = None  # [B,2,3] with lips: the clip's talk's (person's) mean and std lip shape
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         """A new batch with ``fn`` applied to every tensor field."""
@@ -60,5 +60,5 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         latents=stack("latents"),
         ref_latent=stack("ref_latent"),
         lips=stack("lips"),
-        lip_rest=stack("lip_rest"),
+        lip_person=stack("lip_person"),
     )

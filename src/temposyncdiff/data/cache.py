@@ -361,18 +361,20 @@ class CacheReader:
         """``[total_frames, 3]`` float32 landmark lip shapes when ``add_lips`` has run, else None."""
         return self._array("lips") if self.meta.get("lips") else None
 
-    def talk_lip_means(self) -> dict[str, np.ndarray] | None:
-        """Each talk's mean lip shape over its frames in this cache (the person's average mouth), or None."""
+    def talk_lip_stats(self) -> dict[str, np.ndarray] | None:
+        """Each talk's lip shapes over its frames in this cache, ``[2, 3]``: mean (the person's average mouth) and
+        std (how far it moves; at least 1e-3); None without lip shapes."""
         lips = self.lips
         if lips is None:
             return None
         if self._talk_lips is None:
-            sums: dict[str, list] = {}
+            frames: dict[str, list[np.ndarray]] = {}
             for talk, off, n in zip(self.talk_ids, self.offsets, self.num_frames):
-                acc = sums.setdefault(talk, [np.zeros(lips.shape[1], np.float64), 0])
-                acc[0] += np.asarray(lips[off : off + n], np.float64).sum(0)
-                acc[1] += int(n)
-            self._talk_lips = {t: (s / max(n, 1)).astype(np.float32) for t, (s, n) in sums.items()}
+                frames.setdefault(talk, []).append(np.asarray(lips[off : off + n], np.float64))
+            self._talk_lips = {
+                t: np.stack([(v := np.concatenate(f)).mean(0), np.maximum(v.std(0), 1e-3)]).astype(np.float32)
+                for t, f in frames.items()
+            }
         return self._talk_lips
 
     def __getstate__(self) -> dict:

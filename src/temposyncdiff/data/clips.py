@@ -92,10 +92,10 @@ class CacheSource:
         off, end = int(r.offsets[u]), int(r.offsets[u] + r.num_frames[u])
         return r.lips[off + a : min(off + b, end)]
 
-    def lip_rest(self, u: int) -> np.ndarray | None:
-        """The mean lip shape ``[3]`` of utterance ``u``'s talk in this cache (its person's average mouth)."""
-        means = self.reader.talk_lip_means()
-        return None if means is None else means[self.talk_ids[u]]
+    def lip_person(self, u: int) -> np.ndarray | None:
+        """Utterance ``u``'s talk's lip shapes in this cache, ``[2, 3]``: their mean and std (``talk_lip_stats``)."""
+        stats = self.reader.talk_lip_stats()
+        return None if stats is None else stats[self.talk_ids[u]]
 
     def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         k = int(self.reader.offsets[u]) + j
@@ -169,7 +169,7 @@ def clip_item(
     }
     if "lips" in window:
         item["lips"] = torch.from_numpy(_pad(window["lips"], clip_len).astype(np.float32))
-        item["lip_rest"] = torch.from_numpy(np.array(window["lip_rest"], dtype=np.float32))
+        item["lip_person"] = torch.from_numpy(np.array(window["lip_person"], dtype=np.float32))
     if "latents" in window:
         item["latents"] = torch.from_numpy(_pad(window["latents"], clip_len).astype(np.float32))
         item["ref_latent"] = torch.from_numpy(np.array(ref_latent, dtype=np.float32))

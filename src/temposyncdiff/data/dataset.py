@@ -117,7 +117,7 @@ class ClipDataset(Dataset):
             window["latents"] = np.asarray(latents)
         if hasattr(self.src, "lips") and (lips := self.src.lips(u, start, start + self.clip_len)) is not None:
             window["lips"] = np.asarray(lips)  # only a cache holds them (tsd-data cache lips=true)
-            window["lip_rest"] = self.src.lip_rest(u)
+            window["lip_person"] = self.src.lip_person(u)
         return window
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Layout of one split's shard set ``<shard_dir>/<name>_<split>/`` (a local folder or an object-store URI)::
 
     clips/             one item per ClipDataset window, in its order: the window's frames (uint8, unpadded), the
-                       mel rows its windows read, visemes, latents and lip shapes (with their talk's mean,
-                       ``lip_rest``) when the cache has them, id, start, index
+                       mel rows its windows read, visemes, latents and lip shapes (with their talk's mean and
+                       std, ``lip_person``) when the cache has them, id, start, index
     utterances/        one item per utterance: frames, mel, visemes, latents (random access)
     shards_meta.json   digest, source cache, counts, clip settings, utterance ids/talks/lengths (written last)
 
@@ -44,7 +44,7 @@ from temposyncdiff.data.dataset import ClipDataset
 from temposyncdiff.errors import UserError
 from temposyncdiff.utils.io import atomic_dir, write_json
 
-SHARDS_VERSION = 2  # 2: windows with lips also hold their talk's mean shape (lip_rest)
+SHARDS_VERSION = 2  # 2: windows with lips also hold their talk's lip statistics (lip_person)
 SHARD_META = "shards_meta.json"
 
 

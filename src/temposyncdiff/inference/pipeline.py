@@ -196,7 +196,7 @@ class TalkingHeadPipeline:
 
         ``lips`` (``[frames, lip_dim]`` raw ``metrics.mouth.lip_shape`` values, nets built with ``lip_dim``) draws
         those lip shapes instead of the net's prediction from the audio (e.g. the truth's, to measure the renderer);
-        a ``lip_relative`` net takes them relative to their own mean, as the person's average mouth.
+        a ``lip_relative`` net takes them relative to their own mean (and std), as the person's.
 
         ``pose(start, stop)`` gives the uint8 face crops ``[stop - start, H, W, 3]`` of the frames to re-voice (a
         driving video; nets built with a ``pose_mask`` keep all but the masked box of them); without it, such a net
@@ -212,7 +212,11 @@ class TalkingHeadPipeline:
         wave, ended, end = np.zeros(0, np.float32), False, 0
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         history = torch.zeros(1, 0, *self.latent_shape, device=self.device)  # latents of frames [end - len, end)
-        lip_rest = None if lips is None else torch.from_numpy(np.asarray(lips, np.float32).mean(0))
+        person = None  # a lip_relative net: the given shapes' own mean and std stand for the person's
+        if lips is not None:
+            person = torch.from_numpy(
+                np.stack([np.mean(lips, 0), np.maximum(np.std(lips, 0), 1e-3)]).astype(np.float32)
+            )
         while True:
             num_frames = num_output_frames(len(wave), self.audio.sample_rate, self.audio.fps) if ended else None
             if ended and end >= num_frames:
@@ -235,9 +239,7 @@ class TalkingHeadPipeline:
             shapes = None
             if lips is not None:
                 rows = np.asarray(lips[np.clip(np.arange(start, stop), 0, len(lips) - 1)], np.float32)
-                shapes = self.net.standardize_lips(
-                    torch.from_numpy(rows)[None].to(self.device), lip_rest.to(self.device)
-                )
+                shapes = self.net.standardize_lips(torch.from_numpy(rows)[None].to(self.device), person.to(self.device))
             latents = self._denoise(ref_latent, emb, tokens, motion, known, generator, timings, pose_latents, shapes)
             new_end = min(stop, num_frames) if ended else stop
             fresh = latents[:, known : new_end - start]

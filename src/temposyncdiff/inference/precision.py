@@ -76,8 +76,8 @@ class LowPrecisionDenoiser(nn.Module):
     def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
         return _float(self.net.embed_audio(_cast(mel, self.dtype)))
 
-    def standardize_lips(self, lips: Tensor, rest: Tensor | None = None) -> Tensor:
-        return _float(self.net.standardize_lips(_cast(lips, self.dtype), _cast(rest, self.dtype)))
+    def standardize_lips(self, lips: Tensor, person: Tensor | None = None) -> Tensor:
+        return _float(self.net.standardize_lips(_cast(lips, self.dtype), _cast(person, self.dtype)))
 
     def forward(self, x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # t stays float32
         args = tuple(_cast(a, self.dtype) for a in args)

@@ -19,9 +19,10 @@ predicts the shape from the audio and viseme tokens, and the shape joins the tok
 far better than audio; the head learns audio -> shape as a separate, low-dimensional regression. At inference the
 head's prediction drives the mouth (a speech-to-motion step, then rendering, as landmark- and 3DMM-driven talking-head
 methods split the problem). Shapes are standardised by ``lip_norm`` (the training data's mean and std); with
-``lip_relative`` they are first taken relative to each person's mean shape, as mouths differ more between people
-than one mouth moves while talking (on the seven dev clips 49-78 % of the shapes' variance lies between people), and
-a head that hears only audio cannot know whose mouth it is. A regression
+``lip_relative`` they are first taken relative to each person's own shapes (``mean``: minus their mean; ``scale``:
+also over their std), as mouths differ more between people than one mouth moves while talking (on the seven dev
+clips 49-78 % of the shapes' variance lies between people, and one person's mouth moves 3x another's), which a head
+that hears only audio cannot know. A regression
 head's predictions vary less than the truth (by about its correlation with it), which would draw a mouth that barely
 moves: at inference they are scaled by ``lip_gain`` (per shape, the held-out truth's std over the predictions').
 """
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from temposyncdiff.nets.audio_encoder import AudioEncoder
+
+LIP_RELATIVE = ("none", "mean", "scale")  # lip shapes as they are | minus the person's mean | also over their std
 
 
 def _groups(ch: int, max_groups: int = 32) -> int:
@@ -206,9 +209,11 @@ class Denoiser(nn.Module):
         audio_encoder: dict | None = None,
         pose_mask: tuple[float, float, float, float] | None = None,
         lip_dim: int = 0,
-        lip_relative: bool = False,
+        lip_relative: str = "none",
     ) -> None:
         super().__init__()
+        if lip_relative not in LIP_RELATIVE:
+            raise ValueError(f"lip_relative must be {' | '.join(LIP_RELATIVE)}, got {lip_relative!r}")
         if temporal not in (None, "none", "attention", "conv"):
             raise ValueError(f"temporal must be attention | conv | none, got {temporal!r}")
         channels = tuple(channels)
@@ -292,16 +297,19 @@ class Denoiser(nn.Module):
             raise RuntimeError("this Denoiser was built without an audio_encoder")
         return self.audio(mel)
 
-    def standardize_lips(self, lips: Tensor, rest: Tensor | None = None) -> Tensor:
+    def standardize_lips(self, lips: Tensor, person: Tensor | None = None) -> Tensor:
         """Raw ``lip_shape`` values ``[..., T, lip_dim]`` -> the standardised units the net takes and predicts.
 
-        A ``lip_relative`` net first subtracts ``rest`` (``[..., lip_dim]``: the mean shape of the person's footage),
-        so that its shapes are how the mouth moves from that person's own average, not how it differs from others'.
+        A ``lip_relative`` net first takes them relative to ``person`` (``[..., 2, lip_dim]``: the mean and std of the
+        person's shapes in their footage): minus the mean, and with ``scale`` over the std, so that they say how the
+        mouth moves within that person's own range, not how it differs from other people's.
         """
-        if self.lip_relative:
-            if rest is None:
-                raise ValueError("a lip_relative net standardises shapes against the person's mean shape: give rest")
-            lips = lips - rest.unsqueeze(-2)
+        if self.lip_relative != "none":
+            if person is None:
+                raise ValueError("a lip_relative net standardises shapes by the person's own: give person")
+            lips = lips - person[..., None, 0, :]
+            if self.lip_relative == "scale":
+                lips = lips / person[..., None, 1, :]
         return (lips - self.lip_norm[0]) / self.lip_norm[1]
 
     def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:

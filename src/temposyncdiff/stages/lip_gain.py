@@ -27,7 +27,7 @@ from temposyncdiff.stages.latent import base_dataset
 
 def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set); a
-    ``lip_relative`` net's shapes are each frame's minus its talk's mean shape."""
+    ``lip_relative`` net's shapes are first each frame's relative to its talk's (``Denoiser.standardize_lips``)."""
     if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
         return
     ds = (
@@ -37,11 +37,12 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     )
     reader = getattr(getattr(ds, "src", None), "reader", None)
     lips = None if reader is None else reader.lips
-    if lips is not None and net.lip_relative:
-        means = reader.talk_lip_means()
-        lips = np.asarray(lips) - np.repeat(
-            np.stack([means[t] for t in reader.talk_ids]), np.asarray(reader.num_frames), axis=0
-        )
+    if lips is not None and net.lip_relative != "none":
+        stats = reader.talk_lip_stats()
+        person = np.repeat(np.stack([stats[t] for t in reader.talk_ids]), np.asarray(reader.num_frames), axis=0)
+        lips = np.asarray(lips) - person[:, 0]
+        if net.lip_relative == "scale":
+            lips = lips / person[:, 1]
     if lips is None:
         rank_zero_warn(
             "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
@@ -51,7 +52,7 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     lips = torch.from_numpy(np.array(lips, dtype=np.float32))  # a copy: the cache is a read-only memmap
     net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
     rank_zero_info(
-        f"teacher: lip shapes{' (each minus its talk mean)' if net.lip_relative else ''} standardised by "
+        f"teacher: lip shapes (relative to each talk's: {net.lip_relative}) standardised by "
         f"mean {lips.mean(0).tolist()} std {lips.std(0).tolist()}"
     )
 
@@ -67,7 +68,7 @@ def calibrate_lip_gain(net: Denoiser, datamodule: Any, device: torch.device, nam
             break
         batch = batch.to(device)
         emb, _ = net.embed_audio(batch.mel)
-        truth.append(net.standardize_lips(batch.lips, batch.lip_rest)[batch.mask])
+        truth.append(net.standardize_lips(batch.lips, batch.lip_person)[batch.mask])
         guess.append(net.predict_lips(emb, batch.visemes)[batch.mask])
     net.train(was_training)
     if not truth or sum(len(t) for t in truth) < 2:

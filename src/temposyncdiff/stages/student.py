@@ -153,7 +153,7 @@ class StudentStage(LatentDiffusionStage):
         if stage != "fit":
             return
         if self.net.lip_dim:  # the teacher's standardisation: the lip shapes in its couplings are in its units
-            if self.net.lip_relative != getattr(teacher, "lip_relative", False):
+            if self.net.lip_relative != getattr(teacher, "lip_relative", "none"):
                 raise ValueError(
                     f"model.net.lip_relative={self.net.lip_relative} but the teacher's is {teacher.lip_relative}: "
                     "the student draws the teacher's lip shapes, so both must measure them alike"
@@ -246,7 +246,9 @@ class StudentStage(LatentDiffusionStage):
             lips = teacher.predict_lips(emb, visemes)
             if batch.lips is not None:
                 lips = torch.where(
-                    r[:, 3, None, None] < hp.lip_truth_prob, teacher.standardize_lips(batch.lips, batch.lip_rest), lips
+                    r[:, 3, None, None] < hp.lip_truth_prob,
+                    teacher.standardize_lips(batch.lips, batch.lip_person),
+                    lips,
                 )
             cond["lips"] = lips
         scheduler = make_sampler(hp.teacher_sampler, self.teacher_schedule.scheduler.config)
@@ -287,7 +289,7 @@ class StudentStage(LatentDiffusionStage):
         lip_loss = None
         if self.net.lip_dim:  # draw the teacher's shapes; the head learns the truth's (else the teacher's guesses)
             cond["lips"] = c["lips"]
-            truth = c["lips"] if batch.lips is None else self.net.standardize_lips(batch.lips, batch.lip_rest)
+            truth = c["lips"] if batch.lips is None else self.net.standardize_lips(batch.lips, batch.lip_person)
             guess = self.net.predict_lips(emb, c["visemes"])
             lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
         pixel_weight = region_weight(*x0.shape[-2:], self.regions.mouth, hp.mouth_weight, self.device)

@@ -128,7 +128,7 @@ class TeacherStage(LatentDiffusionStage):
         pose = x0 if self.net.pose_mask is not None else None  # the target's own pose, its mouth masked by the net
         lips, lip_loss = None, None
         if self.net.lip_dim and batch.lips is not None:  # draw the true shape or the head's (detached) prediction
-            truth, guess = self.net.standardize_lips(batch.lips, batch.lip_rest), self.net.predict_lips(emb, visemes)
+            truth, guess = self.net.standardize_lips(batch.lips, batch.lip_person), self.net.predict_lips(emb, visemes)
             lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
             lips = torch.where(rand(b)[:, None, None] < hp.lip_truth_prob, truth, guess.detach())
         pred = self.net(
