@@ -152,11 +152,19 @@ def test_relative_lip_shapes_are_in_each_talks_own_range(data_root, tmp_path, re
     raw = (raw + np.repeat([o for o, _ in per_frame], reader.num_frames, 0)).astype(np.float32)
     np.save(reader.root / "lips.npy", raw)
     of_talk = {t: raw[np.repeat([u == t for u in reader.talk_ids], reader.num_frames)] for t in talks}
+    _fake_lips(dm.cache_path("val"), seed=1)  # held out: read in its people's range in the training footage
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     talk_of = dict(zip(reader.ids, reader.talk_ids))
     stats = [np.stack([of_talk[talk_of[i]].mean(0), of_talk[talk_of[i]].std(0)]) for i in batch.ids]
     np.testing.assert_allclose(batch.lip_person.numpy(), stats, atol=1e-5)
+    val_src = dm.datasets["val"].dataset.src if hasattr(dm.datasets["val"], "dataset") else dm.datasets["val"].src
+    assert set(val_src.known_lips) == set(talks)  # held out: people are read in their training footage's range
+    val_own = val_src.reader.talk_lip_stats()
+    assert not set(val_own) & set(talks)  # this corpus holds out other speakers: their own footage's range
+    np.testing.assert_allclose(val_src.lip_person(0), val_own[val_src.talk_ids[0]])
+    val_src.known_lips[val_src.talk_ids[0]] = known = np.ones((2, 3), np.float32)
+    assert val_src.lip_person(0) is known
     net = lip_net()
     net.lip_relative = relative
     set_lip_norm(net, dm)

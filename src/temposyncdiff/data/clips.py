@@ -62,6 +62,7 @@ class CacheSource:
 
     def __init__(self, reader: CacheReader):
         self.reader, self.ids, self.talk_ids = reader, reader.ids, reader.talk_ids
+        self.known_lips: dict[str, np.ndarray] = {}  # talks' lip statistics from elsewhere (the training split's)
         self.num_frames = [int(n) for n in reader.num_frames]
         self.root, self.audio, self.image_size = reader.root, reader.audio, reader.image_size
 
@@ -93,9 +94,14 @@ class CacheSource:
         return r.lips[off + a : min(off + b, end)]
 
     def lip_person(self, u: int) -> np.ndarray | None:
-        """Utterance ``u``'s talk's lip shapes in this cache, ``[2, 3]``: their mean and std (``talk_lip_stats``)."""
+        """Utterance ``u``'s talk's lip shapes, ``[2, 3]``: their mean and std (``talk_lip_stats``), from
+        ``known_lips`` when it holds the talk (a held-out split reads its people's range in their training footage),
+        else from this cache."""
         stats = self.reader.talk_lip_stats()
-        return None if stats is None else stats[self.talk_ids[u]]
+        if stats is None:
+            return None
+        talk = self.talk_ids[u]
+        return self.known_lips.get(talk, stats[talk])
 
     def frame(self, u: int, j: int, mirror: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         k = int(self.reader.offsets[u]) + j

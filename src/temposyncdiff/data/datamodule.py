@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import collate
-from temposyncdiff.data.cache import build_cache, cache_key, open_cache
+from temposyncdiff.data.cache import CacheError, build_cache, cache_key, open_cache
+from temposyncdiff.data.clips import CacheSource
 from temposyncdiff.data.dataset import ClipDataset, EpochSampler
 from temposyncdiff.errors import UserError
 
@@ -168,9 +169,22 @@ class TalkingHeadDataModule(L.LightningDataModule):
                     fps=hp.fps,
                     mirror=hp.mirror,
                 )
+            if split != "train" and isinstance(getattr(ds, "src", None), CacheSource):
+                ds.src.known_lips = self.train_lip_stats()
             if split == "val" and hp.val_max_items and len(ds) > hp.val_max_items:  # evenly spaced subset
                 ds = Subset(ds, np.linspace(0, len(ds) - 1, hp.val_max_items).round().astype(int).tolist())
             self.datasets[split] = ds
+
+    def train_lip_stats(self) -> dict[str, np.ndarray]:
+        """Each talk's lip statistics in the training cache (``talk_lip_stats``; empty without one or its lips)."""
+        if "train" in self.datasets and isinstance(getattr(self.datasets["train"], "src", None), CacheSource):
+            reader = self.datasets["train"].src.reader
+        else:
+            try:
+                reader = open_cache(self.cache_path("train"))
+            except CacheError:
+                return {}
+        return reader.talk_lip_stats() or {}
 
     def _shard_dataset(self, split: str) -> Dataset:
         """``split`` from its shards: the training split streamed (``ClipStream``), the others by random access."""
