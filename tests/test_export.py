@@ -181,15 +181,20 @@ def test_tsd_infer_runtime_onnx(exported, synth_corpus, tmp_path):
     from PIL import Image
 
     Image.fromarray(read_frames(mp4)[0][0]).save(ref)
+    alice = tmp_path / "checkpoints" / "own" / "alice"  # a model outside checkpoint_dir: its graphs go beside it
+    alice.mkdir(parents=True)
+    for name in ("teacher_best.pt", "vae_pretrained.pt"):
+        shutil.copy(exported / name, alice / name)
+    files = [f"checkpoint={alice / 'teacher_best.pt'}", f"vae={alice / 'vae_pretrained.pt'}"]
+    export(compose_config("export", ["stage=teacher", "threads=1", *files], tmp_path, tmp_path / "run"))
+    assert (alice / "onnx" / "teacher" / "export.json").is_file()
     cfg = compose_config(
         "infer",
         [
             f"ref_image={ref}",
             f"audio={mp4}",
             "stage=teacher",
-            f"checkpoint={exported / 'teacher_best.pt'}",
-            f"vae={exported / 'vae_pretrained.pt'}",
-            f"onnx_dir={exported / 'onnx' / 'teacher'}",
+            *files,
             "runtime=onnx",
             "threads=1",
             "run_name=t",

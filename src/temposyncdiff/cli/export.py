@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from temposyncdiff.cli.common import hydra_main
 from temposyncdiff.errors import UserError
-from temposyncdiff.export.onnx import export_onnx
+from temposyncdiff.export.onnx import default_onnx_dir, export_onnx
 from temposyncdiff.utils.task import log, task
 from temposyncdiff.utils.threads import set_threads
 
@@ -23,11 +23,12 @@ def export(cfg: DictConfig) -> dict:
     for name in ("onnx_ir", "onnxscript"):  # hundreds of INFO lines per graph (passes, deduplicated initialisers)
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="# The axis name")  # the inputs share the batch axis, as meant
+    out_dir = cfg.out_dir or default_onnx_dir(cfg.checkpoint, cfg.stage)
     sidecar = export_onnx(
-        cfg.checkpoint, cfg.vae, cfg.out_dir, kind=cfg.stage, opset=cfg.opset, tolerance=cfg.tolerance, seed=cfg.seed
+        cfg.checkpoint, cfg.vae, out_dir, kind=cfg.stage, opset=cfg.opset, tolerance=cfg.tolerance, seed=cfg.seed
     )
     diffs = ", ".join(f"{name} {g['max_abs_diff']:.2g}" for name, g in sidecar["graphs"].items())
-    log.info("wrote %s (opset %d); max abs difference from PyTorch: %s", cfg.out_dir, sidecar["opset"], diffs)
+    log.info("wrote %s (opset %d); max abs difference from PyTorch: %s", out_dir, sidecar["opset"], diffs)
     return sidecar
 
 

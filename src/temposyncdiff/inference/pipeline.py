@@ -124,9 +124,9 @@ class TalkingHeadPipeline:
         vae_path = vae or meta.get("vae_weights") or Path(denoiser).with_name("vae_pretrained.pt")
         vae_net, vae_meta = load_net(vae_path, "vae")
         if runtime == "onnx":
-            from temposyncdiff.export.onnx import load_onnx
+            from temposyncdiff.export.onnx import default_onnx_dir, load_onnx
 
-            onnx_dir = onnx_dir or Path(denoiser).with_name("onnx") / kind
+            onnx_dir = onnx_dir or default_onnx_dir(denoiser, kind)
             net, vae_net = load_onnx(onnx_dir, denoiser, vae_path, kind, onnx_threads)
         settings = {
             "schedule": meta["schedule"],
