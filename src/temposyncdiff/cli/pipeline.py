@@ -107,8 +107,6 @@ def key_numbers(eval_report: Path) -> list[str]:
     swapped audio), speed; then the real-face targets each run (and person) meets, when the report has them."""
     from temposyncdiff.evaluation.report import FACE_TARGETS, per_talk_rows, table_rows
 
-    FACE_TARGET_NAMES = [name for name, _ in FACE_TARGETS]
-
     fields = (
         ("psnr_mouth", "mouth PSNR {:.2f} dB"),
         ("psnr_upper_face", "upper face {:.2f} dB"),
@@ -145,7 +143,7 @@ def key_numbers(eval_report: Path) -> list[str]:
     if face := report.get("generation", {}).get("face_targets"):
         lines.append("real-face targets met (eval_face_targets.md):")
     for t in face or ():
-        missed = [f"{k} {t[k]:.3g}" for k in FACE_TARGET_NAMES if t.get(f"{k}_met") is False]
+        missed = [f"{k} {t[k]:.3g}" for k, _ in FACE_TARGETS if t.get(f"{k}_met") is False]
         lines.append(
             f"  {t['talk'] + ' ' + t['run']:<30} {t['met']}" + (f"  missed: {', '.join(missed)}" if missed else "")
         )

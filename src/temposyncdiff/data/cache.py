@@ -362,19 +362,18 @@ class CacheReader:
         return self._array("lips") if self.meta.get("lips") else None
 
     def talk_lip_stats(self) -> dict[str, np.ndarray] | None:
-        """Each talk's lip shapes over its frames in this cache, ``[2, 3]``: mean (the person's average mouth) and
-        std (how far it moves; at least 1e-3); None without lip shapes."""
+        """Each talk's lip statistics over its frames in this cache (``metrics.mouth.lip_stats``, ``[2, 3]``: mean
+        and std); None without lip shapes."""
+        from temposyncdiff.metrics.mouth import lip_stats
+
         lips = self.lips
         if lips is None:
             return None
         if self._talk_lips is None:
             frames: dict[str, list[np.ndarray]] = {}
             for talk, off, n in zip(self.talk_ids, self.offsets, self.num_frames):
-                frames.setdefault(talk, []).append(np.asarray(lips[off : off + n], np.float64))
-            self._talk_lips = {
-                t: np.stack([(v := np.concatenate(f)).mean(0), np.maximum(v.std(0), 1e-3)]).astype(np.float32)
-                for t, f in frames.items()
-            }
+                frames.setdefault(talk, []).append(lips[off : off + n])
+            self._talk_lips = {t: lip_stats(np.concatenate(f)) for t, f in frames.items()}
         return self._talk_lips
 
     def __getstate__(self) -> dict:

@@ -166,10 +166,10 @@ def face_targets(report: dict, limits: dict[str, float]) -> list[dict[str, Any]]
     truth's, and the mouth's opening in silence minus the truth's. Each value is checked against ``limits[name]``
     (``FACE_TARGETS`` says whether at least or at most); a value or limit that is missing is None, and ``met``
     counts the targets met of those measured. Empty when no run has landmark lip scores (drawn faces)."""
-    gen, _ = table_rows(report)
+    gen, talk_rows = table_rows(report)[0], per_talk_rows(report)
     runs = set(report.get("generation", {}).get("results", {}))  # not the baselines
-    groups = [("all", gen)] + [(t, [r for r in per_talk_rows(report) if r["talk"] == t])
-                               for t in dict.fromkeys(r["talk"] for r in per_talk_rows(report))]  # fmt: skip
+    talks = dict.fromkeys(r["talk"] for r in talk_rows)
+    groups = [("all", gen)] + [(t, [r for r in talk_rows if r["talk"] == t]) for t in talks]
     out = []
     for talk, rows in groups:
         by_run = {r["run"]: r for r in rows}

@@ -212,11 +212,11 @@ class TalkingHeadPipeline:
         wave, ended, end = np.zeros(0, np.float32), False, 0
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         history = torch.zeros(1, 0, *self.latent_shape, device=self.device)  # latents of frames [end - len, end)
-        person = None  # a lip_relative net: the given shapes' own mean and std stand for the person's
+        person = None  # a lip_relative net: the given shapes' own statistics stand for the person's
         if lips is not None:
-            person = torch.from_numpy(
-                np.stack([np.mean(lips, 0), np.maximum(np.std(lips, 0), 1e-3)]).astype(np.float32)
-            )
+            from temposyncdiff.metrics.mouth import lip_stats
+
+            person = torch.from_numpy(lip_stats(lips))
         while True:
             num_frames = num_output_frames(len(wave), self.audio.sample_rate, self.audio.fps) if ended else None
             if ended and end >= num_frames:

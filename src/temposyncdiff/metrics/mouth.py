@@ -68,6 +68,13 @@ def interpolate_missing(shapes: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(t, have, shapes[ok, k]) for k in range(shapes.shape[1])], axis=1)
 
 
+def lip_stats(shapes: np.ndarray) -> np.ndarray:
+    """``[T, F]`` lip shapes of one person -> ``[2, F]`` float32: their mean (the person's average mouth) and std (how
+    far it moves; at least 1e-3), the range a ``lip_relative`` net reads shapes in."""
+    shapes = np.asarray(shapes, np.float64)
+    return np.stack([shapes.mean(0), np.maximum(shapes.std(0), 1e-3)]).astype(np.float32)
+
+
 def silent_frames(
     wave: np.ndarray,
     num_frames: int,

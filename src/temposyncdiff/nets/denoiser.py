@@ -30,7 +30,7 @@ moves: at inference they are scaled by ``lip_gain`` (per shape, the held-out tru
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -40,6 +40,14 @@ from torch.nn import functional as F
 from temposyncdiff.nets.audio_encoder import AudioEncoder
 
 LIP_RELATIVE = ("none", "mean", "scale")  # lip shapes as they are | minus the person's mean | also over their std
+
+
+def relative_lips(lips: Any, mean: Any, std: Any, mode: str) -> Any:
+    """Lip shapes (tensor or array) relative to a person whose ``mean`` and ``std`` broadcast with them, as a
+    ``lip_relative=mode`` net reads them (``LIP_RELATIVE``)."""
+    if mode == "none":
+        return lips
+    return (lips - mean) / std if mode == "scale" else lips - mean
 
 
 def _groups(ch: int, max_groups: int = 32) -> int:
@@ -307,9 +315,7 @@ class Denoiser(nn.Module):
         if self.lip_relative != "none":
             if person is None:
                 raise ValueError("a lip_relative net standardises shapes by the person's own: give person")
-            lips = lips - person[..., None, 0, :]
-            if self.lip_relative == "scale":
-                lips = lips / person[..., None, 1, :]
+            lips = relative_lips(lips, person[..., None, 0, :], person[..., None, 1, :], self.lip_relative)
         return (lips - self.lip_norm[0]) / self.lip_norm[1]
 
     def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:

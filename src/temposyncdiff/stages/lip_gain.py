@@ -21,7 +21,7 @@ from torch import Tensor
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores
-from temposyncdiff.nets.denoiser import Denoiser
+from temposyncdiff.nets.denoiser import Denoiser, relative_lips
 from temposyncdiff.stages.latent import base_dataset
 
 
@@ -40,9 +40,7 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     if lips is not None and net.lip_relative != "none":
         stats = reader.talk_lip_stats()
         person = np.repeat(np.stack([stats[t] for t in reader.talk_ids]), np.asarray(reader.num_frames), axis=0)
-        lips = np.asarray(lips) - person[:, 0]
-        if net.lip_relative == "scale":
-            lips = lips / person[:, 1]
+        lips = relative_lips(np.asarray(lips), person[:, 0], person[:, 1], net.lip_relative)
     if lips is None:
         rank_zero_warn(
             "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
