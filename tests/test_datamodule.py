@@ -185,6 +185,47 @@ def test_epoch_sampler() -> None:
     assert [i for i, _ in s] != [i for i, _ in first] and {e for _, e in s} == {1}
 
 
+def test_talk_balanced_sampler(synth_corpus: Path, tmp_path: Path) -> None:
+    rows = corpus_rows(synth_corpus)
+    build_cache(rows, tmp_path / "c", 32, AUDIO, log=_quiet)
+    ds = ClipDataset(open_cache(tmp_path / "c"), clip_len=8, stride=2, train=True)
+    talks = np.array([ds.src.talk_ids[u] for u, _ in ds.items])
+    names, counts = np.unique(talks, return_counts=True)
+    assert len(names) > 1 and counts.max() > counts.min()  # talks of unequal size
+    assert np.allclose(ds.talk_weights(0.0), 1.0)
+    w = ds.talk_weights(1.0)
+    assert np.allclose([w[talks == t].sum() for t in names], 1.0)  # every talk carries the same total weight
+    s = EpochSampler(len(ds), seed=2, weights=w)
+    first = list(s)
+    assert len(first) == len(ds) and list(s) == first  # len(ds) draws, the same for the same epoch
+    share = np.array([np.mean(talks[[i for i, _ in first]] == t) for t in names])
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in first]
+    many = EpochSampler(len(ds), seed=2, weights=w)
+    drawn = np.concatenate([[i for i, _ in (many.set_epoch(e), many)[1]] for e in range(40)])
+    assert np.allclose([np.mean(talks[drawn] == t) for t in names], 1 / len(names), atol=0.03)
+    assert share.min() > 0
+    halves = [list(EpochSampler(len(ds), seed=2, num_replicas=2, rank=r, weights=w)) for r in (0, 1)]
+    assert [len(h) for h in halves] == [-(-len(ds) // 2)] * 2 and halves[0] != halves[1]  # each rank its share
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        ds.talk_weights(1.5)
+    with pytest.raises(ValueError, match="sampling weights"):
+        EpochSampler(len(ds) + 1, weights=w)
+
+
+def test_datamodule_talk_balance(manifests: Path, tmp_path: Path) -> None:
+    dm = _module(manifests, tmp_path, talk_balance=0.5)
+    dm.prepare_data()
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert torch.allclose(sampler.weights, torch.as_tensor(dm.datasets["train"].talk_weights(0.5)))
+    plain = _module(manifests, tmp_path)
+    plain.setup("fit")
+    assert plain.train_dataloader().sampler.weights is None  # the default: every clip alike, no replacement
+    with pytest.raises(DataConfigError, match="talk_balance"):
+        _module(manifests, tmp_path, talk_balance=0.5, format="litdata", shard_dir=str(tmp_path))
+
+
 def test_datamodule_loaders(manifests: Path, tmp_path: Path) -> None:
     dm = _module(manifests, tmp_path)
     dm.prepare_data()

@@ -62,7 +62,11 @@ def _read_manifest(path: Path) -> list[dict]:
 
 class TalkingHeadDataModule(L.LightningDataModule):
     """Clips of ``<manifest_dir>/<name>_{train,val,test}.jsonl``, read from per-split caches when ``use_cache``,
-    or with ``format="litdata"`` from the LitData shards ``tsd-data shards`` wrote under ``shard_dir``."""
+    or with ``format="litdata"`` from the LitData shards ``tsd-data shards`` wrote under ``shard_dir``.
+
+    ``talk_balance`` (cache only) draws training items in inverse proportion to their talk's item count to that
+    power (``ClipDataset.talk_weights``), so a person with 70 s of footage does not drown one with 10 s.
+    """
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class TalkingHeadDataModule(L.LightningDataModule):
         shard_dir: str | None = None,
         shard_cache_dir: str | None = None,
         mirror: float = 0.0,
+        talk_balance: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -94,6 +99,8 @@ class TalkingHeadDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.format={format!r}: choose one of {FORMATS}")
         if not 0.0 <= mirror <= 1.0 or (mirror and format == "litdata"):
             raise DataConfigError(f"data.mirror={mirror}: a probability in [0, 1], with data.format=cache")
+        if not 0.0 <= talk_balance <= 1.0 or (talk_balance and format == "litdata"):
+            raise DataConfigError(f"data.talk_balance={talk_balance}: in [0, 1], with data.format=cache")
         if format == "litdata" and not shard_dir:
             raise DataConfigError("data.format=litdata needs data.shard_dir")
         if use_cache and not cache_dir:
@@ -228,7 +235,10 @@ class TalkingHeadDataModule(L.LightningDataModule):
         train = split == "train"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         # val/test: in order, and Lightning shards them under DDP; train: our sampler shards itself
-        sampler = EpochSampler(len(ds), seed=hp.seed, num_replicas=world, rank=rank) if train else None
+        sampler = None
+        if train:
+            weights = ds.talk_weights(hp.talk_balance) if hp.talk_balance else None
+            sampler = EpochSampler(len(ds), seed=hp.seed, num_replicas=world, rank=rank, weights=weights)
         return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=hp.batch_size,

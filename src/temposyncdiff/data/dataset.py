@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from temposyncdiff.data.audio import AudioFeatures
@@ -93,6 +94,15 @@ class ClipDataset(Dataset):
             return u, k if k < start else k + self.clip_len
         return u, 0
 
+    def talk_weights(self, balance: float) -> np.ndarray:
+        """Each item's sampling weight: one over its talk's item count to the power ``balance`` (0: every item
+        alike; 1: every talk, i.e. every person of an own-footage corpus, alike; 0.5 between)."""
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError(f"talk balance must be in [0, 1], got {balance}")
+        talks = [self.src.talk_ids[u] for u, _ in self.items]
+        counts = {t: talks.count(t) for t in set(talks)}
+        return np.array([counts[t] ** -balance for t in talks])
+
     def mirrored(self, index: int) -> bool:
         """Whether item ``index`` is mirrored (``mirror``): the same draw in every epoch."""
         return bool(self.mirror) and np.random.default_rng([self.seed, index]).random() < self.mirror
@@ -132,15 +142,33 @@ class EpochSampler(DistributedSampler):
 
     A ``DistributedSampler`` (of one replica unless told otherwise), so under DDP Lightning uses it as it is and
     calls its ``set_epoch``. The next epoch begins at item ``start`` of this rank's share (see ``ResumableLoader``).
+    With ``weights`` (one per item) an epoch is as many draws with replacement, in proportion to them.
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        weights: np.ndarray | None = None,
+    ):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        if weights is not None and len(weights) != size:
+            raise ValueError(f"{len(weights)} sampling weights for {size} items")
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self.start = self.start, 0
-        return ((i, self.epoch) for i in itertools.islice(super().__iter__(), start, None))
+        if self.weights is None:
+            order = super().__iter__()
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g).tolist()
+            order = iter(drawn[self.rank : self.total_size : self.num_replicas])
+        return ((i, self.epoch) for i in itertools.islice(order, start, None))
 
 
 def benchmark_loading(
