@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -100,7 +100,7 @@ class ClipDataset(Dataset):
         if not 0.0 <= balance <= 1.0:
             raise ValueError(f"talk balance must be in [0, 1], got {balance}")
         talks = [self.src.talk_ids[u] for u, _ in self.items]
-        counts = {t: talks.count(t) for t in set(talks)}
+        counts = Counter(talks)
         return np.array([counts[t] ** -balance for t in talks])
 
     def mirrored(self, index: int) -> bool:
