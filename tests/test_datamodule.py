@@ -222,6 +222,11 @@ def test_datamodule_talk_balance(manifests: Path, tmp_path: Path) -> None:
     plain = _module(manifests, tmp_path)
     plain.setup("fit")
     assert plain.train_dataloader().sampler.weights is None  # the default: every clip alike, no replacement
+    one = _module(manifests, tmp_path, talk_balance=1.0)
+    one.setup("fit")
+    for u in range(len(one.datasets["train"].src.talk_ids)):  # a single person: weights alike, epochs as without
+        one.datasets["train"].src.talk_ids[u] = "alice"
+    assert one.train_dataloader().sampler.weights is None
     with pytest.raises(DataConfigError, match="talk_balance"):
         _module(manifests, tmp_path, talk_balance=0.5, format="litdata", shard_dir=str(tmp_path))
 
