@@ -238,8 +238,6 @@ class TalkingHeadDataModule(L.LightningDataModule):
         sampler = None
         if train:
             weights = ds.talk_weights(hp.talk_balance) if hp.talk_balance else None
-            if weights is not None and np.ptp(weights) == 0:  # one talk, or talks alike: plain shuffled epochs
-                weights = None
             sampler = EpochSampler(len(ds), seed=hp.seed, num_replicas=world, rank=rank, weights=weights)
         return (ResumableLoader if train else DataLoader)(
             ds,

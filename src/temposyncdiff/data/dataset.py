@@ -142,7 +142,8 @@ class EpochSampler(DistributedSampler):
 
     A ``DistributedSampler`` (of one replica unless told otherwise), so under DDP Lightning uses it as it is and
     calls its ``set_epoch``. The next epoch begins at item ``start`` of this rank's share (see ``ResumableLoader``).
-    With ``weights`` (one per item) an epoch is as many draws with replacement, in proportion to them.
+    With ``weights`` (one per item) an epoch is as many draws with replacement, in proportion to them; weights all
+    alike (one talk) keep the plain shuffled epochs.
     """
 
     def __init__(
@@ -157,7 +158,8 @@ class EpochSampler(DistributedSampler):
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         if weights is not None and len(weights) != size:
             raise ValueError(f"{len(weights)} sampling weights for {size} items")
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        alike = weights is None or np.ptp(weights) == 0
+        self.weights = None if alike else torch.as_tensor(weights, dtype=torch.float64)
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -167,7 +169,7 @@ class EpochSampler(DistributedSampler):
         else:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g).tolist()
-            order = iter(drawn[self.rank : self.total_size : self.num_replicas])
+            order = iter(drawn[self.rank :: self.num_replicas])
         return ((i, self.epoch) for i in itertools.islice(order, start, None))
 
 
