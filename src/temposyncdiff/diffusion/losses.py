@@ -2,7 +2,8 @@
 
 Auxiliary terms act on the net's x0 estimate (``NoiseSchedule.to_x0``): identity anchoring of the upper
 face against the reference, temporal regularisation of frame-to-frame differences against the ground truth,
-and a sync loss from the frozen lip-sync expert on decoded frames.
+a sync loss from the frozen lip-sync expert on decoded frames, and the lip shapes read back from it
+(``Denoiser.read_lips``) against the shapes the net was asked to draw.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def temporal_loss(x0_hat: Tensor, x0: Tensor, mask: Tensor, weight: Tensor | Non
     """MSE between predicted and ground-truth frame-to-frame differences (pairs of real frames)."""
     d_hat, d = x0_hat[:, 1:] - x0_hat[:, :-1], x0[:, 1:] - x0[:, :-1]
     return _masked_mean((d_hat - d).pow(2).flatten(2).mean(-1), mask[:, 1:] & mask[:, :-1], weight)
+
+
+def lip_shape_loss(read: Tensor, lips: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """MSE between lip shapes ``[B,T,lip_dim]`` (standardised) read from latents and the ones they should show."""
+    return _masked_mean((read - lips).pow(2).mean(-1), mask, weight)
 
 
 def sync_loss(expert: nn.Module, frames: Tensor, mel_windows: Tensor, mask: Tensor) -> Tensor:

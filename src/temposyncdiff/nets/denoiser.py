@@ -25,6 +25,9 @@ clips 49-78 % of the shapes' variance lies between people, and one person's mout
 that hears only audio cannot know. A regression
 head's predictions vary less than the truth (by about its correlation with it), which would draw a mouth that barely
 moves: at inference they are scaled by ``lip_gain`` (per shape, the held-out truth's std over the predictions').
+With ``lip_reader``, a small ``LipReader`` reads the shapes back from the lower face of latents: trained on the true
+latents, it then scores the net's own x0 estimates against the shapes the net was asked to draw (the stages'
+``lip_read_weight``), since a diffusion loss alone lets the net draw a given shape smaller than asked.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from temposyncdiff.nets.audio_encoder import AudioEncoder
+from temposyncdiff.regions import crop
 
 LIP_RELATIVE = ("none", "mean", "scale")  # lip shapes as they are | minus the person's mean | also over their std
 
@@ -186,6 +190,28 @@ class LipHead(nn.Module):
         return self.net(self.norm(tokens).transpose(1, 2)).transpose(1, 2)
 
 
+class LipReader(nn.Module):
+    """Raw lip shapes ``[N, lip_dim]`` read from the lower face (``box``, frame fractions) of latents ``[N,C,h,w]``;
+    ``norm`` (the training shapes' mean and std) sets the output's scale."""
+
+    def __init__(self, latent_channels: int, lip_dim: int, box: tuple[float, ...], width: int = 64) -> None:
+        super().__init__()
+        self.box = box
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(3),  # any latent size (128 or 256 px frames)
+            nn.Flatten(),
+            nn.Linear(9 * width, lip_dim),
+        )
+        self.register_buffer("norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.norm[0] + self.norm[1] * self.net(crop(latents, self.box))
+
+
 class Denoiser(nn.Module):
     """``forward(x_t [B,T,C,h,w], t [B], ref_latent [B,C,h,w], audio_emb [B,T,D] | None, visemes [B,T] | None)``.
 
@@ -196,6 +222,7 @@ class Denoiser(nn.Module):
     ``lips [B,T,lip_dim]`` (standardised; nets built with ``lip_dim``) gives the lip shapes to draw; None: the
     net's own prediction from the audio and visemes (as at inference).
     ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
+    ``lip_reader`` (nets with ``lip_dim``) adds ``self.lip_reader`` (``read_lips``), used in training only.
     """
 
     def __init__(
@@ -218,10 +245,13 @@ class Denoiser(nn.Module):
         pose_mask: tuple[float, float, float, float] | None = None,
         lip_dim: int = 0,
         lip_relative: str = "none",
+        lip_reader: bool = False,
     ) -> None:
         super().__init__()
         if lip_relative not in LIP_RELATIVE:
             raise ValueError(f"lip_relative must be {' | '.join(LIP_RELATIVE)}, got {lip_relative!r}")
+        if lip_reader and not lip_dim:
+            raise ValueError("lip_reader needs lip_dim: it reads back the lip shapes the net draws")
         if temporal not in (None, "none", "attention", "conv"):
             raise ValueError(f"temporal must be attention | conv | none, got {temporal!r}")
         channels = tuple(channels)
@@ -244,6 +274,7 @@ class Denoiser(nn.Module):
             pose_mask=list(pose_mask) if pose_mask else None,
             lip_dim=lip_dim,
             lip_relative=lip_relative,
+            lip_reader=lip_reader,
         )
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
@@ -266,6 +297,8 @@ class Denoiser(nn.Module):
             self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim), nn.Linear(lip_dim, cond_dim)
             self.register_buffer("lip_norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
             self.register_buffer("lip_gain", torch.ones(lip_dim))  # predicted shapes' scale at inference
+        box = self.pose_mask or (0.0, 0.0, 1.0, 1.0)
+        self.lip_reader = LipReader(latent_channels, lip_dim, box) if lip_reader else None
 
         def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
             spatial = level in attention_levels if spatial is None else spatial
@@ -317,6 +350,17 @@ class Denoiser(nn.Module):
                 raise ValueError("a lip_relative net standardises shapes by the person's own: give person")
             lips = relative_lips(lips, person[..., None, 0, :], person[..., None, 1, :], self.lip_relative)
         return (lips - self.lip_norm[0]) / self.lip_norm[1]
+
+    def read_lips(self, latents: Tensor, person: Tensor | None = None, critic: bool = False) -> Tensor:
+        """Standardised lip shapes ``[B,T,lip_dim]`` that ``lip_reader`` reads from latents ``[B,T,C,h,w]``
+        (``person`` as for ``standardize_lips``). ``critic``: the reader's weights detached, so that a loss on the
+        result trains only what made the latents."""
+        reader, flat = self.lip_reader, latents.flatten(0, 1)
+        if critic:
+            raw = torch.func.functional_call(reader, {k: v.detach() for k, v in reader.named_parameters()}, (flat,))
+        else:
+            raw = reader(flat)
+        return self.standardize_lips(raw.unflatten(0, latents.shape[:2]), person)
 
     def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:
         """Standardised lip shapes ``[B,T,lip_dim]`` from audio embeddings ``[B,T,D]`` and viseme ids ``[B,T]``

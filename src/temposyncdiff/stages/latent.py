@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
+from temposyncdiff.diffusion.losses import lip_shape_loss
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes
@@ -37,7 +38,8 @@ def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tu
     t, dev = net.window, next(net.parameters()).device
     x, ref = torch.zeros(1, t, *latent_shape, device=dev), torch.zeros(1, *latent_shape, device=dev)
     audio = torch.zeros(1, t, net.config["audio_dim"], device=dev)
-    stats = {"params_denoiser": sum(p.numel() for n, p in net.named_parameters() if not n.startswith("audio."))}
+    inference = [p for n, p in net.named_parameters() if not n.startswith(("audio.", "lip_reader."))]
+    stats = {"params_denoiser": sum(p.numel() for p in inference)}
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         visemes = torch.zeros(1, t, dtype=torch.long, device=dev)
         net(x, torch.tensor([500], device=dev), ref, audio, visemes, pose=x if net.pose_mask is not None else None)
@@ -50,6 +52,12 @@ def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tu
         net.audio.train(was)
         stats["audio_flops_per_frame"] = fc.get_total_flops() / t
     return stats
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
 def base_dataset(dataset: Dataset) -> Dataset:
@@ -114,6 +122,18 @@ class LatentDiffusionStage(StageModule):
         self.net = net
         self.regions = RegionBoxes(**regions)
         self._frozen: dict[str, nn.Module] = {}
+
+    def check_lip_reader(self, lip_read_weight: float) -> None:
+        if lip_read_weight and self.net.lip_reader is None:
+            raise UserError("model.lip_read_weight > 0 needs a lip reader: model.net.lip_reader=true (with lip_dim)")
+
+    def reader_losses(self, x0: Tensor, truth: Tensor, person: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The lip reader's loss on true latents ``x0 [B,T,C,h,w]`` against their standardised shapes ``truth``, and
+        its correlation with the truth's inner-lip opening (logged: how well the reader reads)."""
+        read = self.net.read_lips(x0, person)
+        with torch.no_grad():
+            corr = pearson(read[..., 0][mask], truth[..., 0][mask])
+        return lip_shape_loss(read, truth, mask), corr
 
     # ---- frozen nets -----------------------------------------------------------------------------------------------
     def frozen(self, name: str) -> nn.Module | None:

@@ -25,22 +25,16 @@ from torch.nn import functional as F
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, sync_loss, temporal_loss
+from temposyncdiff.diffusion.losses import diffusion_loss, identity_loss, lip_shape_loss, sync_loss, temporal_loss
 from temposyncdiff.diffusion.sampling import make_sampler
 from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import region_weight
-from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
+from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats, pearson
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, set_lip_norm
 from temposyncdiff.stages.scoring import generate, score_runs
 from temposyncdiff.utils.weights import load_net
-
-
-def _pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
-    a, b = a - a.mean(), b - b.mean()
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
 class TeacherStage(LatentDiffusionStage):
@@ -64,6 +58,7 @@ class TeacherStage(LatentDiffusionStage):
         mouth_weight: float = 1.0,
         lip_weight: float = 1.0,
         lip_truth_prob: float = 0.5,
+        lip_read_weight: float = 0.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
         sync_weight: float = 0.0,
@@ -78,6 +73,7 @@ class TeacherStage(LatentDiffusionStage):
     ) -> None:
         super().__init__(net, optimizer, regions, scheduler, eval_visemes, val_utterances)
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "scheduler"], logger=False)
+        self.check_lip_reader(lip_read_weight)
         self.schedule = schedule
 
     def setup(self, stage: str) -> None:
@@ -131,18 +127,8 @@ class TeacherStage(LatentDiffusionStage):
             truth, guess = self.net.standardize_lips(batch.lips, batch.lip_person), self.net.predict_lips(emb, visemes)
             lip_loss = F.mse_loss(guess[mask], truth[mask]) if mask.any() else guess.sum() * 0
             lips = torch.where(rand(b)[:, None, None] < hp.lip_truth_prob, truth, guess.detach())
-        pred = self.net(
-            x_t,
-            ts,
-            ref,
-            emb,
-            visemes,
-            motion=x0,
-            motion_mask=known,
-            drop_cond=rand(b) < hp.cond_drop,
-            pose=pose,
-            lips=lips,
-        )
+        drop = rand(b) < hp.cond_drop
+        pred = self.net(x_t, ts, ref, emb, visemes, motion=x0, motion_mask=known, drop_cond=drop, pose=pose, lips=lips)
         target_mask = mask & ~known
         pixel_weight = region_weight(*x0.shape[-2:], self.regions.mouth, hp.mouth_weight, self.device)
         target = sch.target(x0, noise, ts)
@@ -153,10 +139,17 @@ class TeacherStage(LatentDiffusionStage):
         if lip_loss is not None:
             out["lips"] = lip_loss
             with torch.no_grad():  # how well the head follows the true inner-lip opening (not a loss term)
-                out["lip_corr"] = _pearson(guess[..., 0][mask], truth[..., 0][mask])
-        if hp.identity_weight or hp.temporal_weight or hp.sync_weight:
+                out["lip_corr"] = pearson(guess[..., 0][mask], truth[..., 0][mask])
+        if lips is not None and self.net.lip_reader is not None:  # the reader learns the true latents' shapes
+            out["lip_reader"], out["lip_reader_corr"] = self.reader_losses(x0, truth, batch.lip_person, mask)
+        if hp.identity_weight or hp.temporal_weight or hp.sync_weight or (hp.lip_read_weight and lips is not None):
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
+            if (
+                hp.lip_read_weight and lips is not None
+            ):  # draw the shapes asked for (not where the condition is dropped)
+                drawn = self.net.read_lips(x0_hat, batch.lip_person, critic=True)
+                out["lip_read"] = lip_shape_loss(drawn, lips, target_mask & ~drop[:, None], ab)
             if hp.identity_weight:
                 out["identity"] = identity_loss(x0_hat, ref, target_mask, self.regions.upper_face, ab)
             if hp.temporal_weight:
@@ -168,6 +161,8 @@ class TeacherStage(LatentDiffusionStage):
             "diffusion": 1.0,
             "viseme_ce": hp.viseme_weight,
             "lips": hp.lip_weight,
+            "lip_reader": 1.0,  # trains the reader alone: the true latents carry no gradient
+            "lip_read": hp.lip_read_weight,
             "identity": hp.identity_weight,
             "temporal": hp.temporal_weight,
             "sync": hp.sync_weight,
