@@ -25,9 +25,9 @@ clips 49-78 % of the shapes' variance lies between people, and one person's mout
 that hears only audio cannot know. A regression
 head's predictions vary less than the truth (by about its correlation with it), which would draw a mouth that barely
 moves: at inference they are scaled by ``lip_gain`` (per shape, the held-out truth's std over the predictions').
-With ``lip_reader``, a small ``LipReader`` reads the shapes back from the lower face of latents: trained on the true
-latents, it then scores the net's own x0 estimates against the shapes the net was asked to draw (the stages'
-``lip_read_weight``), since a diffusion loss alone lets the net draw a given shape smaller than asked.
+With ``lip_reader``, a small ``LipReader`` reads the shapes back from the lower face of latents: fitted to the true
+latents and then frozen (``stages.lip_reader``), it scores the net's own x0 estimates against the shapes the net was
+asked to draw (the stages' ``lip_read_weight``), since a diffusion loss alone lets the net draw them smaller.
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ class Denoiser(nn.Module):
     ``lips [B,T,lip_dim]`` (standardised; nets built with ``lip_dim``) gives the lip shapes to draw; None: the
     net's own prediction from the audio and visemes (as at inference).
     ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
-    ``lip_reader`` (nets with ``lip_dim``) adds ``self.lip_reader`` (``read_lips``), used in training only.
+    ``lip_reader`` (nets with ``lip_dim``) adds ``self.lip_reader`` (``read_lips``), used in training only (the stages
+    add it when their ``lip_read_weight`` is set).
     """
 
     def __init__(
@@ -250,8 +251,6 @@ class Denoiser(nn.Module):
         super().__init__()
         if lip_relative not in LIP_RELATIVE:
             raise ValueError(f"lip_relative must be {' | '.join(LIP_RELATIVE)}, got {lip_relative!r}")
-        if lip_reader and not lip_dim:
-            raise ValueError("lip_reader needs lip_dim: it reads back the lip shapes the net draws")
         if temporal not in (None, "none", "attention", "conv"):
             raise ValueError(f"temporal must be attention | conv | none, got {temporal!r}")
         channels = tuple(channels)
@@ -297,8 +296,9 @@ class Denoiser(nn.Module):
             self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim), nn.Linear(lip_dim, cond_dim)
             self.register_buffer("lip_norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
             self.register_buffer("lip_gain", torch.ones(lip_dim))  # predicted shapes' scale at inference
-        box = self.pose_mask or (0.0, 0.0, 1.0, 1.0)
-        self.lip_reader = LipReader(latent_channels, lip_dim, box) if lip_reader else None
+        self.lip_reader: LipReader | None = None
+        if lip_reader:
+            self.add_lip_reader()
 
         def block(cin: int, cout: int, level: int, spatial: bool | None = None) -> Block:
             spatial = level in attention_levels if spatial is None else spatial
@@ -351,16 +351,19 @@ class Denoiser(nn.Module):
             lips = relative_lips(lips, person[..., None, 0, :], person[..., None, 1, :], self.lip_relative)
         return (lips - self.lip_norm[0]) / self.lip_norm[1]
 
-    def read_lips(self, latents: Tensor, person: Tensor | None = None, critic: bool = False) -> Tensor:
+    def add_lip_reader(self) -> None:
+        """Give the net a ``LipReader`` of its lower face (``pose_mask``, else the whole frame); kept in its config."""
+        if not self.lip_dim:
+            raise ValueError("a lip reader needs lip_dim: it reads back the lip shapes the net draws")
+        box = self.pose_mask or (0.0, 0.0, 1.0, 1.0)
+        self.lip_reader = LipReader(self.latent_channels, self.lip_dim, box).to(self.lip_norm)
+        self.config["lip_reader"] = True
+
+    def read_lips(self, latents: Tensor, person: Tensor | None = None) -> Tensor:
         """Standardised lip shapes ``[B,T,lip_dim]`` that ``lip_reader`` reads from latents ``[B,T,C,h,w]``
-        (``person`` as for ``standardize_lips``). ``critic``: the reader's weights detached, so that a loss on the
-        result trains only what made the latents."""
-        reader, flat = self.lip_reader, latents.flatten(0, 1)
-        if critic:
-            raw = torch.func.functional_call(reader, {k: v.detach() for k, v in reader.named_parameters()}, (flat,))
-        else:
-            raw = reader(flat)
-        return self.standardize_lips(raw.unflatten(0, latents.shape[:2]), person)
+        (``person`` as for ``standardize_lips``)."""
+        raw = self.lip_reader(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
+        return self.standardize_lips(raw, person)
 
     def predict_lips(self, audio_emb: Tensor, visemes: Tensor) -> Tensor:
         """Standardised lip shapes ``[B,T,lip_dim]`` from audio embeddings ``[B,T,D]`` and viseme ids ``[B,T]``

@@ -17,7 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.batch import Batch
-from temposyncdiff.diffusion.losses import lip_shape_loss
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import RegionBoxes
@@ -52,12 +51,6 @@ def model_stats(net: Denoiser, latent_shape: tuple[int, int, int], mel_shape: tu
         net.audio.train(was)
         stats["audio_flops_per_frame"] = fc.get_total_flops() / t
     return stats
-
-
-def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
-    a, b = a - a.mean(), b - b.mean()
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
 def base_dataset(dataset: Dataset) -> Dataset:
@@ -111,6 +104,7 @@ class LatentDiffusionStage(StageModule):
         scheduler: Any,
         eval_visemes: str,
         val_utterances: int,
+        lip_read_weight: float = 0.0,
     ) -> None:
         super().__init__(optimizer, scheduler)
         if net.audio is None:
@@ -119,21 +113,13 @@ class LatentDiffusionStage(StageModule):
             raise UserError(f"model.eval_visemes={eval_visemes!r}: expected audio | data")
         if val_utterances == 1:  # the audio-swap control scores each utterance with the next one's audio
             raise UserError("model.val_utterances=1: use 0 (no sampled validation) or at least 2")
+        if lip_read_weight and net.lip_reader is None:  # the lip_read term's critic (stages.lip_reader)
+            if not net.lip_dim:
+                raise UserError("model.lip_read_weight > 0 needs a lip-conditioned net (model.net.lip_dim)")
+            net.add_lip_reader()
         self.net = net
         self.regions = RegionBoxes(**regions)
         self._frozen: dict[str, nn.Module] = {}
-
-    def check_lip_reader(self, lip_read_weight: float) -> None:
-        if lip_read_weight and self.net.lip_reader is None:
-            raise UserError("model.lip_read_weight > 0 needs a lip reader: model.net.lip_reader=true (with lip_dim)")
-
-    def reader_losses(self, x0: Tensor, truth: Tensor, person: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The lip reader's loss on true latents ``x0 [B,T,C,h,w]`` against their standardised shapes ``truth``, and
-        its correlation with the truth's inner-lip opening (logged: how well the reader reads)."""
-        read = self.net.read_lips(x0, person)
-        with torch.no_grad():
-            corr = pearson(read[..., 0][mask], truth[..., 0][mask])
-        return lip_shape_loss(read, truth, mask), corr
 
     # ---- frozen nets -----------------------------------------------------------------------------------------------
     def frozen(self, name: str) -> nn.Module | None:

@@ -26,36 +26,28 @@ from temposyncdiff.stages.latent import base_dataset
 
 
 def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
-    """Standardise a lip-conditioned net's shapes by the training cache's mean and std, and scale its lip reader's
-    output by the raw shapes' (each kept when already set); a ``lip_relative`` net's shapes are first each frame's
-    relative to its talk's (``Denoiser.standardize_lips``)."""
-    unset = torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)
-    reader = net.lip_reader if net.lip_reader is not None and torch.equal(net.lip_reader.norm, unset) else None
-    if not torch.equal(net.lip_norm, unset) and reader is None:
+    """Standardise a lip-conditioned net's shapes by the training cache's mean and std (kept when already set); a
+    ``lip_relative`` net's shapes are first each frame's relative to its talk's (``Denoiser.standardize_lips``)."""
+    if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
         return
     ds = (
         base_dataset(datamodule.datasets["train"])
         if datamodule is not None and "train" in datamodule.datasets
         else None
     )
-    cache = getattr(getattr(ds, "src", None), "reader", None)
-    lips = None if cache is None else cache.lips
+    reader = getattr(getattr(ds, "src", None), "reader", None)
+    lips = None if reader is None else reader.lips
+    if lips is not None and net.lip_relative != "none":
+        stats = reader.talk_lip_stats()
+        person = np.repeat(np.stack([stats[t] for t in reader.talk_ids]), np.asarray(reader.num_frames), axis=0)
+        lips = relative_lips(np.asarray(lips), person[:, 0], person[:, 1], net.lip_relative)
     if lips is None:
         rank_zero_warn(
             "model.net.lip_dim is set but the training data holds no lip shapes (build the cache with "
             "tsd-data cache lips=true): the lip head learns from the diffusion loss alone"
         )
         return
-    lips = np.array(lips, dtype=np.float32)  # a copy: the cache is a read-only memmap
-    if reader is not None:
-        reader.norm.copy_(torch.from_numpy(np.stack([lips.mean(0), lips.std(0).clip(1e-4)])))
-    if not torch.equal(net.lip_norm, unset):
-        return
-    if net.lip_relative != "none":
-        stats = cache.talk_lip_stats()
-        person = np.repeat(np.stack([stats[t] for t in cache.talk_ids]), np.asarray(cache.num_frames), axis=0)
-        lips = relative_lips(lips, person[:, 0], person[:, 1], net.lip_relative)
-    lips = torch.from_numpy(np.asarray(lips, dtype=np.float32))
+    lips = torch.from_numpy(np.array(lips, dtype=np.float32))  # a copy: the cache is a read-only memmap
     net.lip_norm.copy_(torch.stack([lips.mean(0), lips.std(0).clamp_min(1e-4)]))
     rank_zero_info(
         f"teacher: lip shapes (relative to each talk's: {net.lip_relative}) standardised by "

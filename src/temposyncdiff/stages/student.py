@@ -46,7 +46,8 @@ from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import region_weight
 from temposyncdiff.stages.base import weights_digest
 from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
-from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain, set_lip_norm
+from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
+from temposyncdiff.stages.lip_reader import fit_lip_reader
 from temposyncdiff.stages.scoring import decode, frame_latents, generate, reference_latent, score_runs
 from temposyncdiff.utils.io import atomic_path
 
@@ -98,6 +99,7 @@ class StudentStage(LatentDiffusionStage):
         lip_weight: float = 1.0,
         lip_truth_prob: float = 0.5,
         lip_read_weight: float = 0.0,
+        lip_reader_steps: int = 1500,
         data_weight: float = 0.0,
         identity_weight: float = 0.0,
         temporal_weight: float = 0.0,
@@ -112,9 +114,8 @@ class StudentStage(LatentDiffusionStage):
         eval_seed: int = 0,
         lip_render: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(net, optimizer, regions, scheduler, eval_visemes, val_utterances)
+        super().__init__(net, optimizer, regions, scheduler, eval_visemes, val_utterances, lip_read_weight)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
-        self.check_lip_reader(lip_read_weight)
         if not set(val_steps) | {steps} <= set(train_steps):
             raise UserError(
                 f"model.steps / val_steps {sorted(set(val_steps) | {steps})} must be among train_steps {list(train_steps)}"
@@ -161,11 +162,12 @@ class StudentStage(LatentDiffusionStage):
                     "the student draws the teacher's lip shapes, so both must measure them alike"
                 )
             self.net.lip_norm.copy_(teacher.lip_norm)
-        if self.net.lip_reader is not None:  # the teacher's reader reads the same VAE's latents: start from it
+        if self.net.lip_reader is not None:  # the teacher's reader reads the same VAE's latents
             if getattr(teacher, "lip_reader", None) is not None:
                 self.net.lip_reader.load_state_dict(teacher.lip_reader.state_dict())
+                self.net.lip_reader.requires_grad_(False)
             else:
-                set_lip_norm(self.net, getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+                fit_lip_reader(self.net, self.trainer.datamodule, self.device, "student", hp.lip_reader_steps)
         if hp.init_from_teacher:
             own = self.net.state_dict()
             same = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -309,10 +311,8 @@ class StudentStage(LatentDiffusionStage):
         }
         if lip_loss is not None:
             out["lips"] = lip_loss
-        if self.net.lip_reader is not None and batch.lips is not None:  # the reader learns the true latents' shapes
-            out["lip_reader"], out["lip_reader_corr"] = self.reader_losses(x0, truth, batch.lip_person, mask)
         if hp.lip_read_weight and batch.lips is not None:  # draw the shapes asked for
-            drawn = self.net.read_lips(x0_hat, batch.lip_person, critic=True)
+            drawn = self.net.read_lips(x0_hat, batch.lip_person)
             out["lip_read"] = lip_shape_loss(drawn, c["lips"], target_mask)
         if hp.data_weight:  # the ground truth as a second target: sharper where the teacher's samples are soft
             out["data"] = diffusion_loss(x0_hat, x0, target_mask, pixel_weight=pixel_weight)
@@ -330,14 +330,13 @@ class StudentStage(LatentDiffusionStage):
             "distill": 1.0,
             "viseme_ce": hp.viseme_weight,
             "lips": hp.lip_weight,
-            "lip_reader": 1.0,  # trains the reader alone: the true latents carry no gradient
             "lip_read": hp.lip_read_weight,
             "data": hp.data_weight,
             "identity": hp.identity_weight,
             "temporal": hp.temporal_weight,
             "sync": hp.sync_weight,
         }
-        out["loss"] = sum(weights[k] * v for k, v in out.items() if k in weights)
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 
     # ---- generation and validation -----------------------------------------------------------------------------
