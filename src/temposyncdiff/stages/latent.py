@@ -60,6 +60,13 @@ def base_dataset(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def cache_reader(datamodule: Any, split: str) -> Any:
+    """The cache reader (``data.cache``) under a data module's ``split`` dataset, or None."""
+    datasets = getattr(datamodule, "datasets", None) or {}
+    ds = base_dataset(datasets[split]) if split in datasets else None
+    return getattr(getattr(ds, "src", None), "reader", None)
+
+
 def held_out_utterances(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     """Up to ``count`` evenly spaced whole utterances of a ``ClipDataset``: frames, mel, visemes, latents, reference.
 

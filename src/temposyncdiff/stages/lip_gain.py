@@ -22,7 +22,7 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores
 from temposyncdiff.nets.denoiser import Denoiser, relative_lips
-from temposyncdiff.stages.latent import base_dataset
+from temposyncdiff.stages.latent import cache_reader
 
 
 def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
@@ -30,12 +30,7 @@ def set_lip_norm(net: Denoiser, datamodule: Any) -> None:
     ``lip_relative`` net's shapes are first each frame's relative to its talk's (``Denoiser.standardize_lips``)."""
     if not torch.equal(net.lip_norm, torch.stack([torch.zeros(net.lip_dim), torch.ones(net.lip_dim)]).to(net.lip_norm)):
         return
-    ds = (
-        base_dataset(datamodule.datasets["train"])
-        if datamodule is not None and "train" in datamodule.datasets
-        else None
-    )
-    reader = getattr(getattr(ds, "src", None), "reader", None)
+    reader = cache_reader(datamodule, "train")
     lips = None if reader is None else reader.lips
     if lips is not None and net.lip_relative != "none":
         stats = reader.talk_lip_stats()

@@ -16,14 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.stages.latent import base_dataset
-
-
-def _cache(datamodule: Any, split: str) -> Any:
-    """The split's cache reader (``data.cache``), or None."""
-    datasets = getattr(datamodule, "datasets", None) or {}
-    ds = base_dataset(datasets[split]) if split in datasets else None
-    return getattr(getattr(ds, "src", None), "reader", None)
+from temposyncdiff.stages.latent import cache_reader
 
 
 def held_out_corr(net: Denoiser, cache: Any, device: torch.device) -> float | None:
@@ -60,7 +53,7 @@ def fit_lip_reader(
     if not torch.equal(reader.norm, unset):
         reader.requires_grad_(False)
         return
-    cache = _cache(datamodule, "train")
+    cache = cache_reader(datamodule, "train")
     if cache is None or cache.latents is None or cache.lips is None:
         raise UserError(
             "model.lip_read_weight needs the training data's cached latents and lip shapes to fit the lip reader "
@@ -81,7 +74,7 @@ def fit_lip_reader(
         opt.step()
     opt.zero_grad(set_to_none=True)
     reader.requires_grad_(False)
-    corr = held_out_corr(net, _cache(datamodule, "val"), device)
+    corr = held_out_corr(net, cache_reader(datamodule, "val"), device)
     rank_zero_info(
         f"{name}: lip reader fitted on {len(lips)} frames ({steps} steps, loss {loss.item():.3f}); held-out "
         f"inner-lip correlation per utterance: {'n/a (no val latents)' if corr is None else f'{corr:.2f}'}"

@@ -162,12 +162,10 @@ class StudentStage(LatentDiffusionStage):
                     "the student draws the teacher's lip shapes, so both must measure them alike"
                 )
             self.net.lip_norm.copy_(teacher.lip_norm)
-        if self.net.lip_reader is not None:  # the teacher's reader reads the same VAE's latents
+        if self.net.lip_reader is not None:  # the teacher's reader reads the same VAE's latents: fitted already
             if getattr(teacher, "lip_reader", None) is not None:
                 self.net.lip_reader.load_state_dict(teacher.lip_reader.state_dict())
-                self.net.lip_reader.requires_grad_(False)
-            else:
-                fit_lip_reader(self.net, self.trainer.datamodule, self.device, "student", hp.lip_reader_steps)
+            fit_lip_reader(self.net, self.trainer.datamodule, self.device, "student", hp.lip_reader_steps)
         if hp.init_from_teacher:
             own = self.net.state_dict()
             same = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}

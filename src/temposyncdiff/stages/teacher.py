@@ -149,12 +149,11 @@ class TeacherStage(LatentDiffusionStage):
             out["lips"] = lip_loss
             with torch.no_grad():  # how well the head follows the true inner-lip opening (not a loss term)
                 out["lip_corr"] = _pearson(guess[..., 0][mask], truth[..., 0][mask])
-        if hp.identity_weight or hp.temporal_weight or hp.sync_weight or (hp.lip_read_weight and lips is not None):
+        read_lips = bool(hp.lip_read_weight) and lips is not None
+        if hp.identity_weight or hp.temporal_weight or hp.sync_weight or read_lips:
             x0_hat = sch.to_x0(x_t, pred, ts)
             ab = sch.alphas_cumprod.to(self.device)[ts]  # trust the x0 estimate where it is sharp
-            if (
-                hp.lip_read_weight and lips is not None
-            ):  # draw the shapes asked for (not where the condition is dropped)
+            if read_lips:  # draw the shapes asked for (not where the condition is dropped)
                 drawn = self.net.read_lips(x0_hat, batch.lip_person)
                 out["lip_read"] = lip_shape_loss(drawn, lips, target_mask & ~drop[:, None], ab)
             if hp.identity_weight:
