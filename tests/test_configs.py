@@ -19,10 +19,20 @@ def test_there_are_experiments():
     assert "quickstart/vae" in EXPERIMENTS
 
 
+# what an experiment needs from the user to instantiate: a pretrained first stage's weights (random init here)
+NEEDS = {"own/vae_pretrained": ["model.net.config={}"]}
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     cfg = compose_run(
-        "train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}", "paths.output_dir=" + str(tmp_path)]
+        "train",
+        [
+            f"experiment={experiment}",
+            f"paths.root_dir={tmp_path}",
+            "paths.output_dir=" + str(tmp_path),
+            *NEEDS.get(experiment, []),
+        ],
     )
     assert cfg.stage == cfg.model.stage and cfg.monitor.metric.startswith("val/")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

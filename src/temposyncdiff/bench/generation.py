@@ -19,7 +19,7 @@ from temposyncdiff.diffusion.sampling import make_sampler, sample
 from temposyncdiff.inference.pipeline import MARGIN_FRAMES
 from temposyncdiff.inference.precision import psnr
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.nets.vae import FrameVAE
 from temposyncdiff.utils.timing import (
     autocast,
     count_flops,
@@ -39,7 +39,7 @@ class Nets(NamedTuple):
 
     audio_encoder: Callable[[Tensor], tuple[Tensor, Tensor]]  # mel windows -> (embeddings, viseme logits)
     denoiser: Callable[..., Tensor]  # Denoiser.forward
-    decoder: Callable[[Tensor], Tensor]  # TinyVAE.from_latent
+    decoder: Callable[[Tensor], Tensor]  # FrameVAE.from_latent
 
 
 def eager(path: GenerationPath) -> Nets:
@@ -125,7 +125,7 @@ class GenerationPath:
     def __init__(
         self,
         net: Denoiser,
-        vae: TinyVAE,
+        vae: FrameVAE,
         schedule: dict,
         sampler: str = "ddim",
         sampler_kwargs: dict | None = None,

@@ -26,7 +26,7 @@ from temposyncdiff.diffusion.sampling import make_sampler, next_window, sample
 from temposyncdiff.errors import UserError
 from temposyncdiff.inference.inputs import MIN_FACE_PX, ReferenceFace, prepare_reference
 from temposyncdiff.nets.denoiser import Denoiser
-from temposyncdiff.nets.vae import TinyVAE
+from temposyncdiff.nets.vae import FrameVAE
 from temposyncdiff.utils.weights import load_net
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TalkingHeadPipeline:
     def __init__(
         self,
         denoiser: Denoiser,
-        vae: TinyVAE,
+        vae: FrameVAE,
         schedule: dict,
         sampler: str = "ddim",
         sampler_kwargs: dict | None = None,

@@ -98,7 +98,7 @@ class LowPrecisionVAE(nn.Module):
     def to_latent(self, x: Tensor) -> Tensor:
         return self.vae.to_latent(x)
 
-    def from_latent(self, z: Tensor) -> Tensor:  # TinyVAE.from_latent, the scale and clamp in float32
+    def from_latent(self, z: Tensor) -> Tensor:  # FrameVAE.from_latent, the scale and clamp in float32
         return _float(self.decoder(_cast(z / self.vae.scale_factor, self.dtype))).clamp(-1, 1)
 
 

@@ -1,4 +1,5 @@
-"""TinyVAE: frames <-> latents (mean/log-variance encoder, residual blocks, group norm, optional mid attention)."""
+"""First stages: frames <-> latents. FrameVAE is the interface; TinyVAE the one trained here (mean/log-variance
+encoder, residual blocks, group norm, optional mid attention); nets/pretrained_vae.py wraps diffusers' pretrained ones."""
 
 from __future__ import annotations
 
@@ -43,7 +44,42 @@ def _mid(ch: int, attention: bool) -> nn.Sequential:
     return nn.Sequential(ResBlock(ch, ch), *([Attention(ch), ResBlock(ch, ch)] if attention else []))
 
 
-class TinyVAE(nn.Module):
+class FrameVAE(nn.Module):
+    """What every first stage offers: ``encode`` -> (mean, log-variance), ``decoder`` (unscaled latents -> frames),
+    ``downsample``, ``latent_channels`` and the latent ``scale_factor`` fitted on training data."""
+
+    decoder: nn.Module
+    downsample: int
+    latent_channels: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        # latents are multiplied by this before diffusion (fitted on training data: 1 / std of the means)
+        self.register_buffer("scale_factor", torch.ones(()))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames ``[B,3,H,W]`` in [-1,1] -> (mean, log-variance), each ``[B,C,H/f,W/f]``."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> frames in roughly [-1,1]."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encode(x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return self.decode(z), mean, logvar
+
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Frames -> scaled latents for diffusion (posterior mean times ``scale_factor``)."""
+        return self.encode(x)[0] * self.scale_factor
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> frames clamped to [-1,1]."""
+        return self.decode(z / self.scale_factor).clamp(-1, 1)
+
+
+class TinyVAE(FrameVAE):
     """Encoder -> (mean, log-variance) -> decoder; ``downsample`` = patch_size * 2 ** (len(channels) - 1)."""
 
     def __init__(
@@ -96,30 +132,10 @@ class TinyVAE(nn.Module):
         ]
         layers.append(nn.PixelShuffle(patch_size))
         self.decoder = nn.Sequential(*layers)
-        # latents are multiplied by this before diffusion (fitted on training data: 1 / std of the means)
-        self.register_buffer("scale_factor", torch.ones(()))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frames ``[B,3,H,W]`` in [-1,1] -> (mean, log-variance), each ``[B,C,H/f,W/f]``."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> frames in roughly [-1,1]."""
-        return self.decoder(z)
-
-    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encode(x)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
-        return self.decode(z), mean, logvar
-
-    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """Frames -> scaled latents for diffusion (posterior mean times ``scale_factor``)."""
-        return self.encode(x)[0] * self.scale_factor
-
-    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> frames clamped to [-1,1]."""
-        return self.decode(z / self.scale_factor).clamp(-1, 1)
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

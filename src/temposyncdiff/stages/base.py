@@ -47,8 +47,11 @@ class StageModule(L.LightningModule):
             path = getattr(self._trainer, "ckpt_path", None)
             raise UserError(f"{path}: a checkpoint of the '{checkpoint['stage']}' stage, not of '{self.kind}'")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:  # a frozen pretrained net (e.g. a diffusers first stage): validated and exported only
+            return None
+        opt = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return {"optimizer": opt}
         try:

@@ -10,7 +10,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from temposyncdiff.data.batch import Batch
 from temposyncdiff.diffusion.losses import weigh_pixels
-from temposyncdiff.nets.vae import TinyVAE, kl_divergence
+from temposyncdiff.nets.vae import FrameVAE, kl_divergence
 from temposyncdiff.regions import check_box, crop, region_weight
 from temposyncdiff.stages.base import StageModule
 
@@ -41,7 +41,7 @@ class VAEStage(StageModule):
 
     def __init__(
         self,
-        net: TinyVAE,
+        net: FrameVAE,
         optimizer: Callable[..., torch.optim.Optimizer],
         mouth_box: tuple[float, float, float, float],
         scheduler: Callable | None = None,
@@ -59,7 +59,9 @@ class VAEStage(StageModule):
         self.val_psnr_mouth = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if not any(p.requires_grad for p in self.net.parameters()):
+            return None  # a frozen pretrained first stage (experiment=own/vae_pretrained): nothing to learn
         x = frames_of(batch)
         recon, mean, logvar = self.net(x)
         weight = region_weight(*x.shape[-2:], self.mouth_box, self.hparams.mouth_weight, self.device)

@@ -91,6 +91,8 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         except USER_ERRORS as err:
             fail(f"error: {err}", EXIT_USER_ERROR)
         except InstantiationException as err:  # a config value a constructor refused (wrong type or range)
+            if isinstance(err.__cause__, USER_ERRORS):  # a constructor's own one-line error says it best
+                fail(f"error: {err.__cause__}", EXIT_USER_ERROR)
             fail(f"error: bad setting: {' '.join(line.strip() for line in str(err).splitlines())}", EXIT_USER_ERROR)
         except KeyboardInterrupt:
             fail("interrupted: partial outputs were removed", EXIT_INTERRUPTED)
