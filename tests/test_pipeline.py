@@ -82,7 +82,14 @@ OWN = ["pipeline=own_video", "inputs=me.mp4", "name=me"]
 
 
 @pytest.mark.parametrize(
-    "recipe", [["pipeline=quickstart"], OWN, [*OWN, "device=cuda", "image_size=256"]], ids=["quickstart", "own", "gpu"]
+    "recipe",
+    [
+        ["pipeline=quickstart"],
+        OWN,
+        [*OWN, "device=cuda", "image_size=256"],
+        [*OWN, "first_stage=sd", "first_stage_path=x"],
+    ],
+    ids=["quickstart", "own", "gpu", "pretrained"],
 )
 def test_every_recipe_step_composes(recipe, tmp_path):
     """Each step's overrides exist in the config it runs (a typo would fail minutes into `make demo`)."""

@@ -42,7 +42,10 @@ def load_models(
     vae, vae_meta = load_net(bench.vae.weights, "vae") if bench.vae.weights else (instantiate(bench.vae.net), {})
     size = vae_meta.get("image_size") or bench.vae.image_size  # an export's trained size wins
     if image_size is not None and image_size != size:
-        vae, size = instantiate(OmegaConf.merge(bench.vae.net, bench.vae.sizes.get(image_size) or {})), image_size
+        vae, size = (
+            instantiate(OmegaConf.merge(bench.vae.net, (bench.vae.sizes or {}).get(image_size) or {})),
+            image_size,
+        )
     out = {}
     for name, entry in bench.models.items():
         if entry is None:  # a preset leaves this model out
