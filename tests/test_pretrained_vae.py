@@ -143,6 +143,7 @@ def test_the_frozen_stage_validates_fits_the_scale_and_exports(data_root, tmp_pa
             assert torch.equal(vae.state_dict()[key], value), key
     assert float(vae.scale_factor) != 1.0 and meta["scale_factor"] == pytest.approx(float(vae.scale_factor))
     assert meta["val_psnr"] is not None and meta["image_size"] == 64 and meta["downsample"] == 8
+    assert "pretrained first stage reconstructs the val frames at" in caplog.text  # random weights: far under 20 dB
     missing = compose_config("train", [*overrides[:1], *overrides[2:]], data_root, tmp_path / "run2")
     with pytest.raises(SystemExit) as exited:
         train(missing)

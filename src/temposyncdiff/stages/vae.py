@@ -13,6 +13,9 @@ from temposyncdiff.diffusion.losses import weigh_pixels
 from temposyncdiff.nets.vae import FrameVAE, kl_divergence
 from temposyncdiff.regions import check_box, crop, region_weight
 from temposyncdiff.stages.base import StageModule
+from temposyncdiff.utils.task import log
+
+FROZEN_PSNR_WARN_DB = 20.0  # a pretrained autoencoder below this on the footage is the wrong weights or kind
 
 
 def reconstruction_loss(
@@ -91,6 +94,17 @@ class VAEStage(StageModule):
                 logger.log_image("val/reconstructions", [grid], step=self.global_step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
                 logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        psnr = self.trainer.callback_metrics.get("val/psnr")
+        frozen = not any(p.requires_grad for p in self.net.parameters())
+        if frozen and psnr is not None and float(psnr) < FROZEN_PSNR_WARN_DB and not self.trainer.sanity_checking:
+            log.warning(
+                "the pretrained first stage reconstructs the val frames at %.1f dB PSNR (under %.0f dB): check "
+                "model.net.path and model.net.kind; later stages cannot draw better than this",
+                float(psnr),
+                FROZEN_PSNR_WARN_DB,
+            )
 
     @torch.no_grad()
     def before_export(self) -> None:
