@@ -62,9 +62,14 @@ class VAEStage(StageModule):
         self.val_psnr_mouth = PeakSignalNoiseRatio(data_range=(0.0, 1.0))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
+    @property
+    def frozen(self) -> bool:
+        """A pretrained first stage kept as it is (experiment=own/vae_pretrained): validated and exported only."""
+        return not any(p.requires_grad for p in self.net.parameters())
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        if not any(p.requires_grad for p in self.net.parameters()):
-            return None  # a frozen pretrained first stage (experiment=own/vae_pretrained): nothing to learn
+        if self.frozen:
+            return None
         x = frames_of(batch)
         recon, mean, logvar = self.net(x)
         weight = region_weight(*x.shape[-2:], self.mouth_box, self.hparams.mouth_weight, self.device)
@@ -97,8 +102,7 @@ class VAEStage(StageModule):
 
     def on_validation_epoch_end(self) -> None:
         psnr = self.trainer.callback_metrics.get("val/psnr")
-        frozen = not any(p.requires_grad for p in self.net.parameters())
-        if frozen and psnr is not None and float(psnr) < FROZEN_PSNR_WARN_DB and not self.trainer.sanity_checking:
+        if self.frozen and psnr is not None and float(psnr) < FROZEN_PSNR_WARN_DB and not self.trainer.sanity_checking:
             log.warning(
                 "the pretrained first stage reconstructs the val frames at %.1f dB PSNR (under %.0f dB): check "
                 "model.net.path and model.net.kind; later stages cannot draw better than this",
