@@ -128,8 +128,18 @@ def test_choice_is_cached_per_machine_and_model_and_a_corrupt_cache_is_rewritten
 
 def test_tsd_infer_auto_records_its_choice(exports, synth_corpus, tmp_path, user_cache):
     mp4 = sorted(synth_corpus.glob("*/*.mp4"))[0]
-    args = [f"ref_image={exports / 'ref.png'}", f"audio={mp4}", "stage=teacher", f"checkpoint={exports / 'teacher_best.pt'}",
-            f"vae={exports / 'vae_pretrained.pt'}", f"onnx_dir={exports / 'onnx' / 'teacher'}", "detector=center", "runtime_repeats=1", "save_frames=false"]  # fmt: skip
+    args = [
+        f"ref_image={exports / 'ref.png'}",
+        f"audio={mp4}",
+        "stage=teacher",
+        f"checkpoint={exports / 'teacher_best.pt'}",
+        f"vae={exports / 'vae_pretrained.pt'}",
+        f"onnx_dir={exports / 'onnx' / 'teacher'}",
+        "detector=center",
+        "runtime_repeats=1",
+        "save_frames=false",
+        "threads=1",  # threads=null follows how busy the other cores are, and so would the cache key
+    ]
     from PIL import Image
 
     from temposyncdiff.data.video import read_frames
