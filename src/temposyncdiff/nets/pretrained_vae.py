@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from temposyncdiff.errors import UserError
-from temposyncdiff.nets.vae import FrameVAE
+from temposyncdiff.nets.vae import LOGVAR_RANGE, FrameVAE
 
 KINDS = {"tiny": "AutoencoderTiny", "kl": "AutoencoderKL"}
 
@@ -33,9 +33,9 @@ def _plain(value: Any) -> Any:
 def _from_pretrained(cls: type, path: str) -> nn.Module:
     """``cls`` with the weights at ``path`` (a local folder, or a hub id found in the cache), safetensors only."""
     local = Path(path).expanduser()
-    source, subfolder = (str(local), None) if local.is_dir() else (path, None)
-    if local.is_dir() and not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file():
-        subfolder = "vae"  # a whole Stable Diffusion pipeline folder
+    source = str(local) if local.is_dir() else path
+    whole_pipeline = not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file()
+    subfolder = "vae" if local.is_dir() and whole_pipeline else None  # a whole Stable Diffusion folder: its vae/
     try:
         return cls.from_pretrained(
             source, subfolder=subfolder, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
@@ -88,9 +88,8 @@ class DiffusersVAE(FrameVAE):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
         if self.kind == "tiny":  # a deterministic encoder: a point posterior
-            return h, torch.full_like(h, -30.0)
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+            return h, torch.full_like(h, LOGVAR_RANGE[0])
+        return self.posterior(h)
 
     def train(self, mode: bool = True) -> DiffusersVAE:
         """Always in eval mode: the weights are frozen, so are their norms' and dropouts' modes."""

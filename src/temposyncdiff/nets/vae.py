@@ -44,6 +44,9 @@ def _mid(ch: int, attention: bool) -> nn.Sequential:
     return nn.Sequential(ResBlock(ch, ch), *([Attention(ch), ResBlock(ch, ch)] if attention else []))
 
 
+LOGVAR_RANGE = (-30.0, 20.0)  # posterior log-variances are clamped to this
+
+
 class FrameVAE(nn.Module):
     """What every first stage offers: ``encode`` -> (mean, log-variance), ``decoder`` (unscaled latents -> frames),
     ``downsample``, ``latent_channels`` and the latent ``scale_factor`` fitted on training data."""
@@ -60,6 +63,12 @@ class FrameVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames ``[B,3,H,W]`` in [-1,1] -> (mean, log-variance), each ``[B,C,H/f,W/f]``."""
         raise NotImplementedError
+
+    @staticmethod
+    def posterior(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoder's ``[B,2C,h,w]`` output -> (mean, log-variance clamped to ``LOGVAR_RANGE``)."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents -> frames in roughly [-1,1]."""
@@ -134,8 +143,7 @@ class TinyVAE(FrameVAE):
         self.decoder = nn.Sequential(*layers)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return self.posterior(self.encoder(x))
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
