@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from temposyncdiff.data.audio import AudioFeatures
 from temposyncdiff.data.visemes import NUM_VISEMES
 from temposyncdiff.metrics.sync import LipSyncError, embed_clip
-from temposyncdiff.nets.audio_encoder import AudioEncoder
+from temposyncdiff.nets.audio_encoder import AudioEncoder, window_centres
 from temposyncdiff.nets.syncnet import SILENCE, SyncNet, lower_face, mel_context, mel_from_windows
 from temposyncdiff.utils.weights import load_net, save_weights
 
@@ -26,6 +26,34 @@ def test_audio_encoder_shapes_and_context():
     changed = (enc(mel2)[0] - emb).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [True] * 4 + [False] * 8  # receptive field +-(2**context - 1) frames
     assert enc.visemes(mel).shape == (2, 12)
+
+
+def test_utterance_mel_norm_removes_a_recordings_gain_and_colouring():
+    """mel_norm=utterance: a gain and spectral tilt constant over the utterance leave the embeddings unchanged."""
+    torch.manual_seed(0)
+    enc = AudioEncoder(dim=16, context=1, width=16, mel_norm="utterance").eval()
+    plain = AudioEncoder(dim=16, context=1, width=16).eval()
+    plain.load_state_dict(enc.state_dict())
+    mel, mean = torch.randn(2, 10, 80, 16), torch.randn(2, 80)
+    colour = 2.0 + torch.linspace(-3, 3, 80)  # log-mel offset per bin: a louder, brighter microphone
+    shifted = mel + colour[None, None, :, None]
+    assert torch.allclose(enc(mel, mean)[0], enc(shifted, mean + colour)[0], atol=1e-5)
+    assert not torch.allclose(plain(mel)[0], plain(shifted)[0], atol=1e-2)
+    assert enc.config["mel_norm"] == "utterance" and plain.config["mel_norm"] == "none"
+    with pytest.raises(ValueError, match="mel_norm"):
+        AudioEncoder(mel_norm="speaker")
+
+
+def test_without_a_mean_the_windows_are_the_utterance():
+    """No mel_mean: the mean of the windows' own frames, which is the utterance's log-mel mean when they span it."""
+    audio = AudioFeatures()
+    wave = torch.randn(16000 * 2 + 640 * 3) * torch.linspace(0.01, 1, 16000 * 2 + 640 * 3)
+    log_mel, n = audio.log_mel(wave), audio.num_frames(len(wave))
+    windows = audio.frame_windows(log_mel, n)[None]
+    mean = log_mel[:, : 4 * n].mean(1)  # every mel frame but center=True's one past the last video frame
+    assert torch.allclose(window_centres(windows)[0], mean, atol=1e-5)
+    enc = AudioEncoder(dim=16, context=1, width=16, mel_norm="utterance").eval()
+    assert torch.allclose(enc(windows)[0], enc(windows, mean[None])[0], atol=1e-5)
 
 
 def test_audio_encoder_export_round_trip(tmp_path):

@@ -19,6 +19,9 @@ from temposyncdiff.data.datamodule import DataConfigError, TalkingHeadDataModule
 from temposyncdiff.data.dataset import ClipDataset, EpochSampler, benchmark_loading
 from temposyncdiff.data.manifest import build_manifest
 from temposyncdiff.data.visemes import SILENCE
+from temposyncdiff.errors import UserError
+from temposyncdiff.stages.base import embed_batch_audio
+from tests.helpers.nets import tiny_denoiser
 from tests.test_cache import AUDIO, corpus_rows
 
 
@@ -138,6 +141,28 @@ def test_short_utterance_is_padded(cached) -> None:
     assert (item["visemes"][n:] == SILENCE).all() and item["mel"].shape == (100, 80, 16)
     shorter = ClipDataset(reader, clip_len=n - 2)
     assert torch.equal(item["mel"][: n - 2], shorter[shorter.items.index((2, 0))]["mel"])
+
+
+def test_items_carry_their_utterances_mean_log_mel(cached) -> None:
+    """Every clip of an utterance holds the whole utterance's mean log-mel (mel_norm=utterance encoders read it); a
+    batch without it (LitData shards written before the field) is refused by such an encoder's stage."""
+    rows, root = cached
+    reader = open_cache(root)
+    ds, by_rows = ClipDataset(reader, clip_len=8, stride=8), ClipDataset(rows, clip_len=8, stride=8, image_size=64)
+    u = 1
+    whole = np.asarray(reader.mel[reader.mel_offsets[u] : reader.mel_offsets[u] + reader.mel_lens[u]], np.float32)
+    clips = [i for i, (v, _) in enumerate(ds.items) if v == u]
+    assert len(clips) > 2
+    for i in clips:
+        assert torch.allclose(ds[i]["mel_mean"], torch.from_numpy(whole.mean(0)), atol=1e-4)
+        assert torch.allclose(by_rows[i]["mel_mean"], ds[i]["mel_mean"], atol=1e-2)  # float16 cache vs decoded
+    batch = collate([ds[clips[0]], ds[clips[1]]])
+    assert batch.mel_mean.shape == (2, 80)
+    net = tiny_denoiser()
+    net.audio.mel_norm = net.audio.config["mel_norm"] = "utterance"
+    assert embed_batch_audio(net, batch)[0].shape == (2, 8, 16)
+    with pytest.raises(UserError, match="rewrite them"):
+        embed_batch_audio(net, collate([{**ds[i], "mel_mean": None} for i in clips[:2]]))
 
 
 def test_latents_in_items(synth_corpus: Path, tmp_path: Path) -> None:

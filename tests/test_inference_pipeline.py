@@ -14,15 +14,16 @@ import torch
 from PIL import Image
 
 from temposyncdiff.cli.infer import check_settings, infer, main
-from temposyncdiff.data.audio import load_audio
 from temposyncdiff.data.video import probe, read_frames
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.inference.pipeline import TalkingHeadPipeline
+from temposyncdiff.data.audio import AudioFeatures, load_audio
+from temposyncdiff.inference.pipeline import TalkingHeadPipeline, UtteranceMelMean
 from temposyncdiff.inference.writer import MARKER, write_sample
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.task import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from temposyncdiff.utils.weights import load_net
 from tests.helpers.configs import compose_config
 from tests.helpers.nets import save_tiny_exports
 
@@ -358,3 +359,51 @@ def test_pose_source_drives_every_window_of_a_pose_net(exports):
     assert len(revoiced) == len(photo) == 11
     assert asked and asked[0][0] == 0 and max(b for _, b in asked) >= 11
     assert not np.array_equal(revoiced, photo)
+
+
+def test_utterance_mel_mean_of_a_whole_and_of_a_growing_waveform():
+    audio, rng = AudioFeatures(), np.random.default_rng(0)
+    short = (rng.standard_normal(16000 * 3) * 0.1).astype(np.float32)
+    assert torch.allclose(UtteranceMelMean(audio)(short), audio.log_mel(short).mean(1), atol=1e-5)
+    long = (rng.standard_normal(16000 * 25) * np.linspace(0.01, 0.3, 16000 * 25)).astype(np.float32)
+    running = UtteranceMelMean(audio, block_s=5.0)
+    means = [running(long[: k * 16000]) for k in range(1, 26)]  # as streamed, one second at a time
+    assert running.done == 20 * 16000  # four whole blocks summed once; the tail keeps at least one
+    assert torch.allclose(means[-1], audio.log_mel(long).mean(1), atol=1e-2)  # block edges: one frame each
+    assert (means[-1] - means[0]).abs().max() > 0.5  # the mean of what has arrived: it grows louder
+
+
+def test_a_mel_norm_net_reads_the_utterances_mean(exports):
+    """An encoder built with mel_norm=utterance gets the whole audio's mean log-mel offline, the arrived audio's
+    streamed; a plain one gets none."""
+    vae, _ = load_net(exports / "vae_pretrained.pt", "vae")
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal(16000 * 2) * np.linspace(0.01, 0.5, 16000 * 2)).astype(np.float32)
+    audio = AudioFeatures()
+    for norm in ("utterance", "none"):
+        torch.manual_seed(0)
+        net = Denoiser(
+            channels=(8,),
+            attention_levels=(),
+            cross_attention_levels=(),
+            temporal_levels=(),
+            heads=2,
+            cond_dim=16,
+            audio_dim=16,
+            window=4,
+            audio_encoder={"dim": 16, "width": 16, "mel_norm": norm},
+        )
+        pipe = TalkingHeadPipeline(net, vae, dict(NoiseSchedule().scheduler.config), steps=1, overlap=1, image_size=32)
+        seen, embed = [], net.embed_audio
+        net.embed_audio = lambda mel, mel_mean=None: seen.append(mel_mean) or embed(mel, mel_mean)  # noqa: B023
+        _, ref = pipe.reference(np.zeros((32, 32, 3), np.uint8), detector="center")
+        offline = list(pipe.frames(ref, wave))
+        if norm == "none":
+            assert seen and all(m is None for m in seen)
+            continue
+        assert len(offline) == 50 and all(torch.equal(m, seen[0]) for m in seen)
+        assert torch.allclose(seen[0][0], audio.log_mel(wave).mean(1), atol=1e-5)
+        seen.clear()
+        streamed = list(pipe.frames(ref, iter(np.split(wave, 10))))
+        assert len(streamed) == 50 and not torch.allclose(seen[0], seen[-1])
+        assert torch.allclose(seen[-1][0], audio.log_mel(wave).mean(1), atol=1e-5)

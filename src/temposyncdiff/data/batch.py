@@ -25,6 +25,7 @@ class Batch:
     ref_latent: Tensor | None = None  # [B,C,h,w]
     lips: Tensor | None = None  # [B,T,3] landmark lip shapes (metrics.mouth.lip_shape) when the cache has them
     lip_person: Tensor | None = None  # [B,2,3] with lips: the clip's talk's (person's) mean and std lip shape
+    mel_mean: Tensor | None = None  # [B,n_mels] the clip's utterance's mean log-mel (audio encoders' mel_norm)
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         """A new batch with ``fn`` applied to every tensor field."""
@@ -61,4 +62,5 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         ref_latent=stack("ref_latent"),
         lips=stack("lips"),
         lip_person=stack("lip_person"),
+        mel_mean=stack("mel_mean"),
     )

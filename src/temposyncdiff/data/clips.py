@@ -173,6 +173,8 @@ def clip_item(
         "id": window["id"],
         "start": window["start"],
     }
+    if "mel_mean" in window:  # LitData shards written before the field lack it
+        item["mel_mean"] = torch.from_numpy(np.asarray(window["mel_mean"], dtype=np.float32))
     if "lips" in window:
         item["lips"] = torch.from_numpy(_pad(window["lips"], clip_len).astype(np.float32))
         item["lip_person"] = torch.from_numpy(np.array(window["lip_person"], dtype=np.float32))

@@ -121,6 +121,7 @@ class ClipDataset(Dataset):
             "frames": np.asarray(frames),
             "mel": np.asarray(mel[m0:m1]),
             "mel_offset": start - s0,
+            "mel_mean": np.asarray(mel, np.float32).mean(0),  # the whole utterance's (audio encoders' mel_norm)
             "visemes": np.asarray(visemes),
         }
         if latents is not None:

@@ -5,7 +5,8 @@ From the weights-only exports (``<stage>_best.pt`` + ``vae_pretrained.pt``) four
 - ``denoiser.onnx``: one sampler step's net call for a window of ``window`` frames, dynamic batch. Inputs
   x_t, t (float), ref_latent, audio_emb, visemes, motion, motion_mask and drop_cond, the Denoiser's flag that
   swaps audio and visemes for the null tokens: the unconditional branch of classifier-free guidance;
-- ``audio_encoder.onnx``: mel windows ``[B, frames, n_mels, W]`` -> (embeddings, viseme logits), dynamic B and frames;
+- ``audio_encoder.onnx``: mel windows ``[B, frames, n_mels, W]`` -> (embeddings, viseme logits), dynamic B and frames
+  (windows as the encoder reads them: ``OnnxAudioEncoder`` first applies its ``mel_norm``);
 - ``vae_encoder.onnx`` / ``vae_decoder.onnx``: ``to_latent`` / ``from_latent`` at the export's image size, dynamic batch.
 
 ``export.json`` (written last) records the sha256 of both source files, the graphs' input shapes, the opset
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from temposyncdiff.errors import UserError
+from temposyncdiff.nets.audio_encoder import normalize_mel
 from temposyncdiff.utils.io import atomic_path, file_sha256, write_json
 from temposyncdiff.utils.weights import load_net
 
@@ -96,7 +98,7 @@ def _graphs(net: nn.Module, vae: nn.Module, image_size: int, seed: int) -> dict[
             ["frames"],
         ),
         "audio_encoder": (
-            _Method(net, "embed_audio"),
+            _Method(net.audio, "encode"),  # on normalised windows: OnnxAudioEncoder applies the encoder's mel_norm
             [{"mel": randn(b, n, enc["n_mels"], enc["window"])} for b, n in ((2, 20), (1, 1), (1, 37))],
             {"mel": {0: "batch", 1: "frames"}},
             ["audio_emb", "viseme_logits"],
@@ -204,8 +206,9 @@ class OnnxAudioEncoder(nn.Module):
         super().__init__()
         self.session, self.config = session, config
 
-    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        emb, logits = _run(self.session, {"mel": mel.float()})
+    def forward(self, mel: Tensor, mel_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mel = normalize_mel(mel.float(), self.config.get("mel_norm", "none"), mel_mean)
+        emb, logits = _run(self.session, {"mel": mel})
         return emb, logits
 
 
@@ -217,8 +220,8 @@ class OnnxDenoiser(nn.Module):
         self.session, self.audio, self.window = session, audio, window
         self.pose_mask = None if pose_mask is None else tuple(pose_mask)  # as Denoiser.pose_mask (from the sidecar)
 
-    def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        return self.audio(mel)
+    def embed_audio(self, mel: Tensor, mel_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.audio(mel, mel_mean)
 
     def forward(
         self,

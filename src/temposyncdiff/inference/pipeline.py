@@ -164,21 +164,29 @@ class TalkingHeadPipeline:
             return face, self.vae.to_latent(x[None])
 
     def conditions(
-        self, wave: np.ndarray, f0: int, f1: int, total: int | None, timings: Timings
+        self,
+        wave: np.ndarray,
+        f0: int,
+        f1: int,
+        total: int | None,
+        timings: Timings,
+        mel_mean: UtteranceMelMean | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio embeddings and viseme tokens for frames [f0, f1) from the samples around them.
 
-        ``total`` is the utterance length in samples when known; frames past the audio see silence.
+        ``total`` is the utterance length in samples when known; frames past the audio see silence. ``mel_mean``
+        (encoders built with ``mel_norm=utterance``) gives the mean log-mel of all the audio received so far.
         """
         start = time.perf_counter()
         s0 = max(0, f0 - MARGIN_FRAMES)
         b = min((f1 + MARGIN_FRAMES) * self.hop, total if total is not None else len(wave))
         mel = self.audio.log_mel(wave[s0 * self.hop : b])
         windows = self.audio.frame_windows(mel, f1 + MARGIN_FRAMES - s0)[None].to(self.device)
+        mean = None if mel_mean is None else mel_mean(wave)[None].to(self.device)
         timings.add("audio_features", start)
         start = time.perf_counter()
         with torch.inference_mode():
-            emb, logits = self.net.embed_audio(windows)
+            emb, logits = self.net.embed_audio(windows, mean)
         timings.add("audio_encoder", start)
         return emb[:, f0 - s0 : f1 - s0], logits[:, f0 - s0 : f1 - s0].argmax(-1)
 
@@ -213,6 +221,7 @@ class TalkingHeadPipeline:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         history = torch.zeros(1, 0, *self.latent_shape, device=self.device)  # latents of frames [end - len, end)
         person = None  # a lip_relative net: the given shapes' own statistics stand for the person's
+        mel_mean = UtteranceMelMean(self.audio) if self.net.audio.config.get("mel_norm", "none") != "none" else None
         if lips is not None:
             from temposyncdiff.metrics.mouth import lip_stats
 
@@ -229,7 +238,7 @@ class TalkingHeadPipeline:
                 except StopIteration:
                     ended = True
                 continue
-            emb, tokens = self.conditions(wave, start, stop, len(wave) if ended else None, timings)
+            emb, tokens = self.conditions(wave, start, stop, len(wave) if ended else None, timings, mel_mean)
             if visemes is not None:
                 tokens = torch.from_numpy(_fit(visemes, start, stop))[None].to(self.device)
             motion = torch.zeros(1, self.window, *self.latent_shape, device=self.device)
@@ -306,6 +315,29 @@ class TalkingHeadPipeline:
             "face_box": list(face.box),
             "face_method": face.method,
         }
+
+
+class UtteranceMelMean:
+    """The mean log-mel ``[n_mels]`` of a waveform that may still grow (streamed chunks), for audio encoders built
+    with ``mel_norm=utterance``. Given the whole waveform it is the utterance's mean, as in training; streamed, the
+    mean of what has arrived. Whole ``block_s`` blocks are summed once; the rest is redone when the waveform grows.
+    """
+
+    def __init__(self, audio: AudioFeatures, block_s: float = 10.0) -> None:
+        self.audio, self.block = audio, int(block_s * audio.sample_rate)
+        self.done, self.count, self.sum = 0, 0, torch.zeros(audio.n_mels)
+        self.last: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, wave: np.ndarray) -> torch.Tensor:
+        n = len(wave)
+        if self.last is not None and self.last[0] == n:
+            return self.last[1]
+        while n - self.done >= 2 * self.block:  # the tail keeps at least one block
+            mel = self.audio.log_mel(wave[self.done : self.done + self.block])
+            self.sum, self.count, self.done = self.sum + mel.sum(1), self.count + mel.shape[1], self.done + self.block
+        tail = self.audio.log_mel(wave[self.done : n])
+        self.last = (n, (self.sum + tail.sum(1)) / (self.count + tail.shape[1]))
+        return self.last[1]
 
 
 def _fit(visemes: np.ndarray, a: int, b: int) -> np.ndarray:

@@ -73,8 +73,9 @@ class LowPrecisionDenoiser(nn.Module):
         self.net, self.dtype = copy.deepcopy(net).to(dtype, memory_format=torch.channels_last), dtype
         self.audio, self.window, self.pose_mask = self.net.audio, net.window, net.pose_mask
 
-    def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        return _float(self.net.embed_audio(_cast(mel, self.dtype)))
+    def embed_audio(self, mel: Tensor, mel_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mean = None if mel_mean is None else _cast(mel_mean, self.dtype)
+        return _float(self.net.embed_audio(_cast(mel, self.dtype), mean))
 
     def standardize_lips(self, lips: Tensor, person: Tensor | None = None) -> Tensor:
         return _float(self.net.standardize_lips(_cast(lips, self.dtype), _cast(person, self.dtype)))

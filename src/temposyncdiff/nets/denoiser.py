@@ -179,15 +179,16 @@ class Block(nn.Module):
 class LipHead(nn.Module):
     """Per-frame lip shapes ``[B,T,lip_dim]`` from the window's audio + viseme tokens ``[B,T,cond_dim]``."""
 
-    def __init__(self, cond_dim: int, lip_dim: int, width: int = 128) -> None:
+    def __init__(self, cond_dim: int, lip_dim: int, width: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # on its input tokens: minutes of footage overfit the head first
         self.norm = nn.LayerNorm(cond_dim)
         self.net = nn.Sequential(
             nn.Conv1d(cond_dim, width, 5, padding=2), nn.GELU(), nn.Conv1d(width, lip_dim, 3, padding=1)
         )
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.net(self.norm(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.net(self.norm(self.drop(tokens)).transpose(1, 2)).transpose(1, 2)
 
 
 class LipReader(nn.Module):
@@ -223,7 +224,7 @@ class Denoiser(nn.Module):
     net's own prediction from the audio and visemes (as at inference).
     ``audio_encoder`` (AudioEncoder kwargs) makes ``self.audio`` part of this net (trained, averaged, exported).
     ``lip_reader`` (nets with ``lip_dim``) adds ``self.lip_reader`` (``read_lips``), used in training only (the stages
-    add it when their ``lip_read_weight`` is set).
+    add it when their ``lip_read_weight`` is set). ``lip_dropout``: dropout on the lip head's input tokens.
     """
 
     def __init__(
@@ -247,6 +248,7 @@ class Denoiser(nn.Module):
         lip_dim: int = 0,
         lip_relative: str = "none",
         lip_reader: bool = False,
+        lip_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if lip_relative not in LIP_RELATIVE:
@@ -274,6 +276,7 @@ class Denoiser(nn.Module):
             lip_dim=lip_dim,
             lip_relative=lip_relative,
             lip_reader=lip_reader,
+            lip_dropout=lip_dropout,
         )
         self.latent_channels, self.window, self.num_visemes = latent_channels, window, num_visemes
         self.motion_frames = motion_frames
@@ -293,7 +296,7 @@ class Denoiser(nn.Module):
         self.rel_frame = nn.Parameter(torch.randn(2 * window - 1, cond_dim) * 0.02)
         self.lip_dim, self.lip_relative = lip_dim, lip_relative
         if lip_dim:
-            self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim), nn.Linear(lip_dim, cond_dim)
+            self.lip_head, self.lip_proj = LipHead(cond_dim, lip_dim, dropout=lip_dropout), nn.Linear(lip_dim, cond_dim)
             self.register_buffer("lip_norm", torch.stack([torch.zeros(lip_dim), torch.ones(lip_dim)]))  # mean, std
             self.register_buffer("lip_gain", torch.ones(lip_dim))  # predicted shapes' scale at inference
         self.lip_reader: LipReader | None = None
@@ -332,11 +335,12 @@ class Denoiser(nn.Module):
             nn.GroupNorm(_groups(ch), ch), nn.SiLU(), _zero(nn.Conv2d(ch, latent_channels, 3, padding=1))
         )
 
-    def embed_audio(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        """Mel windows ``[B,T,n_mels,W]`` -> (audio embeddings ``[B,T,D]``, viseme logits) with the own encoder."""
+    def embed_audio(self, mel: Tensor, mel_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mel windows ``[B,T,n_mels,W]`` -> (audio embeddings ``[B,T,D]``, viseme logits) with the own encoder
+        (``mel_mean`` ``[B,n_mels]``: each sample's utterance mean log-mel, read by ``mel_norm=utterance`` encoders)."""
         if self.audio is None:
             raise RuntimeError("this Denoiser was built without an audio_encoder")
-        return self.audio(mel)
+        return self.audio(mel, mel_mean)
 
     def standardize_lips(self, lips: Tensor, person: Tensor | None = None) -> Tensor:
         """Raw ``lip_shape`` values ``[..., T, lip_dim]`` -> the standardised units the net takes and predicts.

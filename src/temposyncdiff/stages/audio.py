@@ -71,7 +71,7 @@ class AudioStage(StageModule):
         """Viseme logits and labels of the batch's real frames: ``[N,num_visemes]``, ``[N]`` (voice jitter in training)."""
         aug = self.hparams.augment_audio
         mel = augment_mel(batch.mel, **aug) if self.training and aug else batch.mel
-        return self.net(mel)[1][batch.mask], batch.visemes[batch.mask]
+        return self.net(mel, batch.mel_mean)[1][batch.mask], batch.visemes[batch.mask]
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits, target = self._logits(batch)

@@ -18,6 +18,16 @@ from temposyncdiff.utils.task import log
 from temposyncdiff.utils.weights import keep_previous, save_weights
 
 
+def embed_batch_audio(net: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``net.embed_audio`` of a training batch's windows, with their utterances' mean log-mel (``Batch.mel_mean``)."""
+    if batch.mel_mean is None and net.audio.mel_norm != "none":
+        raise UserError(
+            "this audio encoder (mel_norm=utterance) needs each clip's utterance mean log-mel, which LitData shards "
+            "written before it lack: rewrite them (tsd-data shards force=true)"
+        )
+    return net.embed_audio(batch.mel, batch.mel_mean)
+
+
 class StageModule(L.LightningModule):
     """Base stage: ``self.net`` is the trained (and EMA-averaged) net; frozen helpers live elsewhere."""
 

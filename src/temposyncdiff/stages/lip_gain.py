@@ -22,6 +22,7 @@ from temposyncdiff.data.batch import Batch
 from temposyncdiff.metrics.identity import as_uint8_frames
 from temposyncdiff.metrics.mouth import LipLandmarks, follow_scores
 from temposyncdiff.nets.denoiser import Denoiser, relative_lips
+from temposyncdiff.stages.base import embed_batch_audio
 from temposyncdiff.stages.latent import cache_reader
 
 
@@ -60,7 +61,7 @@ def calibrate_lip_gain(net: Denoiser, datamodule: Any, device: torch.device, nam
         if batch.lips is None:
             break
         batch = batch.to(device)
-        emb, _ = net.embed_audio(batch.mel)
+        emb, _ = embed_batch_audio(net, batch)
         truth.append(net.standardize_lips(batch.lips, batch.lip_person)[batch.mask])
         guess.append(net.predict_lips(emb, batch.visemes)[batch.mask])
     net.train(was_training)

@@ -44,7 +44,7 @@ from temposyncdiff.errors import UserError
 from temposyncdiff.metrics.mouth import LipLandmarks
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import region_weight
-from temposyncdiff.stages.base import weights_digest
+from temposyncdiff.stages.base import embed_batch_audio, weights_digest
 from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, calibrate_rendered_gain
 from temposyncdiff.stages.lip_reader import fit_lip_reader
@@ -140,6 +140,7 @@ class StudentStage(LatentDiffusionStage):
             ("window", self.net.window, teacher.window),
             ("pose_mask", self.net.pose_mask, teacher.pose_mask),
             ("lip_dim", self.net.lip_dim, teacher.lip_dim),
+            ("audio_encoder.mel_norm", self.net.audio.mel_norm, teacher.audio.config.get("mel_norm", "none")),
             ("VAE latent channels", vae.latent_channels, teacher.latent_channels),
         ):
             if mine != theirs:
@@ -235,7 +236,7 @@ class StudentStage(LatentDiffusionStage):
         hp, teacher = self.hparams, self.frozen("teacher")
         x0, ref = self.latents(batch)
         b, t = x0.shape[:2]
-        emb, logits = teacher.embed_audio(batch.mel)
+        emb, logits = embed_batch_audio(teacher, batch)
         r = torch.rand(b, 4, generator=generator, device=self.device)
         visemes = torch.where(r[:, :1] < hp.audio_visemes_prob, logits.argmax(-1), batch.visemes)
         known = torch.where(r[:, 1] < hp.motion_prob, (r[:, 2] * (t - 1)).long() + 1, 0)
@@ -279,7 +280,7 @@ class StudentStage(LatentDiffusionStage):
         c = self.couplings(split).rows(batch_keys(batch), self.device)
         x0, _ = self.latents(batch)
         b, t = x0.shape[:2]
-        emb, logits = self.net.embed_audio(batch.mel)
+        emb, logits = embed_batch_audio(self.net, batch)
         mask = batch.mask
         known = torch.arange(t, device=self.device) < c["known"][:, None]
         target_mask = mask & ~known

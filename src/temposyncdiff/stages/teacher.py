@@ -31,6 +31,7 @@ from temposyncdiff.diffusion.schedule import SCHEDULE_KEYS, NoiseSchedule
 from temposyncdiff.errors import UserError
 from temposyncdiff.nets.denoiser import Denoiser
 from temposyncdiff.regions import region_weight
+from temposyncdiff.stages.base import embed_batch_audio
 from temposyncdiff.stages.latent import LatentDiffusionStage, frozen_net, held_out_utterances, model_stats
 from temposyncdiff.stages.lip_gain import calibrate_lip_gain, set_lip_norm
 from temposyncdiff.stages.lip_reader import fit_lip_reader
@@ -121,7 +122,7 @@ class TeacherStage(LatentDiffusionStage):
         def rand(*shape: int) -> Tensor:
             return torch.rand(shape, generator=generator).to(self.device)
 
-        emb, logits = self.net.embed_audio(batch.mel)
+        emb, logits = embed_batch_audio(self.net, batch)
         mask = batch.mask
         viseme_ce = F.cross_entropy(logits[mask], batch.visemes[mask]) if mask.any() else logits.sum() * 0
         visemes = torch.where(rand(b)[:, None] < hp.audio_visemes_prob, logits.detach().argmax(-1), batch.visemes)
