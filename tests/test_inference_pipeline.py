@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from temposyncdiff.cli.infer import check_settings, infer, main
+from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.data.video import probe, read_frames
 from temposyncdiff.diffusion.schedule import NoiseSchedule
 from temposyncdiff.errors import UserError
-from temposyncdiff.data.audio import AudioFeatures, load_audio
 from temposyncdiff.inference.pipeline import TalkingHeadPipeline, UtteranceMelMean
 from temposyncdiff.inference.writer import MARKER, write_sample
 from temposyncdiff.nets.denoiser import Denoiser
