@@ -158,8 +158,7 @@ def test_items_carry_their_utterances_mean_log_mel(cached) -> None:
         assert torch.allclose(by_rows[i]["mel_mean"], ds[i]["mel_mean"], atol=1e-2)  # float16 cache vs decoded
     batch = collate([ds[clips[0]], ds[clips[1]]])
     assert batch.mel_mean.shape == (2, 80)
-    net = tiny_denoiser()
-    net.audio.mel_norm = net.audio.config["mel_norm"] = "utterance"
+    net = tiny_denoiser(mel_norm="utterance")
     assert embed_batch_audio(net, batch)[0].shape == (2, 8, 16)
     with pytest.raises(UserError, match="rewrite them"):
         embed_batch_audio(net, collate([{**ds[i], "mel_mean": None} for i in clips[:2]]))

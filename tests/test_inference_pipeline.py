@@ -25,7 +25,7 @@ from temposyncdiff.nets.vae import TinyVAE
 from temposyncdiff.utils.task import EXIT_INTERRUPTED, EXIT_USER_ERROR
 from temposyncdiff.utils.weights import load_net
 from tests.helpers.configs import compose_config
-from tests.helpers.nets import save_tiny_exports
+from tests.helpers.nets import save_tiny_exports, tiny_denoiser
 
 
 @pytest.fixture(scope="module")
@@ -381,18 +381,7 @@ def test_a_mel_norm_net_reads_the_utterances_mean(exports):
     wave = (rng.standard_normal(16000 * 2) * np.linspace(0.01, 0.5, 16000 * 2)).astype(np.float32)
     audio = AudioFeatures()
     for norm in ("utterance", "none"):
-        torch.manual_seed(0)
-        net = Denoiser(
-            channels=(8,),
-            attention_levels=(),
-            cross_attention_levels=(),
-            temporal_levels=(),
-            heads=2,
-            cond_dim=16,
-            audio_dim=16,
-            window=4,
-            audio_encoder={"dim": 16, "width": 16, "mel_norm": norm},
-        )
+        net = tiny_denoiser(mel_norm=norm)
         pipe = TalkingHeadPipeline(net, vae, dict(NoiseSchedule().scheduler.config), steps=1, overlap=1, image_size=32)
         seen, embed = [], net.embed_audio
         net.embed_audio = lambda mel, mel_mean=None: seen.append(mel_mean) or embed(mel, mel_mean)  # noqa: B023

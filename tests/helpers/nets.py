@@ -17,9 +17,9 @@ WINDOW, LATENT_CHANNELS = 4, 4
 AUDIO = {"n_mels": 80, "window": 16, "dim": 16, "context": 1, "num_visemes": 15, "width": 16}
 
 
-def tiny_denoiser(channels=(8, 16), seed: int = 0) -> Denoiser:
-    """A window-4 denoiser with its own audio encoder; zero-initialised output layers randomised (a fresh net would
-    otherwise hide its conditioning)."""
+def tiny_denoiser(channels=(8, 16), seed: int = 0, mel_norm: str = "none") -> Denoiser:
+    """A window-4 denoiser with its own audio encoder (built with ``mel_norm``); zero-initialised output layers
+    randomised (a fresh net would otherwise hide its conditioning)."""
     torch.manual_seed(seed)
     net = Denoiser(
         latent_channels=LATENT_CHANNELS,
@@ -31,7 +31,7 @@ def tiny_denoiser(channels=(8, 16), seed: int = 0) -> Denoiser:
         cond_dim=16,
         audio_dim=16,
         window=WINDOW,
-        audio_encoder=AUDIO,
+        audio_encoder={**AUDIO, "mel_norm": mel_norm},
     )
     with torch.no_grad():
         for p in net.parameters():
