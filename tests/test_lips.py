@@ -199,6 +199,7 @@ def _val_batches(lips: torch.Tensor, standard: torch.Tensor):
     for part, audio in zip(lips.split(2), standard.split(2)):
         batch = SimpleNamespace(
             mel=audio,
+            mel_mean=torch.zeros(len(part), 80),
             visemes=torch.zeros(len(part), 4, dtype=torch.long),
             lips=part,
             lip_person=None,
@@ -228,7 +229,7 @@ def test_lip_gain_makes_the_heads_predictions_vary_as_the_held_out_truth():
     net.lip_norm.copy_(torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 1.0]]))
     truth = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
     shrink = torch.tensor([0.5, 1.0, 0.1])  # a head that predicts the truth at 1/2, 1 and 1/10 of its spread
-    net.embed_audio = lambda mel: (mel, None)
+    net.embed_audio = lambda mel, mel_mean: (mel, None)
     net.predict_lips = lambda emb, visemes: emb * shrink
     dm = SimpleNamespace(val_dataloader=lambda: _val_batches(truth, net.standardize_lips(truth)))
     net.train()
