@@ -66,6 +66,7 @@ class ClipDataset(Dataset):
         self.items = [
             (u, s) for u, n in enumerate(self.src.num_frames) for s in range(0, max(n - clip_len, 0) + 1, self.stride)
         ]
+        self._mel_means: dict[int, np.ndarray] = {}  # utterance -> its mean log-mel, read once (window)
         self.by_talk: dict[str, list[int]] = defaultdict(list)
         for u, talk in enumerate(self.src.talk_ids):
             self.by_talk[talk].append(u)
@@ -121,7 +122,7 @@ class ClipDataset(Dataset):
             "frames": np.asarray(frames),
             "mel": np.asarray(mel[m0:m1]),
             "mel_offset": start - s0,
-            "mel_mean": np.asarray(mel, np.float32).mean(0),  # the whole utterance's (audio encoders' mel_norm)
+            "mel_mean": self._mel_mean(u, mel),  # the whole utterance's (audio encoders' mel_norm)
             "visemes": np.asarray(visemes),
         }
         if latents is not None:
@@ -130,6 +131,13 @@ class ClipDataset(Dataset):
             window["lips"] = np.asarray(lips)  # only a cache holds them (tsd-data cache lips=true)
             window["lip_person"] = self.src.lip_person(u)
         return window
+
+    def _mel_mean(self, u: int, mel: np.ndarray) -> np.ndarray:
+        """Utterance ``u``'s mean log-mel ``[n_mels]`` (audio encoders' ``mel_norm``), from its whole ``mel`` rows once:
+        its windows overlap, and each would otherwise read every row again."""
+        if u not in self._mel_means:
+            self._mel_means[u] = np.asarray(mel, np.float32).mean(0)
+        return self._mel_means[u]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)

@@ -74,8 +74,7 @@ class LowPrecisionDenoiser(nn.Module):
         self.audio, self.window, self.pose_mask = self.net.audio, net.window, net.pose_mask
 
     def embed_audio(self, mel: Tensor, mel_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mean = None if mel_mean is None else _cast(mel_mean, self.dtype)
-        return _float(self.net.embed_audio(_cast(mel, self.dtype), mean))
+        return _float(self.net.embed_audio(_cast(mel, self.dtype), _cast(mel_mean, self.dtype)))
 
     def standardize_lips(self, lips: Tensor, person: Tensor | None = None) -> Tensor:
         return _float(self.net.standardize_lips(_cast(lips, self.dtype), _cast(person, self.dtype)))
